@@ -1,0 +1,107 @@
+//! The byte-level rules of the XKS Encrypt/Decrypt contract that sit around
+//! AES-GCM: how the AAD handed to the HSM is built, what `ciphertextMetadata`
+//! this proxy emits, and the Ciphertext Data Integrity Value (CDIV).
+//!
+//! These are pure functions so they can be tested against the spec's own
+//! numbers (Appendix C) without an HSM.
+
+use ring::digest;
+
+/// GCM tag length in bytes; the spec allows only 128-bit tags.
+pub const TAG_LEN: usize = 16;
+/// IV length this proxy generates (96 bits, the GCM standard size).
+pub const IV_LEN: usize = 12;
+/// Largest `ciphertextMetadata` the spec allows, in bytes.
+pub const MAX_METADATA_LEN: usize = 20;
+/// Largest AAD the length-prefixed construction can express (u16 length).
+pub const MAX_AAD_LEN: usize = u16::MAX as usize;
+
+/// Format byte of the metadata this proxy writes: "format 1: the HSM's AAD is
+/// the spec's length-prefixed construction and the key is the one named in the
+/// URI". Emitting it now means a later layout (for example one that carries a
+/// key version) can be told apart from ciphertext written today, which is what
+/// the spec asks a proxy to do when its AAD construction changes.
+pub const METADATA_FORMAT_V1: u8 = 0x01;
+
+/// The metadata bytes this proxy returns from Encrypt.
+pub fn metadata_v1() -> [u8; 1] {
+    [METADATA_FORMAT_V1]
+}
+
+/// Builds the AAD given to the HSM:
+/// `u16_be(len(aad)) || aad || u8(len(metadata)) || metadata`.
+///
+/// The lengths matter: without them a caller could move the metadata bytes into
+/// the AAD (or back) and still decrypt. The caller checks the size limits first;
+/// this function only asserts them in debug builds.
+pub fn hsm_aad(aad: &[u8], metadata: &[u8]) -> Vec<u8> {
+    debug_assert!(aad.len() <= MAX_AAD_LEN);
+    debug_assert!(metadata.len() <= MAX_METADATA_LEN);
+    let mut out = Vec::with_capacity(3 + aad.len() + metadata.len());
+    out.extend_from_slice(&(aad.len() as u16).to_be_bytes());
+    out.extend_from_slice(aad);
+    out.push(metadata.len() as u8);
+    out.extend_from_slice(metadata);
+    out
+}
+
+/// CDIV per Appendix C: SHA-256 over the decoded
+/// `aad || metadata || iv || ciphertext || tag`, no lengths.
+pub fn cdiv_sha256(
+    aad: &[u8],
+    metadata: &[u8],
+    iv: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8],
+) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for part in [aad, metadata, iv, ciphertext, tag] {
+        ctx.update(part);
+    }
+    let d = ctx.finish();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+
+    /// The worked example of the spec's Appendix C.
+    #[test]
+    fn appendix_c_cdiv_example() {
+        let aad = b"project=nile,department=marketing";
+        let metadata = b"key_version=1";
+        let iv = B64.decode("HMrlRw85cAJUd5Ax").unwrap();
+        let ct = B64.decode("ghxkK1txeDNn3q8Y").unwrap();
+        let tag = B64.decode("vBxN2ncH1oEkR8WVXpmyYQ==").unwrap();
+        assert_eq!(aad.len(), 33);
+        assert_eq!(metadata.len(), 13);
+        assert_eq!(B64.encode(metadata), "a2V5X3ZlcnNpb249MQ==");
+        let cdiv = cdiv_sha256(aad, metadata, &iv, &ct, &tag);
+        let hex: String = cdiv.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "a8703f2260bd8791ec2d15ea0b23e65a0631eedcf2a13a65cc82db3f47cf5ec7"
+        );
+        assert_eq!(
+            B64.encode(cdiv),
+            "qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc="
+        );
+    }
+
+    #[test]
+    fn aad_is_length_prefixed() {
+        assert_eq!(hsm_aad(b"", b""), vec![0, 0, 0]);
+        assert_eq!(hsm_aad(b"ab", b"\x01"), vec![0, 2, b'a', b'b', 1, 1]);
+        // Moving metadata into the AAD gives a different HSM AAD.
+        assert_ne!(hsm_aad(b"", b"\x01"), hsm_aad(b"\x01", b""));
+        let big = vec![7u8; 8192];
+        let built = hsm_aad(&big, b"");
+        assert_eq!(&built[..2], &[0x20, 0x00]);
+        assert_eq!(built.len(), 8192 + 3);
+    }
+}

@@ -1,0 +1,493 @@
+//! The HTTP surface: XKS API routing, request handling and the access log.
+//!
+//! Key stores are looked up by their full `XksProxyUriPath`, so routing is done
+//! here rather than by a static route table: `<uri_path>/health` and
+//! `<uri_path>/keys/<externalKeyId>/{metadata,encrypt,decrypt}`.
+//!
+//! The order of checks is deliberate:
+//! 1. path → 404 `InvalidUriPathException` (KMS reports a wrong prefix as
+//!    XKS_PROXY_INVALID_CONFIGURATION; we cannot authenticate without knowing
+//!    the key store anyway);
+//! 2. method → 405;
+//! 3. body size (declared, then actual) → 501 before reading more than the limit;
+//! 4. SigV4 → 401, so nothing below is reachable without the secret;
+//! 5. JSON and field validation → 400, before any HSM work;
+//! 6. key id allowed for this key store → 404 `KeyNotFoundException`;
+//! 7. the HSM.
+
+pub mod types;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, StatusCode};
+use http_body_util::BodyExt;
+use zeroize::Zeroizing;
+
+use crate::auth::{self, CredentialSet};
+use crate::config::{AllowedKeys, Config, HealthConfig};
+use crate::error::{ErrorName, XksError};
+use crate::health::{EkmStatus, HealthState};
+use crate::hsm::{DecryptInput, EncryptInput, Hsm};
+use types::*;
+
+/// One key store at run time.
+#[derive(Debug)]
+pub struct KeyStore {
+    pub name: String,
+    pub uri_path: String,
+    pub keys: AllowedKeys,
+    pub credentials: CredentialSet,
+}
+
+impl KeyStore {
+    fn allows(&self, key_id: &str, health_key: &str) -> bool {
+        match &self.keys {
+            AllowedKeys::All => key_id != health_key,
+            AllowedKeys::Only(set) => set.contains(key_id),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub stores: HashMap<String, KeyStore>,
+    pub hsm: Hsm,
+    pub health: HealthState,
+    pub health_cfg: HealthConfig,
+    pub max_body_bytes: usize,
+    pub body_timeout: Duration,
+    pub fleet_size: u32,
+    pub vendor: String,
+    pub model: String,
+}
+
+impl AppState {
+    pub fn new(cfg: &Config, hsm: Hsm, health: HealthState) -> AppState {
+        let stores = cfg
+            .key_stores
+            .iter()
+            .map(|ks| {
+                (
+                    ks.uri_path.clone(),
+                    KeyStore {
+                        name: ks.name.clone(),
+                        uri_path: ks.uri_path.clone(),
+                        keys: ks.keys.clone(),
+                        credentials: CredentialSet::new(&ks.credentials),
+                    },
+                )
+            })
+            .collect();
+        AppState {
+            stores,
+            hsm,
+            health,
+            health_cfg: cfg.health.clone(),
+            max_body_bytes: cfg.server.max_body_bytes,
+            body_timeout: cfg.server.header_read_timeout,
+            fleet_size: cfg.server.fleet_size,
+            vendor: cfg.server.vendor.clone(),
+            model: cfg.server.model.clone(),
+        }
+    }
+}
+
+/// The router: `/ping` for load balancers, everything else is the XKS API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ping", get(ping).head(ping))
+        .fallback(xks)
+        .with_state(state)
+}
+
+/// Router for the optional plain-HTTP health-check listener: `/ping` only.
+pub fn ping_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ping", get(ping).head(ping))
+        .with_state(state)
+}
+
+/// Load-balancer check: no auth, 200 while this instance can serve (its key
+/// manager is not UNAVAILABLE), else 503 so the balancer routes elsewhere.
+async fn ping(State(app): State<Arc<AppState>>) -> Response {
+    let (status, _) = app.health.current();
+    let code = if status == EkmStatus::Unavailable {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = match status {
+        EkmStatus::Active => "ok\n",
+        EkmStatus::Degraded => "degraded\n",
+        EkmStatus::Unavailable => "unavailable\n",
+    };
+    (code, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// The four XKS operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    GetHealthStatus,
+    GetKeyMetadata,
+    Encrypt,
+    Decrypt,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::GetHealthStatus => "GetHealthStatus",
+            Operation::GetKeyMetadata => "GetKeyMetadata",
+            Operation::Encrypt => "Encrypt",
+            Operation::Decrypt => "Decrypt",
+        }
+    }
+}
+
+/// Splits an XKS URI path into (key store path, operation, key id).
+pub fn parse_path(path: &str) -> Option<(&str, Operation, Option<&str>)> {
+    if let Some(base) = path.strip_suffix("/health") {
+        return Some((base, Operation::GetHealthStatus, None));
+    }
+    let (rest, op) = path.rsplit_once('/')?;
+    let op = match op {
+        "metadata" => Operation::GetKeyMetadata,
+        "encrypt" => Operation::Encrypt,
+        "decrypt" => Operation::Decrypt,
+        _ => return None,
+    };
+    let (rest, key_id) = rest.rsplit_once('/')?;
+    let base = rest.strip_suffix("/keys")?;
+    Some((base, op, Some(key_id)))
+}
+
+/// Fields of the one access-log line each request produces.
+#[derive(Default)]
+struct AccessLog {
+    key_store: Option<String>,
+    operation: Option<&'static str>,
+    key_id: Option<String>,
+    kms_request_id: Option<String>,
+    kms_operation: Option<String>,
+    aws_principal_arn: Option<String>,
+    kms_key_arn: Option<String>,
+    kms_via_service: Option<String>,
+    aws_source_vpce: Option<String>,
+    access_key_id: Option<String>,
+    error_message: Option<String>,
+}
+
+impl AccessLog {
+    fn record_metadata(&mut self, md: Option<&RequestMetadata<'_>>) {
+        if let Some(md) = md {
+            let own = |v: &Option<std::borrow::Cow<'_, str>>| v.as_deref().map(str::to_owned);
+            self.kms_request_id = own(&md.kms_request_id);
+            self.kms_operation = own(&md.kms_operation);
+            self.aws_principal_arn = own(&md.aws_principal_arn);
+            self.kms_key_arn = own(&md.kms_key_arn);
+            self.kms_via_service = own(&md.kms_via_service);
+            self.aws_source_vpce = own(&md.aws_source_vpce);
+        }
+    }
+}
+
+/// Entry point for every non-`/ping` request.
+async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let mut log = AccessLog::default();
+    let response = match handle(&app, req, &mut log).await {
+        Ok(r) => r,
+        Err(e) => {
+            log.error_message = Some(e.message().to_string());
+            e.into_response()
+        }
+    };
+    let status = response.status().as_u16();
+    let error_name = response.extensions().get::<ErrorName>().map(|e| e.0);
+    let micros = started.elapsed().as_micros() as u64;
+    let level_warn = status >= 500;
+    macro_rules! access {
+        ($lvl:ident) => {
+            tracing::$lvl!(
+                target: "xks_proxy::access",
+                kms_request_id = log.kms_request_id.as_deref(),
+                kms_operation = log.kms_operation.as_deref(),
+                aws_principal_arn = log.aws_principal_arn.as_deref(),
+                kms_key_arn = log.kms_key_arn.as_deref(),
+                kms_via_service = log.kms_via_service.as_deref(),
+                aws_source_vpce = log.aws_source_vpce.as_deref(),
+                key_store = log.key_store.as_deref(),
+                access_key_id = log.access_key_id.as_deref(),
+                operation = log.operation,
+                key_id = log.key_id.as_deref(),
+                status,
+                error_name,
+                error_message = log.error_message.as_deref(),
+                micros,
+                "request"
+            )
+        };
+    }
+    if level_warn {
+        access!(warn);
+    } else {
+        access!(info);
+    }
+    response
+}
+
+async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Response, XksError> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let (base, op, key_id) = parse_path(path).ok_or_else(|| {
+        XksError::InvalidUriPath(format!(
+            "'{path}' is not an XKS API URI (expected <XksProxyUriPath>/health or \
+             <XksProxyUriPath>/keys/<externalKeyId>/metadata|encrypt|decrypt)"
+        ))
+    })?;
+    let store = app.stores.get(base).ok_or_else(|| {
+        XksError::InvalidUriPath(format!(
+            "no key store is configured with XksProxyUriPath '{base}'"
+        ))
+    })?;
+    log.key_store = Some(store.name.clone());
+    log.operation = Some(op.as_str());
+    log.key_id = key_id.map(str::to_owned);
+    if parts.method != Method::POST {
+        return Err(XksError::MethodNotAllowed(format!(
+            "{} is not allowed; XKS API calls use POST",
+            parts.method
+        )));
+    }
+
+    let body = read_body(body, &parts.headers, app.max_body_bytes, app.body_timeout).await?;
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(path);
+    let who = auth::verify(
+        &store.credentials,
+        parts.method.as_str(),
+        path_and_query,
+        parts.uri.authority().map(|a| a.as_str()),
+        &parts.headers,
+        &body,
+        SystemTime::now(),
+    )?;
+    log.access_key_id = Some(who.access_key_id);
+
+    if op == Operation::GetHealthStatus {
+        return health(app, &body, log);
+    }
+    let key_id =
+        key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
+    if !crate::config::is_valid_key_id(key_id) || !store.allows(key_id, &app.health_cfg.key_label) {
+        // Parse first so the log still carries kmsRequestId.
+        if let Ok(r) = parse_json::<MetadataOnlyRequest>(&body) {
+            log.record_metadata(r.request_metadata.as_ref());
+        }
+        return Err(XksError::KeyNotFound(format!(
+            "external key id '{key_id}' is not a key of key store '{}'",
+            store.name
+        )));
+    }
+    match op {
+        Operation::GetKeyMetadata => key_metadata(app, key_id, &body, log).await,
+        Operation::Encrypt => encrypt(app, key_id, &body, log).await,
+        _ => decrypt(app, key_id, &body, log).await,
+    }
+}
+
+/// Reads the body into a buffer that is wiped on drop (it may hold plaintext),
+/// refusing early anything above the limit.
+async fn read_body(
+    body: Body,
+    headers: &http::HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Zeroizing<Vec<u8>>, XksError> {
+    let too_big = || {
+        XksError::UnsupportedOperation(format!(
+            "request body exceeds this proxy's limit of {limit} bytes"
+        ))
+    };
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: usize = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| XksError::Validation("Content-Length is not a number".into()))?;
+        if len > limit {
+            return Err(too_big());
+        }
+    }
+    let mut out = Zeroizing::new(Vec::new());
+    let mut body = body;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| XksError::Validation("request body could not be read".into()))?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > limit {
+                    return Err(too_big());
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| XksError::Validation("request body was not received in time".into()))??;
+    Ok(out)
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Response, XksError> {
+    let body = serde_json::to_vec(v)
+        .map_err(|_| XksError::Internal("cannot serialize the response".into()))?;
+    Ok(json_response(StatusCode::OK, Bytes::from(body)))
+}
+
+/// GetHealthStatus. The spec lists no ValidationException for it, so a body
+/// we cannot parse is logged and otherwise ignored: the caller authenticated,
+/// and the health answer does not depend on the body.
+fn health(app: &AppState, body: &[u8], log: &mut AccessLog) -> Result<Response, XksError> {
+    match parse_json::<MetadataOnlyRequest>(body) {
+        Ok(r) => log.record_metadata(r.request_metadata.as_ref()),
+        Err(e) => tracing::warn!(
+            error = e.message(),
+            "GetHealthStatus body not understood; answering anyway"
+        ),
+    }
+    let (status, detail) = app.health.current();
+    if status == EkmStatus::Unavailable {
+        return Err(XksError::DependencyTimeout(format!(
+            "no key manager can serve traffic: {}",
+            detail.unwrap_or_default()
+        )));
+    }
+    let ekm = app.hsm.ekm_info();
+    to_json(&HealthResponse {
+        xks_proxy_fleet_size: app.fleet_size,
+        xks_proxy_vendor: app.vendor.clone(),
+        xks_proxy_model: app.model.clone(),
+        ekm_vendor: ekm.vendor.clone(),
+        ekm_fleet_details: vec![EkmDetail {
+            id: ekm.id.clone(),
+            model: ekm.model.clone(),
+            health_status: status,
+        }],
+    })
+}
+
+async fn key_metadata(
+    app: &AppState,
+    key_id: &str,
+    body: &[u8],
+    log: &mut AccessLog,
+) -> Result<Response, XksError> {
+    let req: MetadataOnlyRequest = parse_json(body)?;
+    log.record_metadata(req.request_metadata.as_ref());
+    require_metadata(req.request_metadata.as_ref(), false)?;
+    let key = app.hsm.key_info(key_id).await?;
+    to_json(&KeyMetadataResponse {
+        key_spec: "AES_256",
+        key_usage: key.usages.names(),
+        key_status: if key.enabled { "ENABLED" } else { "DISABLED" },
+    })
+}
+
+async fn encrypt(
+    app: &AppState,
+    key_id: &str,
+    body: &[u8],
+    log: &mut AccessLog,
+) -> Result<Response, XksError> {
+    let req: EncryptRequest = parse_json(body)?;
+    log.record_metadata(req.request_metadata.as_ref());
+    let v = req.validate()?;
+    let out = app
+        .hsm
+        .encrypt(
+            key_id,
+            EncryptInput {
+                plaintext: v.plaintext,
+                aad: v.aad,
+                metadata: crate::aead::metadata_v1().to_vec(),
+                cdiv: v.cdiv,
+            },
+        )
+        .await?;
+    to_json(&EncryptResponse::from(out))
+}
+
+async fn decrypt(
+    app: &AppState,
+    key_id: &str,
+    body: &[u8],
+    log: &mut AccessLog,
+) -> Result<Response, XksError> {
+    let req: DecryptRequest = parse_json(body)?;
+    log.record_metadata(req.request_metadata.as_ref());
+    let v = req.validate()?;
+    let plaintext = app
+        .hsm
+        .decrypt(
+            key_id,
+            DecryptInput {
+                ciphertext: v.ciphertext,
+                iv: v.iv,
+                tag: v.tag,
+                aad: v.aad,
+                metadata: v.metadata,
+            },
+        )
+        .await?;
+    // The body owns a zeroizing buffer: wiped when hyper drops it after sending.
+    let body = Bytes::from_owner(decrypt_response(&plaintext));
+    Ok(json_response(StatusCode::OK, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            parse_path("/kms/xks/v1/health"),
+            Some(("/kms/xks/v1", Operation::GetHealthStatus, None))
+        );
+        assert_eq!(
+            parse_path("/p/kms/xks/v1/keys/k-1/encrypt"),
+            Some(("/p/kms/xks/v1", Operation::Encrypt, Some("k-1")))
+        );
+        assert_eq!(
+            parse_path("/p/kms/xks/v1/keys/k/metadata"),
+            Some(("/p/kms/xks/v1", Operation::GetKeyMetadata, Some("k")))
+        );
+        assert_eq!(parse_path("/p/kms/xks/v1/keys/k/sign"), None);
+        assert_eq!(parse_path("/p/kms/xks/v1/key/k/encrypt"), None);
+        assert_eq!(parse_path("/"), None);
+    }
+}

@@ -1,0 +1,380 @@
+//! Request and response bodies of the four XKS operations, and their validation.
+//!
+//! Requests are deserialized with borrowed strings (no copy of the Base64 text)
+//! and every field optional, so that a missing field is reported by our own
+//! message naming it. Unknown fields, in the body or in `requestMetadata`, are
+//! ignored: KMS may add fields at any time (spec Appendix B) and a proxy that
+//! rejects them would break on the day it does.
+
+use std::borrow::Cow;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::aead::{MAX_AAD_LEN, MAX_METADATA_LEN, TAG_LEN};
+use crate::error::XksError;
+
+/// `requestMetadata`, common to all operations.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMetadata<'a> {
+    #[serde(borrow)]
+    pub aws_principal_arn: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub aws_source_vpc: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub aws_source_vpce: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub kms_key_arn: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub kms_operation: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub kms_request_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub kms_via_service: Option<Cow<'a, str>>,
+}
+
+/// Body of GetHealthStatus and GetKeyMetadata: only `requestMetadata`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetadataOnlyRequest<'a> {
+    #[serde(borrow)]
+    pub request_metadata: Option<RequestMetadata<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptRequest<'a> {
+    #[serde(borrow)]
+    pub request_metadata: Option<RequestMetadata<'a>>,
+    #[serde(borrow)]
+    pub plaintext: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub encryption_algorithm: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub additional_authenticated_data: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub ciphertext_data_integrity_value_algorithm: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecryptRequest<'a> {
+    #[serde(borrow)]
+    pub request_metadata: Option<RequestMetadata<'a>>,
+    #[serde(borrow)]
+    pub ciphertext: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub ciphertext_metadata: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub encryption_algorithm: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub additional_authenticated_data: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub authentication_tag: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub initialization_vector: Option<Cow<'a, str>>,
+}
+
+/// Parses a JSON body. The error message never quotes the body: a type error
+/// on `plaintext` would otherwise echo key material into logs.
+pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = match e.classify() {
+            serde_json::error::Category::Data => {
+                let text = e.to_string();
+                if text.starts_with("missing field") {
+                    format!(
+                        "request body: {}",
+                        text.split(" at line").next().unwrap_or(&text)
+                    )
+                } else {
+                    format!(
+                        "request body: a field has the wrong JSON type (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    )
+                }
+            }
+            _ => format!(
+                "request body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        };
+        XksError::Validation(msg)
+    })
+}
+
+/// Which `requestMetadata` fields an operation requires.
+pub fn require_metadata<'m, 'a>(
+    md: Option<&'m RequestMetadata<'a>>,
+    need_key_arn: bool,
+) -> Result<&'m RequestMetadata<'a>, XksError> {
+    let md = md.ok_or_else(|| XksError::Validation("requestMetadata is required".into()))?;
+    let missing = |name: &str| XksError::Validation(format!("requestMetadata.{name} is required"));
+    if md.aws_principal_arn.is_none() {
+        return Err(missing("awsPrincipalArn"));
+    }
+    if md.kms_operation.is_none() {
+        return Err(missing("kmsOperation"));
+    }
+    if md.kms_request_id.is_none() {
+        return Err(missing("kmsRequestId"));
+    }
+    if need_key_arn && md.kms_key_arn.is_none() {
+        return Err(missing("kmsKeyArn"));
+    }
+    Ok(md)
+}
+
+fn required<'s>(v: &'s Option<Cow<'_, str>>, name: &str) -> Result<&'s str, XksError> {
+    v.as_deref()
+        .ok_or_else(|| XksError::Validation(format!("{name} is required")))
+}
+
+fn decode(v: &str, name: &str) -> Result<Vec<u8>, XksError> {
+    B64.decode(v)
+        .map_err(|_| XksError::Validation(format!("{name} is not valid Base64")))
+}
+
+fn check_algorithm(v: &Option<Cow<'_, str>>) -> Result<(), XksError> {
+    match required(v, "encryptionAlgorithm")? {
+        "AES_GCM" => Ok(()),
+        _ => Err(XksError::Validation(
+            "encryptionAlgorithm must be AES_GCM".into(),
+        )),
+    }
+}
+
+fn decode_aad(v: &Option<Cow<'_, str>>) -> Result<Vec<u8>, XksError> {
+    let aad = match v.as_deref() {
+        Some(s) => decode(s, "additionalAuthenticatedData")?,
+        None => Vec::new(),
+    };
+    if aad.len() > MAX_AAD_LEN {
+        return Err(XksError::UnsupportedOperation(format!(
+            "additionalAuthenticatedData of {} bytes exceeds this proxy's maximum of {MAX_AAD_LEN}",
+            aad.len()
+        )));
+    }
+    Ok(aad)
+}
+
+/// A validated Encrypt request.
+pub struct ValidEncrypt {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub aad: Vec<u8>,
+    pub cdiv: bool,
+}
+
+impl EncryptRequest<'_> {
+    pub fn validate(&self) -> Result<ValidEncrypt, XksError> {
+        require_metadata(self.request_metadata.as_ref(), true)?;
+        check_algorithm(&self.encryption_algorithm)?;
+        let plaintext = Zeroizing::new(decode(
+            required(&self.plaintext, "plaintext")?,
+            "plaintext",
+        )?);
+        let aad = decode_aad(&self.additional_authenticated_data)?;
+        let cdiv = match self.ciphertext_data_integrity_value_algorithm.as_deref() {
+            None => false,
+            Some("SHA_256") => true,
+            Some(_) => {
+                return Err(XksError::Validation(
+                    "ciphertextDataIntegrityValueAlgorithm must be SHA_256".into(),
+                ))
+            }
+        };
+        Ok(ValidEncrypt {
+            plaintext,
+            aad,
+            cdiv,
+        })
+    }
+}
+
+/// A validated Decrypt request.
+pub struct ValidDecrypt {
+    pub ciphertext: Vec<u8>,
+    pub iv: Vec<u8>,
+    pub tag: Vec<u8>,
+    pub aad: Vec<u8>,
+    pub metadata: Vec<u8>,
+}
+
+impl DecryptRequest<'_> {
+    /// All checks that need no HSM, so malformed input never costs a session.
+    pub fn validate(&self) -> Result<ValidDecrypt, XksError> {
+        require_metadata(self.request_metadata.as_ref(), true)?;
+        check_algorithm(&self.encryption_algorithm)?;
+        let ciphertext = decode(required(&self.ciphertext, "ciphertext")?, "ciphertext")?;
+        let iv = decode(
+            required(&self.initialization_vector, "initializationVector")?,
+            "initializationVector",
+        )?;
+        if iv.len() != 12 && iv.len() != 16 {
+            return Err(XksError::Validation(format!(
+                "initializationVector must be 12 or 16 bytes, not {}",
+                iv.len()
+            )));
+        }
+        let tag = decode(
+            required(&self.authentication_tag, "authenticationTag")?,
+            "authenticationTag",
+        )?;
+        if tag.len() != TAG_LEN {
+            return Err(XksError::Validation(format!(
+                "authenticationTag must be 16 bytes, not {}",
+                tag.len()
+            )));
+        }
+        let metadata = match self.ciphertext_metadata.as_deref() {
+            Some(s) => decode(s, "ciphertextMetadata")?,
+            None => Vec::new(),
+        };
+        if metadata.len() > MAX_METADATA_LEN {
+            return Err(XksError::Validation(format!(
+                "ciphertextMetadata must be at most 20 bytes, not {}",
+                metadata.len()
+            )));
+        }
+        let aad = decode_aad(&self.additional_authenticated_data)?;
+        Ok(ValidDecrypt {
+            ciphertext,
+            iv,
+            tag,
+            aad,
+            metadata,
+        })
+    }
+}
+
+/// GetKeyMetadata response.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyMetadataResponse {
+    pub key_spec: &'static str,
+    pub key_usage: Vec<&'static str>,
+    pub key_status: &'static str,
+}
+
+/// Encrypt response; all binary fields Base64.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptResponse {
+    pub ciphertext: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ciphertext_metadata: Option<String>,
+    pub initialization_vector: String,
+    pub authentication_tag: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ciphertext_data_integrity_value: Option<String>,
+}
+
+impl From<crate::hsm::EncryptOutput> for EncryptResponse {
+    fn from(o: crate::hsm::EncryptOutput) -> Self {
+        EncryptResponse {
+            ciphertext: B64.encode(&o.ciphertext),
+            ciphertext_metadata: (!o.metadata.is_empty()).then(|| B64.encode(&o.metadata)),
+            initialization_vector: B64.encode(&o.iv),
+            authentication_tag: B64.encode(&o.tag),
+            ciphertext_data_integrity_value: o.cdiv.map(|c| B64.encode(c)),
+        }
+    }
+}
+
+/// Decrypt response `{"plaintext": "..."}`, built in a buffer that is wiped
+/// when the response body is dropped.
+pub fn decrypt_response(plaintext: &[u8]) -> Zeroizing<Vec<u8>> {
+    let encoded = Zeroizing::new(B64.encode(plaintext));
+    let mut out = Zeroizing::new(Vec::with_capacity(encoded.len() + 16));
+    out.extend_from_slice(b"{\"plaintext\":\"");
+    out.extend_from_slice(encoded.as_bytes());
+    out.extend_from_slice(b"\"}");
+    out
+}
+
+/// One `ekmFleetDetails` entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EkmDetail {
+    pub id: String,
+    pub model: String,
+    pub health_status: crate::health::EkmStatus,
+}
+
+/// GetHealthStatus response.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthResponse {
+    pub xks_proxy_fleet_size: u32,
+    pub xks_proxy_vendor: String,
+    pub xks_proxy_model: String,
+    pub ekm_vendor: String,
+    pub ekm_fleet_details: Vec<EkmDetail>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decrypt_body(extra: &str) -> String {
+        format!(
+            r#"{{"requestMetadata":{{"awsPrincipalArn":"a","kmsKeyArn":"k","kmsOperation":"Decrypt","kmsRequestId":"r"}},
+               "encryptionAlgorithm":"AES_GCM","ciphertext":"AAAA","initializationVector":"AAAAAAAAAAAAAAAA",
+               "authenticationTag":"AAAAAAAAAAAAAAAAAAAAAA=="{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn valid_decrypt_passes() {
+        let body = decrypt_body("");
+        let r: DecryptRequest = parse_json(body.as_bytes()).unwrap();
+        let v = r.validate().unwrap();
+        assert_eq!(v.iv.len(), 12);
+        assert_eq!(v.tag.len(), 16);
+        assert!(v.metadata.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_and_operations_are_accepted() {
+        let body = r#"{"requestMetadata":{"awsPrincipalArn":"a","kmsKeyArn":"k","kmsOperation":"BulkEncrypt",
+            "kmsRequestId":"not-a-uuid","someFutureField":{"x":[1,2]}},"plaintext":"","encryptionAlgorithm":"AES_GCM","newTopLevel":true}"#;
+        let r: EncryptRequest = parse_json(body.as_bytes()).unwrap();
+        let v = r.validate().unwrap();
+        assert!(v.plaintext.is_empty());
+    }
+
+    #[test]
+    fn bad_inputs_are_validation_errors() {
+        let cases = [
+            decrypt_body(r#","ciphertextMetadata":"AAAAAAAAAAAAAAAAAAAAAAAAAAAA""#),
+            decrypt_body("").replace("AES_GCM", "AES_CBC"),
+            decrypt_body("").replace("\"AAAAAAAAAAAAAAAA\"", "\"AAAAAAAA\""),
+            decrypt_body("").replace("AAAAAAAAAAAAAAAAAAAAAA==", "AAAAAAAAAAAAAAAAAAAA"),
+            decrypt_body("").replace("\"AAAA\"", "\"!!!\""),
+            decrypt_body("").replace("\"kmsKeyArn\":\"k\",", ""),
+        ];
+        for body in cases {
+            let r: DecryptRequest = parse_json(body.as_bytes()).unwrap();
+            let e = r
+                .validate()
+                .err()
+                .unwrap_or_else(|| panic!("accepted {body}"));
+            assert_eq!(e.error_name(), "ValidationException", "{body}");
+        }
+    }
+
+    #[test]
+    fn json_errors_never_quote_the_body() {
+        let body = br#"{"requestMetadata":{"awsPrincipalArn":"a","kmsKeyArn":"k","kmsOperation":"E","kmsRequestId":"r"},
+            "plaintext":12345678,"encryptionAlgorithm":"AES_GCM"}"#;
+        let e = parse_json::<EncryptRequest>(body).err().unwrap();
+        assert!(!e.message().contains("12345678"), "{}", e.message());
+        let e = parse_json::<EncryptRequest>(b"{not json").err().unwrap();
+        assert_eq!(e.error_name(), "ValidationException");
+    }
+}

@@ -1,0 +1,328 @@
+//! A small XKS API client that signs like KMS does.
+//!
+//! Used by the integration tests, by `xks-bench` and by operator tooling. It
+//! signs `host;x-amz-date` with the AWS SDK's signer, exactly as KMS's XKS
+//! management fleet does, over its own TLS connection (HTTP/1.1 keep-alive or
+//! HTTP/2 per ALPN), so a caller controls connection reuse precisely — which a
+//! benchmark needs and a pooled HTTP client would hide.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4::SigningParams;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("request: {0}")]
+    Request(String),
+}
+
+/// Which HTTP version to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// Where and how to call the proxy.
+#[derive(Clone)]
+pub struct XksClient {
+    addr: SocketAddr,
+    /// Server name for SNI, certificate check and the Host header.
+    server_name: String,
+    uri_path: String,
+    region: String,
+    identity: Identity,
+    tls: Arc<rustls::ClientConfig>,
+    version: HttpVersion,
+}
+
+/// A response: status and body.
+#[derive(Debug, Clone)]
+pub struct XksResponse {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+impl XksResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn error_name(&self) -> Option<String> {
+        self.json()["errorName"].as_str().map(str::to_owned)
+    }
+}
+
+/// Builds a rustls client config trusting `ca_pem` (a PEM file), offering ALPN
+/// for the requested HTTP version.
+pub fn tls_config(
+    ca_pem: &std::path::Path,
+    version: HttpVersion,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::tls::load_certs(ca_pem).map_err(|e| e.to_string())? {
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = match version {
+        HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
+        HttpVersion::Http2 => vec![b"h2".to_vec()],
+    };
+    Ok(Arc::new(cfg))
+}
+
+impl XksClient {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        addr: SocketAddr,
+        server_name: &str,
+        uri_path: &str,
+        access_key_id: &str,
+        secret: &str,
+        region: &str,
+        tls: Arc<rustls::ClientConfig>,
+        version: HttpVersion,
+    ) -> Self {
+        let creds = Credentials::new(access_key_id, secret, None, None, "xks-client");
+        XksClient {
+            addr,
+            server_name: server_name.to_string(),
+            uri_path: uri_path.to_string(),
+            region: region.to_string(),
+            identity: creds.into(),
+            tls,
+            version,
+        }
+    }
+
+    /// The same client with other credentials.
+    pub fn with_credentials(&self, access_key_id: &str, secret: &str) -> Self {
+        let mut c = self.clone();
+        c.identity = Credentials::new(access_key_id, secret, None, None, "xks-client").into();
+        c
+    }
+
+    /// The same client for another `XksProxyUriPath`.
+    pub fn with_uri_path(&self, uri_path: &str) -> Self {
+        let mut c = self.clone();
+        c.uri_path = uri_path.to_string();
+        c
+    }
+
+    pub fn version(&self) -> HttpVersion {
+        self.version
+    }
+
+    fn authority(&self) -> String {
+        format!("{}:{}", self.server_name, self.addr.port())
+    }
+
+    /// Opens a TLS connection and does the HTTP handshake.
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(ClientError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(ClientError::Tls)?;
+        let io = TokioIo::new(tls);
+        let sender = match self.version {
+            HttpVersion::Http1 => {
+                let (s, conn) = http1::handshake(io).await?;
+                tokio::spawn(conn);
+                Sender::H1(s)
+            }
+            HttpVersion::Http2 => {
+                let (s, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(conn);
+                Sender::H2(s)
+            }
+        };
+        Ok(Connection { sender })
+    }
+
+    /// A signed POST to `<uri_path><suffix>` (e.g. `/health`), signed at `time`.
+    pub fn signed_request(
+        &self,
+        suffix: &str,
+        body: Bytes,
+        time: SystemTime,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let path = format!("{}{}", self.uri_path, suffix);
+        self.signed_request_raw("POST", &path, body, time)
+    }
+
+    /// A signed request with any method and path.
+    pub fn signed_request_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        time: SystemTime,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let authority = self.authority();
+        let params = SigningParams::builder()
+            .identity(&self.identity)
+            .region(&self.region)
+            .name(crate::auth::SERVICE)
+            .time(time)
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| ClientError::Request(e.to_string()))?
+            .into();
+        let signable = SignableRequest::new(
+            method,
+            path,
+            [("host", authority.as_str())].into_iter(),
+            SignableBody::Bytes(&body),
+        )
+        .map_err(|e| ClientError::Request(e.to_string()))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| ClientError::Request(e.to_string()))?
+            .into_parts();
+        let uri = match self.version {
+            HttpVersion::Http1 => path.to_string(),
+            HttpVersion::Http2 => format!("https://{authority}{path}"),
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json");
+        if self.version == HttpVersion::Http1 {
+            req = req.header("host", &authority);
+        }
+        for (name, value) in instructions.headers() {
+            req = req.header(
+                name,
+                HeaderValue::from_str(value).map_err(|e| ClientError::Request(e.to_string()))?,
+            );
+        }
+        req.body(Full::new(body))
+            .map_err(|e| ClientError::Request(e.to_string()))
+    }
+
+    /// One call on a fresh connection (convenient in tests, slow in loops).
+    pub async fn call(
+        &self,
+        suffix: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<XksResponse, ClientError> {
+        let req = self.signed_request(suffix, body.into(), SystemTime::now())?;
+        self.connect().await?.send(req).await
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+/// One open connection.
+pub struct Connection {
+    sender: Sender,
+}
+
+impl Connection {
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<XksResponse, ClientError> {
+        let resp = match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(XksResponse { status, body })
+    }
+}
+
+/// Request bodies as KMS sends them.
+pub mod bodies {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+    use serde_json::json;
+
+    pub const PRINCIPAL: &str = "arn:aws:iam::123456789012:user/Alice";
+    pub const KEY_ARN: &str =
+        "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+    pub fn health(kms_operation: &str) -> Vec<u8> {
+        json!({"requestMetadata": {"kmsRequestId": "health-req-1", "kmsOperation": kms_operation}})
+            .to_string()
+            .into_bytes()
+    }
+
+    pub fn metadata() -> Vec<u8> {
+        json!({"requestMetadata": {"awsPrincipalArn": PRINCIPAL, "kmsOperation": "CreateKey", "kmsRequestId": "md-req-1"}})
+            .to_string()
+            .into_bytes()
+    }
+
+    pub fn encrypt(plaintext: &[u8], aad: Option<&[u8]>, cdiv: bool) -> Vec<u8> {
+        let mut v = json!({
+            "requestMetadata": {"awsPrincipalArn": PRINCIPAL, "kmsKeyArn": KEY_ARN,
+                "kmsOperation": "GenerateDataKey", "kmsRequestId": "enc-req-1", "kmsViaService": "ebs"},
+            "plaintext": B64.encode(plaintext),
+            "encryptionAlgorithm": "AES_GCM",
+        });
+        if let Some(aad) = aad {
+            v["additionalAuthenticatedData"] = B64.encode(aad).into();
+        }
+        if cdiv {
+            v["ciphertextDataIntegrityValueAlgorithm"] = "SHA_256".into();
+        }
+        v.to_string().into_bytes()
+    }
+
+    /// A decrypt body from an encrypt response, with the AAD used to encrypt.
+    pub fn decrypt_from(encrypted: &serde_json::Value, aad: Option<&[u8]>) -> serde_json::Value {
+        let mut v = json!({
+            "requestMetadata": {"awsPrincipalArn": PRINCIPAL, "kmsKeyArn": KEY_ARN,
+                "kmsOperation": "Decrypt", "kmsRequestId": "dec-req-1"},
+            "encryptionAlgorithm": "AES_GCM",
+            "ciphertext": encrypted["ciphertext"],
+            "initializationVector": encrypted["initializationVector"],
+            "authenticationTag": encrypted["authenticationTag"],
+        });
+        if !encrypted["ciphertextMetadata"].is_null() {
+            v["ciphertextMetadata"] = encrypted["ciphertextMetadata"].clone();
+        }
+        if let Some(aad) = aad {
+            v["additionalAuthenticatedData"] = B64.encode(aad).into();
+        }
+        v
+    }
+}

@@ -1,0 +1,838 @@
+//! Configuration: one TOML file, validated completely at startup.
+//!
+//! The file is parsed into `Raw*` structs that mirror the TOML, then checked and
+//! turned into the typed [`Config`] the rest of the proxy uses. Every check names
+//! the field and the rule it broke, because the person reading the message is an
+//! operator at 3 a.m. and the alternative is a KMS `ConnectionErrorCode` hours later.
+//!
+//! Secrets (SigV4 secret access keys, the HSM PIN) are never inline in the file:
+//! they are read from a file (which must not be readable by group or others) or
+//! from an environment variable, and kept in [`Zeroizing`] buffers. Relative paths
+//! are resolved against the directory of the config file, so a config works the
+//! same whatever directory the proxy is started from.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+/// A configuration problem, reported with the field it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for xks-proxy: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {rule}")]
+    Invalid { field: String, rule: String },
+}
+
+fn invalid(field: impl Into<String>, rule: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        rule: rule.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    tls: RawTls,
+    hsm: RawHsm,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    logging: RawLogging,
+    #[serde(default)]
+    key_stores: Vec<RawKeyStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    ping_listen: Option<String>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_fleet_size")]
+    fleet_size: u32,
+    #[serde(default = "default_vendor")]
+    vendor: String,
+    model: Option<String>,
+    #[serde(default = "default_header_timeout")]
+    header_read_timeout_ms: u64,
+    #[serde(default = "default_handshake_timeout")]
+    tls_handshake_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_secs: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: PathBuf,
+    token_label: Option<String>,
+    slot_id: Option<u64>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    #[serde(default = "default_sessions")]
+    sessions: usize,
+    #[serde(default = "default_queue_depth")]
+    queue_depth: usize,
+    #[serde(default = "default_queue_timeout")]
+    queue_timeout_ms: u64,
+    #[serde(default = "default_op_timeout")]
+    operation_timeout_ms: u64,
+    #[serde(default)]
+    iv_source: IvSource,
+    #[serde(default = "default_key_cache_ttl")]
+    key_cache_ttl_ms: u64,
+    ekm_vendor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "default_health_key")]
+    key_label: String,
+    #[serde(default = "default_health_interval")]
+    interval_secs: u64,
+    #[serde(default = "default_degraded_ms")]
+    degraded_latency_ms: u64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            key_label: default_health_key(),
+            interval_secs: default_health_interval(),
+            degraded_latency_ms: default_degraded_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    #[serde(default)]
+    format: LogFormat,
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyStore {
+    name: String,
+    uri_path: String,
+    /// External key ids this key store may use; `["*"]` means every AES-256 key
+    /// of the token except the health-check key.
+    keys: Vec<String>,
+    #[serde(default)]
+    credentials: Vec<RawCredential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    access_key_id: String,
+    secret_file: Option<PathBuf>,
+    secret_env: Option<String>,
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_fleet_size() -> u32 {
+    1
+}
+fn default_vendor() -> String {
+    "xks-proxy project".to_string()
+}
+fn default_header_timeout() -> u64 {
+    5_000
+}
+fn default_handshake_timeout() -> u64 {
+    5_000
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_max_connections() -> usize {
+    4_096
+}
+fn default_shutdown_grace() -> u64 {
+    10
+}
+fn default_sessions() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 16)
+}
+fn default_queue_depth() -> usize {
+    1_024
+}
+fn default_queue_timeout() -> u64 {
+    150
+}
+fn default_op_timeout() -> u64 {
+    200
+}
+fn default_key_cache_ttl() -> u64 {
+    5_000
+}
+fn default_health_key() -> String {
+    "xks-proxy-health-check".to_string()
+}
+fn default_health_interval() -> u64 {
+    20
+}
+fn default_degraded_ms() -> u64 {
+    100
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration
+// ---------------------------------------------------------------------------
+
+/// Where GCM initialization vectors come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum IvSource {
+    /// The proxy asks the HSM's random generator (`C_GenerateRandom`) for 12 bytes
+    /// and passes them in the GCM parameters. Works with SoftHSM and most HSMs.
+    #[default]
+    HsmRng,
+    /// The HSM generates the IV itself inside `C_EncryptInit`/`C_Encrypt` and
+    /// writes it back into the GCM parameters (Luna, nShield in FIPS mode, ...).
+    HsmGenerated,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// How the proxy finds its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    Label(String),
+    Slot(u64),
+}
+
+/// The whole validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub hsm: HsmConfig,
+    pub health: HealthConfig,
+    pub logging: LoggingConfig,
+    pub key_stores: Vec<KeyStoreConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub ping_listen: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    pub fleet_size: u32,
+    pub vendor: String,
+    pub model: String,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub struct HsmConfig {
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    pub pin: Zeroizing<String>,
+    pub sessions: usize,
+    pub queue_depth: usize,
+    pub queue_timeout: Duration,
+    pub operation_timeout: Duration,
+    pub iv_source: IvSource,
+    pub key_cache_ttl: Duration,
+    pub ekm_vendor: Option<String>,
+}
+
+impl std::fmt::Debug for HsmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HsmConfig")
+            .field("module", &self.module)
+            .field("token", &self.token)
+            .field("pin", &"<redacted>")
+            .field("sessions", &self.sessions)
+            .field("iv_source", &self.iv_source)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub key_label: String,
+    pub interval: Duration,
+    pub degraded_latency: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// One logical key store: an XKS URI path with its own credentials and keys.
+#[derive(Debug, Clone)]
+pub struct KeyStoreConfig {
+    pub name: String,
+    /// The full `XksProxyUriPath`, e.g. `/tenant-a/kms/xks/v1`.
+    pub uri_path: String,
+    pub keys: AllowedKeys,
+    pub credentials: Vec<Credential>,
+}
+
+/// Which external key ids a key store may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedKeys {
+    /// Every AES-256 secret key of the token (but never the health-check key).
+    All,
+    /// Only these labels.
+    Only(HashSet<String>),
+}
+
+/// A SigV4 credential: access key id and secret.
+#[derive(Clone)]
+pub struct Credential {
+    pub access_key_id: String,
+    pub secret: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::from_toml(&text, &base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        validate(raw, base)
+    }
+}
+
+/// Resolves `p` against the config file's directory when it is relative.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let server = validate_server(raw.server)?;
+    let tls = validate_tls(raw.tls, base)?;
+    let hsm = validate_hsm(raw.hsm, base)?;
+    let health = validate_health(raw.health)?;
+    let level = raw.logging.level.unwrap_or_else(|| "info".to_string());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        return Err(invalid(
+            "logging.level",
+            format!("'{level}' is not a valid tracing filter (try info, debug or warn)"),
+        ));
+    }
+    let logging = LoggingConfig {
+        format: raw.logging.format,
+        level,
+    };
+    let key_stores = validate_key_stores(raw.key_stores, base, &health.key_label)?;
+    Ok(Config {
+        server,
+        tls,
+        hsm,
+        health,
+        logging,
+        key_stores,
+    })
+}
+
+fn parse_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("'{value}' is not an IP:port socket address (e.g. 0.0.0.0:443)"),
+        )
+    })
+}
+
+fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
+    let listen = parse_addr("server.listen", &raw.listen)?;
+    let ping_listen = raw
+        .ping_listen
+        .as_deref()
+        .map(|v| parse_addr("server.ping_listen", v))
+        .transpose()?;
+    if raw.max_body_bytes < 24 * 1024 {
+        return Err(invalid(
+            "server.max_body_bytes",
+            "must be at least 24576: the spec's largest legitimate request (4300 bytes of data, \
+             8192 bytes of AAD, 20 bytes of metadata, ARNs of 2048 characters) is about 20 KiB",
+        ));
+    }
+    if raw.max_body_bytes > 1024 * 1024 {
+        return Err(invalid("server.max_body_bytes", "must be at most 1048576"));
+    }
+    if raw.fleet_size == 0 {
+        return Err(invalid(
+            "server.fleet_size",
+            "must be greater than zero (the spec's xksProxyFleetSize)",
+        ));
+    }
+    if raw.vendor.trim().is_empty() {
+        return Err(invalid("server.vendor", "must not be empty"));
+    }
+    if raw.max_connections == 0 {
+        return Err(invalid(
+            "server.max_connections",
+            "must be greater than zero",
+        ));
+    }
+    if raw.header_read_timeout_ms == 0 || raw.tls_handshake_timeout_ms == 0 {
+        return Err(invalid(
+            "server.header_read_timeout_ms / server.tls_handshake_timeout_ms",
+            "must be greater than zero",
+        ));
+    }
+    Ok(ServerConfig {
+        listen,
+        ping_listen,
+        max_body_bytes: raw.max_body_bytes,
+        fleet_size: raw.fleet_size,
+        vendor: raw.vendor,
+        model: raw
+            .model
+            .unwrap_or_else(|| format!("xks-proxy {}", env!("CARGO_PKG_VERSION"))),
+        header_read_timeout: Duration::from_millis(raw.header_read_timeout_ms),
+        tls_handshake_timeout: Duration::from_millis(raw.tls_handshake_timeout_ms),
+        idle_timeout: Duration::from_secs(raw.idle_timeout_secs.max(1)),
+        max_connections: raw.max_connections,
+        shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
+    })
+}
+
+fn validate_tls(raw: RawTls, base: &Path) -> Result<TlsConfig, ConfigError> {
+    let cert = resolve(base, &raw.cert);
+    let key = resolve(base, &raw.key);
+    for (field, path) in [("tls.cert", &cert), ("tls.key", &key)] {
+        std::fs::File::open(path)
+            .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    }
+    check_private_file("tls.key", &key)?;
+    Ok(TlsConfig { cert, key })
+}
+
+fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
+    let module = resolve(base, &raw.module);
+    if !module.is_file() {
+        return Err(invalid(
+            "hsm.module",
+            format!(
+                "{} is not a file (the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so)",
+                module.display()
+            ),
+        ));
+    }
+    let token = match (raw.token_label, raw.slot_id) {
+        (Some(label), None) if !label.is_empty() && label.len() <= 32 => {
+            TokenSelector::Label(label)
+        }
+        (Some(_), None) => {
+            return Err(invalid("hsm.token_label", "must be 1 to 32 characters"));
+        }
+        (None, Some(slot)) => TokenSelector::Slot(slot),
+        _ => {
+            return Err(invalid(
+                "hsm.token_label / hsm.slot_id",
+                "set exactly one of them",
+            ))
+        }
+    };
+    let pin = read_secret(
+        "hsm.pin_file",
+        "hsm.pin_env",
+        raw.pin_file,
+        raw.pin_env,
+        base,
+    )?;
+    if pin.is_empty() {
+        return Err(invalid("hsm.pin_file / hsm.pin_env", "the PIN is empty"));
+    }
+    if raw.sessions == 0 || raw.sessions > 256 {
+        return Err(invalid("hsm.sessions", "must be between 1 and 256"));
+    }
+    if raw.queue_depth == 0 {
+        return Err(invalid("hsm.queue_depth", "must be greater than zero"));
+    }
+    if raw.queue_timeout_ms == 0 || raw.queue_timeout_ms >= 250 {
+        return Err(invalid(
+            "hsm.queue_timeout_ms",
+            "must be between 1 and 249: KMS gives every call 250 ms, so waiting longer for a \
+             session only turns a fast 503 into a KMS timeout",
+        ));
+    }
+    if raw.operation_timeout_ms < raw.queue_timeout_ms || raw.operation_timeout_ms >= 250 {
+        return Err(invalid(
+            "hsm.operation_timeout_ms",
+            "must be at least hsm.queue_timeout_ms and below 250 (KMS's per-call budget)",
+        ));
+    }
+    Ok(HsmConfig {
+        module,
+        token,
+        pin,
+        sessions: raw.sessions,
+        queue_depth: raw.queue_depth,
+        queue_timeout: Duration::from_millis(raw.queue_timeout_ms),
+        operation_timeout: Duration::from_millis(raw.operation_timeout_ms),
+        iv_source: raw.iv_source,
+        key_cache_ttl: Duration::from_millis(raw.key_cache_ttl_ms),
+        ekm_vendor: raw.ekm_vendor,
+    })
+}
+
+fn validate_health(raw: RawHealth) -> Result<HealthConfig, ConfigError> {
+    if !is_valid_key_id(&raw.key_label) {
+        return Err(invalid(
+            "health.key_label",
+            "must be 1 to 128 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if raw.interval_secs == 0 || raw.interval_secs > 60 {
+        return Err(invalid(
+            "health.interval_secs",
+            "must be between 1 and 60: the spec allows a cached health result of at most one minute",
+        ));
+    }
+    Ok(HealthConfig {
+        key_label: raw.key_label,
+        interval: Duration::from_secs(raw.interval_secs),
+        degraded_latency: Duration::from_millis(raw.degraded_latency_ms.max(1)),
+    })
+}
+
+fn validate_key_stores(
+    raws: Vec<RawKeyStore>,
+    base: &Path,
+    health_key: &str,
+) -> Result<Vec<KeyStoreConfig>, ConfigError> {
+    if raws.is_empty() {
+        return Err(invalid(
+            "key_stores",
+            "at least one [[key_stores]] entry is required",
+        ));
+    }
+    let mut paths = HashSet::new();
+    let mut key_ids: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::with_capacity(raws.len());
+    for (i, raw) in raws.into_iter().enumerate() {
+        let field = format!("key_stores[{i}] ({})", raw.name);
+        if raw.name.trim().is_empty() {
+            return Err(invalid(
+                format!("key_stores[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        if !is_valid_uri_path(&raw.uri_path) {
+            return Err(invalid(
+                format!("{field}.uri_path"),
+                format!(
+                    "'{}' is not a valid XksProxyUriPath: 10 to 128 characters matching \
+                     ^(/[a-zA-Z0-9/_-]+/kms/xks/v1)$ or ^/kms/xks/v1$",
+                    raw.uri_path
+                ),
+            ));
+        }
+        if !paths.insert(raw.uri_path.clone()) {
+            return Err(invalid(
+                format!("{field}.uri_path"),
+                format!("'{}' is used by two key stores", raw.uri_path),
+            ));
+        }
+        let keys = if raw.keys.len() == 1 && raw.keys[0] == "*" {
+            AllowedKeys::All
+        } else {
+            if raw.keys.is_empty() {
+                return Err(invalid(
+                    format!("{field}.keys"),
+                    "list the external key ids (PKCS#11 labels) or [\"*\"] for every AES-256 key",
+                ));
+            }
+            let mut set = HashSet::new();
+            for k in raw.keys {
+                if !is_valid_key_id(&k) {
+                    return Err(invalid(
+                        format!("{field}.keys"),
+                        format!(
+                            "'{k}' is not a valid external key id (1-128 of A-Z a-z 0-9 . _ -)"
+                        ),
+                    ));
+                }
+                if k == health_key {
+                    return Err(invalid(
+                        format!("{field}.keys"),
+                        format!("'{k}' is the health-check key; it must never serve KMS"),
+                    ));
+                }
+                set.insert(k);
+            }
+            AllowedKeys::Only(set)
+        };
+        if raw.credentials.is_empty() {
+            return Err(invalid(
+                format!("{field}.credentials"),
+                "at least one SigV4 credential is required",
+            ));
+        }
+        let mut credentials = Vec::with_capacity(raw.credentials.len());
+        for (j, c) in raw.credentials.into_iter().enumerate() {
+            let cf = format!("{field}.credentials[{j}]");
+            if !is_valid_access_key_id(&c.access_key_id) {
+                return Err(invalid(
+                    format!("{cf}.access_key_id"),
+                    "must be 20 to 30 characters of A-Z and 2-7",
+                ));
+            }
+            if let Some(other) = key_ids.insert(c.access_key_id.clone(), raw.name.clone()) {
+                return Err(invalid(
+                    format!("{cf}.access_key_id"),
+                    format!("{} is already used by key store '{other}'; an access key id must identify one secret", c.access_key_id),
+                ));
+            }
+            let secret = read_secret(
+                &format!("{cf}.secret_file"),
+                &format!("{cf}.secret_env"),
+                c.secret_file,
+                c.secret_env,
+                base,
+            )?;
+            if !is_valid_secret(&secret) {
+                return Err(invalid(
+                    format!("{cf}.secret"),
+                    "the secret access key must be 43 to 64 characters of A-Z a-z 0-9 + / =",
+                ));
+            }
+            credentials.push(Credential {
+                access_key_id: c.access_key_id,
+                secret,
+            });
+        }
+        out.push(KeyStoreConfig {
+            name: raw.name,
+            uri_path: raw.uri_path,
+            keys,
+            credentials,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads a secret from exactly one of a file or an environment variable.
+/// Trailing newlines are trimmed (editors and `echo` add them).
+fn read_secret(
+    file_field: &str,
+    env_field: &str,
+    file: Option<PathBuf>,
+    env: Option<String>,
+    base: &Path,
+) -> Result<Zeroizing<String>, ConfigError> {
+    match (file, env) {
+        (Some(file), None) => {
+            let path = resolve(base, &file);
+            check_private_file(file_field, &path)?;
+            let mut text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                invalid(file_field, format!("cannot read {}: {e}", path.display()))
+            })?);
+            let trimmed_len = text.trim_end_matches(['\n', '\r']).len();
+            text.truncate(trimmed_len);
+            Ok(text)
+        }
+        (None, Some(var)) => match std::env::var(&var) {
+            Ok(v) => Ok(Zeroizing::new(v)),
+            Err(_) => Err(invalid(
+                env_field,
+                format!("environment variable {var} is not set (or not UTF-8)"),
+            )),
+        },
+        _ => Err(invalid(
+            format!("{file_field} / {env_field}"),
+            "set exactly one of them",
+        )),
+    }
+}
+
+/// Refuses a secret file that group or others can read or write: a secret that
+/// every local user can read is not a secret.
+fn check_private_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} has mode {:o}; it holds a secret and must not be accessible by group \
+                     or others (chmod 600 {})",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `externalKeyId`: at most 128 characters of `[A-Za-z0-9._-]`.
+pub fn is_valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `XksProxyUriPath` for API version 1, as KMS validates it.
+pub fn is_valid_uri_path(p: &str) -> bool {
+    const SUFFIX: &str = "/kms/xks/v1";
+    if p.len() < 10 || p.len() > 128 || !p.ends_with(SUFFIX) {
+        return false;
+    }
+    if p == SUFFIX {
+        return true;
+    }
+    let prefix = &p[..p.len() - SUFFIX.len()];
+    prefix.starts_with('/')
+        && prefix.len() > 1
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-'))
+}
+
+/// Access key id: 20 to 30 characters of `A-Z` and `2-7` (base32 alphabet).
+pub fn is_valid_access_key_id(id: &str) -> bool {
+    (20..=30).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+}
+
+/// Secret access key: 43 to 64 characters of `A-Za-z0-9+/=`.
+pub fn is_valid_secret(s: &str) -> bool {
+    (43..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_paths_follow_kms_rules() {
+        assert!(is_valid_uri_path("/kms/xks/v1"));
+        assert!(is_valid_uri_path("/example/kms/xks/v1"));
+        assert!(is_valid_uri_path("/a/b-c_d/kms/xks/v1"));
+        assert!(!is_valid_uri_path("/kms/xks/v2"));
+        assert!(!is_valid_uri_path("example/kms/xks/v1"));
+        assert!(!is_valid_uri_path("/ex.ample/kms/xks/v1"));
+        assert!(!is_valid_uri_path(&format!(
+            "/{}/kms/xks/v1",
+            "a".repeat(120)
+        )));
+    }
+
+    #[test]
+    fn credential_formats() {
+        assert!(is_valid_access_key_id("AKIAI2SFODNN7EXAMPLE"));
+        assert!(!is_valid_access_key_id("AKIAI2SFODNN7EXAMPL1")); // '1' not in base32
+        assert!(!is_valid_access_key_id("SHORT"));
+        assert!(is_valid_secret(
+            "FYtE5EFA5FT0mCc3DrGUe2sti527BitkQ0Zr9MO9fvE"
+        ));
+        assert!(!is_valid_secret("too-short"));
+        assert!(!is_valid_secret(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn key_ids() {
+        assert!(is_valid_key_id("b42c7fbf-de61-441c-ae24-123456789012"));
+        assert!(is_valid_key_id("a.b_c-D"));
+        assert!(!is_valid_key_id(""));
+        assert!(!is_valid_key_id("a/b"));
+        assert!(!is_valid_key_id(&"a".repeat(129)));
+    }
+}

@@ -1,0 +1,48 @@
+//! The key cache: label → (handle, attributes), shared by all pool workers.
+//!
+//! Looking a key up by label costs a `C_FindObjects` round trip and, in SoftHSM,
+//! takes a token-wide lock that serializes concurrent lookups; doing it per
+//! request would cap throughput well below the HSM's AES speed. Object handles
+//! are valid across all sessions of the application, so one shared cache serves
+//! every worker. Entries expire after a configured TTL so that a change made in
+//! the HSM (a key disabled, a usage removed) is seen within that time by every
+//! proxy instance; GetKeyMetadata always reads fresh attributes.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use super::token::KeyInfo;
+
+pub(crate) struct KeyCache {
+    ttl: Duration,
+    entries: RwLock<HashMap<String, (KeyInfo, Instant)>>,
+}
+
+impl KeyCache {
+    pub fn new(ttl: Duration) -> Self {
+        KeyCache {
+            ttl,
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The cached entry if it is younger than the TTL.
+    pub fn get_fresh(&self, label: &str) -> Option<KeyInfo> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(label)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(k, _)| k.clone())
+    }
+
+    pub fn insert(&self, key: KeyInfo) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        entries.insert(key.label.clone(), (key, Instant::now()));
+    }
+
+    pub fn remove(&self, label: &str) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        entries.remove(label);
+    }
+}

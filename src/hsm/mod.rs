@@ -1,0 +1,215 @@
+//! The key manager, reached through PKCS#11.
+//!
+//! [`Hsm`] is what the API layer sees: async methods for the four XKS needs
+//! (key metadata, encrypt, decrypt, health probe). Behind it, a fixed pool of OS
+//! threads each owns one logged-in session and takes jobs from a bounded queue
+//! (see [`worker`]). The async side only enqueues and awaits a reply, with two
+//! deadlines taken from the config:
+//!
+//! - `queue_timeout`: a job not started by then is dropped unrun and the caller
+//!   answers 503 `DependencyTimeoutException`;
+//! - `operation_timeout`: the caller stops waiting and answers 503 even if the
+//!   HSM is still busy (KMS would have given up at 250 ms anyway).
+//!
+//! A full queue answers 429 `ThrottlingException` at once. So overload becomes
+//! fast, bounded errors instead of unbounded memory and latency.
+
+mod keys;
+pub mod token;
+mod worker;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+pub use token::{EkmInfo, HsmError, KeyInfo, Token, Usages};
+
+use crate::config::HsmConfig;
+use crate::error::XksError;
+use keys::KeyCache;
+use worker::{check_key, Job, OpKind, Shared, Worker};
+
+/// Input of one Encrypt, already decoded and validated.
+pub struct EncryptInput {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub aad: Vec<u8>,
+    pub metadata: Vec<u8>,
+    pub cdiv: bool,
+}
+
+/// Output of one Encrypt.
+#[derive(Debug)]
+pub struct EncryptOutput {
+    pub ciphertext: Vec<u8>,
+    pub iv: Vec<u8>,
+    pub tag: Vec<u8>,
+    pub metadata: Vec<u8>,
+    pub cdiv: Option<[u8; 32]>,
+}
+
+/// Input of one Decrypt, already decoded and validated.
+pub struct DecryptInput {
+    pub ciphertext: Vec<u8>,
+    pub iv: Vec<u8>,
+    pub tag: Vec<u8>,
+    pub aad: Vec<u8>,
+    pub metadata: Vec<u8>,
+}
+
+struct Inner {
+    tx: Option<crossbeam_channel::Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    ekm: EkmInfo,
+    queue_timeout: Duration,
+    operation_timeout: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers; joining them closes their sessions
+        // before the module is finalized.
+        self.tx.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Handle to the key manager; cheap to clone.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+}
+
+impl Hsm {
+    /// Opens the token and starts the session pool. Blocking: call it from
+    /// `spawn_blocking` or before the runtime starts serving.
+    pub fn open(cfg: &HsmConfig) -> Result<(Hsm, Token), HsmError> {
+        let token = Token::open(cfg)?;
+        let shared = Arc::new(Shared {
+            ctx: token.ctx.clone(),
+            slot: token.slot,
+            pin: token.pin.clone(),
+            keys: KeyCache::new(cfg.key_cache_ttl),
+            iv_source: cfg.iv_source,
+        });
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
+        let mut workers = Vec::with_capacity(cfg.sessions);
+        for i in 0..cfg.sessions {
+            let rx = rx.clone();
+            let worker = Worker::new(shared.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("hsm-{i}"))
+                .spawn(move || worker.run(rx))
+                .map_err(|e| HsmError::Key(format!("cannot start HSM worker thread: {e}")))?;
+            workers.push(handle);
+        }
+        let hsm = Hsm {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                workers,
+                shared,
+                ekm: token.ekm_info().clone(),
+                queue_timeout: cfg.queue_timeout,
+                operation_timeout: cfg.operation_timeout,
+            }),
+        };
+        Ok((hsm, token))
+    }
+
+    /// Vendor, id and model of the token, for GetHealthStatus.
+    pub fn ekm_info(&self) -> &EkmInfo {
+        &self.inner.ekm
+    }
+
+    /// Runs `f` on a pool thread, within the configured deadlines.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Worker) -> Result<T, XksError> + Send + 'static,
+    ) -> Result<T, XksError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            start_by: Instant::now() + self.inner.queue_timeout,
+            work: Box::new(move |w| {
+                let _ = reply.send(f(w));
+            }),
+        };
+        let tx = self
+            .inner
+            .tx
+            .as_ref()
+            .ok_or_else(|| XksError::Internal("the HSM pool is shut down".into()))?;
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                return Err(XksError::Throttling(
+                    "the proxy's HSM queue is full; it cannot keep up with the request rate".into(),
+                ))
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(XksError::Internal("the HSM pool is shut down".into()))
+            }
+        }
+        match tokio::time::timeout(self.inner.operation_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(XksError::DependencyTimeout(format!(
+                "no HSM session became free within {} ms",
+                self.inner.queue_timeout.as_millis()
+            ))),
+            Err(_) => Err(XksError::DependencyTimeout(format!(
+                "the key manager did not answer within {} ms",
+                self.inner.operation_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Checks a cached key before queueing, so a request that must fail
+    /// (wrong usage, disabled) costs no HSM session.
+    fn precheck(&self, label: &str, kind: OpKind) -> Result<(), XksError> {
+        match self.inner.shared.keys.get_fresh(label) {
+            Some(key) => check_key(&key, kind),
+            None => Ok(()),
+        }
+    }
+
+    /// Fresh attributes of a key (never from the cache).
+    pub async fn key_info(&self, label: &str) -> Result<KeyInfo, XksError> {
+        let label = label.to_owned();
+        self.run(move |w| {
+            let key = w.resolve(&label, true)?;
+            check_key(&key, OpKind::Lookup)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    pub async fn encrypt(
+        &self,
+        label: &str,
+        input: EncryptInput,
+    ) -> Result<EncryptOutput, XksError> {
+        self.precheck(label, OpKind::Encrypt)?;
+        let label = label.to_owned();
+        self.run(move |w| w.encrypt(&label, &input)).await
+    }
+
+    pub async fn decrypt(
+        &self,
+        label: &str,
+        input: DecryptInput,
+    ) -> Result<Zeroizing<Vec<u8>>, XksError> {
+        self.precheck(label, OpKind::Decrypt)?;
+        let label = label.to_owned();
+        self.run(move |w| w.decrypt(&label, &input)).await
+    }
+
+    /// One deep health probe with the health-check key.
+    pub async fn probe(&self, health_key: &str) -> Result<(), XksError> {
+        let label = health_key.to_owned();
+        self.run(move |w| w.probe(&label)).await
+    }
+}

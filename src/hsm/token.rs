@@ -1,0 +1,333 @@
+//! Opening a PKCS#11 token and the administrative operations on it (creating,
+//! finding and describing keys). Everything here blocks: it is called at startup,
+//! from the CLI, or from inside a pool worker thread, never from an async task.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use crate::config::{HsmConfig, TokenSelector};
+
+/// A failure to reach or use the token outside a request (startup, CLI).
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    #[error("cannot load PKCS#11 module {module}: {message}")]
+    Load { module: String, message: String },
+    #[error("no token found: {0}")]
+    NoToken(String),
+    #[error("login to the token failed: {0} (check hsm.pin_file / hsm.pin_env)")]
+    Login(String),
+    #[error("{context}: {source}")]
+    Pkcs11 {
+        context: &'static str,
+        source: P11Error,
+    },
+    #[error("{0}")]
+    Key(String),
+}
+
+fn p11(context: &'static str) -> impl FnOnce(P11Error) -> HsmError {
+    move |source| HsmError::Pkcs11 { context, source }
+}
+
+/// What the token says about itself, for GetHealthStatus's `ekm*` fields.
+#[derive(Debug, Clone)]
+pub struct EkmInfo {
+    pub vendor: String,
+    pub id: String,
+    pub model: String,
+}
+
+/// Key usages as PKCS#11 attributes; the XKS `keyUsage` list is derived from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usages {
+    pub encrypt: bool,
+    pub decrypt: bool,
+    pub wrap: bool,
+    pub unwrap: bool,
+    pub sign: bool,
+    pub verify: bool,
+    pub derive: bool,
+}
+
+impl Usages {
+    /// The spec's `keyUsage` strings, ENCRYPT and DECRYPT first (at most 7 < 10).
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.encrypt, "ENCRYPT"),
+            (self.decrypt, "DECRYPT"),
+            (self.wrap, "WRAP"),
+            (self.unwrap, "UNWRAP"),
+            (self.sign, "SIGN"),
+            (self.verify, "VERIFY"),
+            (self.derive, "DERIVE"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+}
+
+/// What the proxy needs to know about one key.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub handle: ObjectHandle,
+    pub label: String,
+    /// CKK_AES with CKA_VALUE_LEN 32. Any other key is never used for crypto.
+    pub aes256: bool,
+    pub usages: Usages,
+    /// False when today is outside the key's CKA_START_DATE..CKA_END_DATE window.
+    /// That window is how this proxy represents a disabled key: it is a standard
+    /// attribute, modifiable on secret keys, persistent in the token, and therefore
+    /// the same for every proxy instance that uses the token.
+    pub enabled: bool,
+}
+
+/// An opened token: the loaded module, the slot and a logged-in R/W session.
+pub struct Token {
+    pub(crate) ctx: Pkcs11,
+    pub(crate) slot: Slot,
+    pub(crate) pin: AuthPin,
+    session: Session,
+    info: EkmInfo,
+}
+
+impl Token {
+    /// Loads the module, finds the token and logs in.
+    pub fn open(cfg: &HsmConfig) -> Result<Token, HsmError> {
+        let ctx = load_module(&cfg.module)?;
+        let slot = find_slot(&ctx, &cfg.token)?;
+        let ti = ctx.get_token_info(slot).map_err(p11("C_GetTokenInfo"))?;
+        let info = EkmInfo {
+            vendor: cfg
+                .ekm_vendor
+                .clone()
+                .unwrap_or_else(|| ti.manufacturer_id().trim().to_string()),
+            id: format!("{}-{}", ti.label().trim(), ti.serial_number().trim()),
+            model: format!(
+                "{} {} (hw {}, fw {})",
+                ti.manufacturer_id().trim(),
+                ti.model().trim(),
+                ti.hardware_version(),
+                ti.firmware_version()
+            ),
+        };
+        let pin = AuthPin::from(cfg.pin.as_str().to_owned());
+        let session = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
+        login(&session, &pin)?;
+        Ok(Token {
+            ctx,
+            slot,
+            pin,
+            session,
+            info,
+        })
+    }
+
+    pub fn ekm_info(&self) -> &EkmInfo {
+        &self.info
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Creates an AES-256 key that is a token object, private, sensitive and
+    /// non-extractable, with the given usages. Refuses a label that exists.
+    pub fn create_aes_key(&self, label: &str, usages: Usages) -> Result<KeyInfo, HsmError> {
+        if !find_keys(&self.session, label)
+            .map_err(p11("C_FindObjects"))?
+            .is_empty()
+        {
+            return Err(HsmError::Key(format!(
+                "a secret key labelled '{label}' already exists"
+            )));
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(true),
+            Attribute::Encrypt(usages.encrypt),
+            Attribute::Decrypt(usages.decrypt),
+            Attribute::Wrap(usages.wrap),
+            Attribute::Unwrap(usages.unwrap),
+            Attribute::Sign(usages.sign),
+            Attribute::Verify(usages.verify),
+            Attribute::Derive(usages.derive),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        let handle = self
+            .session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(p11("C_GenerateKey"))?;
+        read_key_info(&self.session, handle, label, SystemTime::now())
+            .map_err(p11("C_GetAttributeValue"))
+    }
+
+    /// Every secret key in the token, sorted by label.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, HsmError> {
+        let handles = self
+            .session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+            .map_err(p11("C_FindObjects"))?;
+        let now = SystemTime::now();
+        let mut keys = Vec::with_capacity(handles.len());
+        for h in handles {
+            let label = match self.session.get_attributes(h, &[AttributeType::Label]) {
+                Ok(attrs) => attrs
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::Label(l) => Some(String::from_utf8_lossy(&l).into_owned()),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+                Err(e) => return Err(p11("C_GetAttributeValue")(e)),
+            };
+            keys.push(
+                read_key_info(&self.session, h, &label, now).map_err(p11("C_GetAttributeValue"))?,
+            );
+        }
+        keys.sort_by(|a, b| a.label.cmp(&b.label));
+        Ok(keys)
+    }
+}
+
+/// Loads a PKCS#11 module and initializes it for multi-threaded use.
+fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
+    let ctx = Pkcs11::new(module).map_err(|e| HsmError::Load {
+        module: module.display().to_string(),
+        message: e.to_string(),
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        Err(e) => Err(HsmError::Load {
+            module: module.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(p11("C_GetSlotList"))?;
+    match selector {
+        TokenSelector::Slot(id) => slots
+            .into_iter()
+            .find(|s| s.id() == *id)
+            .ok_or_else(|| HsmError::NoToken(format!("no initialized token in slot {id}"))),
+        TokenSelector::Label(label) => {
+            let mut labels = Vec::new();
+            for s in slots {
+                let ti = ctx.get_token_info(s).map_err(p11("C_GetTokenInfo"))?;
+                if ti.label().trim() == label {
+                    return Ok(s);
+                }
+                labels.push(ti.label().trim().to_string());
+            }
+            Err(HsmError::NoToken(format!(
+                "no initialized token labelled '{label}' (tokens seen: {labels:?}); for SoftHSM \
+                 check that SOFTHSM2_CONF points at the right token directory"
+            )))
+        }
+    }
+}
+
+/// Logs the user in; "already logged in" is success (login state is per
+/// application and token, shared by all its sessions).
+pub(crate) fn login(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(HsmError::Login(e.to_string())),
+    }
+}
+
+/// Secret keys carrying exactly this label.
+pub(crate) fn find_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, P11Error> {
+    session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])
+}
+
+/// Reads the attributes that make up [`KeyInfo`]. Attributes the token does not
+/// report are treated as false/absent, which errs on the side of refusing.
+pub(crate) fn read_key_info(
+    session: &Session,
+    handle: ObjectHandle,
+    label: &str,
+    now: SystemTime,
+) -> Result<KeyInfo, P11Error> {
+    let attrs = session.get_attributes(
+        handle,
+        &[
+            AttributeType::KeyType,
+            AttributeType::ValueLen,
+            AttributeType::Encrypt,
+            AttributeType::Decrypt,
+            AttributeType::Wrap,
+            AttributeType::Unwrap,
+            AttributeType::Sign,
+            AttributeType::Verify,
+            AttributeType::Derive,
+            AttributeType::StartDate,
+            AttributeType::EndDate,
+        ],
+    )?;
+    let mut is_aes = false;
+    let mut len = 0u64;
+    let mut u = Usages::default();
+    let today = crate::time::yyyymmdd(now);
+    let mut enabled = true;
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => is_aes = t == KeyType::AES,
+            Attribute::ValueLen(l) => len = l.into(),
+            Attribute::Encrypt(b) => u.encrypt = b,
+            Attribute::Decrypt(b) => u.decrypt = b,
+            Attribute::Wrap(b) => u.wrap = b,
+            Attribute::Unwrap(b) => u.unwrap = b,
+            Attribute::Sign(b) => u.sign = b,
+            Attribute::Verify(b) => u.verify = b,
+            Attribute::Derive(b) => u.derive = b,
+            Attribute::StartDate(d) if !d.is_empty() => {
+                if date_bytes(&d).as_slice() > today.as_slice() {
+                    enabled = false;
+                }
+            }
+            Attribute::EndDate(d) if !d.is_empty() => {
+                if date_bytes(&d).as_slice() < today.as_slice() {
+                    enabled = false;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(KeyInfo {
+        handle,
+        label: label.to_string(),
+        aes256: is_aes && len == 32,
+        usages: u,
+        enabled,
+    })
+}
+
+fn date_bytes(d: &cryptoki::types::Date) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&d.year);
+    out[4..6].copy_from_slice(&d.month);
+    out[6..].copy_from_slice(&d.day);
+    out
+}

@@ -1,0 +1,358 @@
+//! The threads that talk to the HSM.
+//!
+//! PKCS#11 calls block, sometimes for milliseconds on a network HSM, so they
+//! must never run on the async runtime's worker threads. Each pool worker is a
+//! plain OS thread that owns one logged-in session (a `Session` may not be used
+//! from two threads at once) and takes jobs from a bounded queue. A job that
+//! waited in the queue past its start deadline is dropped unrun: its caller has
+//! already answered 503, and doing the work anyway would only deepen overload.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::keys::KeyCache;
+use super::token::{find_keys, login, read_key_info, KeyInfo};
+use super::{DecryptInput, EncryptInput, EncryptOutput};
+use crate::aead::{cdiv_sha256, hsm_aad, IV_LEN, TAG_LEN};
+use crate::config::IvSource;
+use crate::error::XksError;
+
+/// Work for a pool thread.
+pub(crate) struct Job {
+    pub start_by: Instant,
+    pub work: Box<dyn FnOnce(&mut Worker) + Send>,
+}
+
+/// State shared by all workers of one token.
+pub(crate) struct Shared {
+    pub ctx: cryptoki::context::Pkcs11,
+    pub slot: cryptoki::slot::Slot,
+    pub pin: cryptoki::types::AuthPin,
+    pub keys: KeyCache,
+    pub iv_source: IvSource,
+}
+
+/// One pool thread's state: its session (opened lazily, reopened after faults).
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    session: Option<Session>,
+}
+
+/// Failure inside an operation: either already an XKS error, or a raw PKCS#11
+/// error whose meaning depends on the operation.
+enum OpError {
+    Xks(XksError),
+    P11(P11Error),
+}
+
+impl From<XksError> for OpError {
+    fn from(e: XksError) -> Self {
+        OpError::Xks(e)
+    }
+}
+impl From<P11Error> for OpError {
+    fn from(e: P11Error) -> Self {
+        OpError::P11(e)
+    }
+}
+
+/// Which operation a PKCS#11 error came from; decides how it maps to XKS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    Lookup,
+    Encrypt,
+    Decrypt,
+}
+
+fn rv(e: &P11Error) -> Option<RvError> {
+    match e {
+        P11Error::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Worker {
+            shared,
+            session: None,
+        }
+    }
+
+    /// Thread body: run jobs until the queue is closed.
+    pub fn run(mut self, rx: crossbeam_channel::Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            if Instant::now() > job.start_by {
+                // Dropping the job drops its reply channel: the caller sees 503.
+                continue;
+            }
+            (job.work)(&mut self);
+        }
+    }
+
+    fn session(&mut self) -> Result<&Session, XksError> {
+        if self.session.is_none() {
+            let s = self
+                .shared
+                .ctx
+                .open_ro_session(self.shared.slot)
+                .map_err(|e| XksError::Internal(format!("cannot open an HSM session: {e}")))?;
+            login(&s, &self.shared.pin)
+                .map_err(|e| XksError::Internal(format!("HSM login failed: {e}")))?;
+            self.session = Some(s);
+        }
+        // ok: set just above when it was None.
+        Ok(self.session.as_ref().expect("session present"))
+    }
+
+    /// Maps a PKCS#11 error to the XKS error the spec expects, and drops the
+    /// session when the error says it is no longer usable.
+    fn map_p11(&mut self, e: P11Error, kind: OpKind) -> XksError {
+        use RvError::*;
+        match rv(&e) {
+            Some(KeyFunctionNotPermitted) => {
+                XksError::InvalidKeyUsage("the key does not permit this operation".into())
+            }
+            Some(
+                EncryptedDataInvalid
+                | EncryptedDataLenRange
+                | DataInvalid
+                | DataLenRange
+                | SignatureInvalid,
+            ) if kind == OpKind::Decrypt => XksError::InvalidCiphertext(
+                "the ciphertext, IV, authentication tag, AAD or ciphertextMetadata do not \
+                 authenticate under this key"
+                    .into(),
+            ),
+            Some(r) => {
+                if matches!(
+                    r,
+                    SessionHandleInvalid
+                        | SessionClosed
+                        | DeviceRemoved
+                        | DeviceError
+                        | TokenNotPresent
+                        | UserNotLoggedIn
+                        | OperationActive
+                        | CryptokiNotInitialized
+                        | GeneralError
+                ) {
+                    self.session = None;
+                }
+                XksError::Internal(format!("key manager error: {e}"))
+            }
+            None => XksError::Internal(format!("key manager error: {e}")),
+        }
+    }
+
+    /// Looks a key up by label, from the cache unless `fresh`.
+    pub fn resolve(&mut self, label: &str, fresh: bool) -> Result<KeyInfo, XksError> {
+        if !fresh {
+            if let Some(k) = self.shared.keys.get_fresh(label) {
+                return Ok(k);
+            }
+        }
+        let result = (|| -> Result<KeyInfo, OpError> {
+            let session = self.session()?;
+            let handles = find_keys(session, label)?;
+            match handles.len() {
+                0 => Err(XksError::KeyNotFound(format!("no key with id '{label}' in the key manager")).into()),
+                1 => Ok(read_key_info(session, handles[0], label, SystemTime::now())?),
+                n => Err(XksError::Internal(format!(
+                    "{n} secret keys carry the label '{label}'; an external key id must name exactly one key"
+                ))
+                .into()),
+            }
+        })();
+        match result {
+            Ok(info) => {
+                self.shared.keys.insert(info.clone());
+                Ok(info)
+            }
+            Err(OpError::Xks(e)) => {
+                if matches!(e, XksError::KeyNotFound(_)) {
+                    self.shared.keys.remove(label);
+                }
+                Err(e)
+            }
+            Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
+        }
+    }
+
+    /// Runs `op` with the key; if the HSM says the cached handle is stale (key
+    /// deleted and recreated, token re-inserted), looks the key up again once.
+    fn with_key<T>(
+        &mut self,
+        label: &str,
+        kind: OpKind,
+        op: impl Fn(&Session, &KeyInfo, &Shared) -> Result<T, OpError>,
+    ) -> Result<T, XksError> {
+        let mut key = self.resolve(label, false)?;
+        for attempt in 0..2 {
+            check_key(&key, kind)?;
+            let shared = self.shared.clone();
+            let session = self.session()?;
+            match op(session, &key, &shared) {
+                Ok(v) => return Ok(v),
+                Err(OpError::Xks(e)) => return Err(e),
+                Err(OpError::P11(e))
+                    if attempt == 0
+                        && matches!(
+                            rv(&e),
+                            Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
+                        ) =>
+                {
+                    self.shared.keys.remove(label);
+                    key = self.resolve(label, true)?;
+                }
+                Err(OpError::P11(e)) => return Err(self.map_p11(e, kind)),
+            }
+        }
+        Err(XksError::Internal(
+            "key handle stayed invalid after a fresh lookup".into(),
+        ))
+    }
+
+    pub fn encrypt(
+        &mut self,
+        label: &str,
+        input: &EncryptInput,
+    ) -> Result<EncryptOutput, XksError> {
+        self.with_key(label, OpKind::Encrypt, |s, key, shared| {
+            encrypt_once(s, key.handle, shared.iv_source, input)
+        })
+    }
+
+    pub fn decrypt(
+        &mut self,
+        label: &str,
+        input: &DecryptInput,
+    ) -> Result<Zeroizing<Vec<u8>>, XksError> {
+        self.with_key(label, OpKind::Decrypt, |s, key, _| {
+            let aad = hsm_aad(&input.aad, &input.metadata);
+            Ok(gcm_decrypt(
+                s,
+                key.handle,
+                &input.iv,
+                &aad,
+                &input.ciphertext,
+                &input.tag,
+            )?)
+        })
+    }
+
+    /// Deep health probe: a real encrypt and decrypt with the health-check key.
+    pub fn probe(&mut self, label: &str) -> Result<(), XksError> {
+        let mut plaintext = Zeroizing::new(vec![0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut plaintext)
+            .map_err(|_| XksError::Internal("system RNG failed".into()))?;
+        let input = EncryptInput {
+            plaintext,
+            aad: b"xks-proxy health probe".to_vec(),
+            metadata: crate::aead::metadata_v1().to_vec(),
+            cdiv: true,
+        };
+        // `cdiv: true` makes encrypt do its verification decrypt in the HSM.
+        self.encrypt(label, &input).map(|_| ())
+    }
+}
+
+/// Refuses a key that cannot serve the operation, before touching the HSM.
+pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), XksError> {
+    if !key.aes256 {
+        return Err(XksError::KeyNotFound(format!(
+            "key '{}' is not an AES-256 secret key and cannot back a KMS key",
+            key.label
+        )));
+    }
+    match kind {
+        OpKind::Lookup => Ok(()),
+        _ if !key.enabled => Err(XksError::InvalidState(format!(
+            "key '{}' is disabled in the key manager (outside its start/end date)",
+            key.label
+        ))),
+        OpKind::Encrypt if !key.usages.encrypt => Err(XksError::InvalidKeyUsage(format!(
+            "key '{}' does not allow ENCRYPT (CKA_ENCRYPT is false)",
+            key.label
+        ))),
+        OpKind::Decrypt if !key.usages.decrypt => Err(XksError::InvalidKeyUsage(format!(
+            "key '{}' does not allow DECRYPT (CKA_DECRYPT is false)",
+            key.label
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Encrypt, then (when a CDIV is requested) compute the CDIV *first* and only
+/// then prove the output decrypts in the HSM, as Appendix C prescribes: a bit
+/// flip after the CDIV was computed is then caught by the verification decrypt.
+fn encrypt_once(
+    s: &Session,
+    key: ObjectHandle,
+    iv_source: IvSource,
+    input: &EncryptInput,
+) -> Result<EncryptOutput, OpError> {
+    let mut iv = vec![0u8; IV_LEN];
+    if iv_source == IvSource::HsmRng {
+        s.generate_random_slice(&mut iv)?;
+    }
+    let aad = hsm_aad(&input.aad, &input.metadata);
+    let mut out = {
+        let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
+        s.encrypt(&Mechanism::AesGcm(params), key, &input.plaintext)?
+    };
+    if out.len() != input.plaintext.len() + TAG_LEN {
+        return Err(XksError::Internal(format!(
+            "key manager returned {} bytes for {} bytes of plaintext",
+            out.len(),
+            input.plaintext.len()
+        ))
+        .into());
+    }
+    let tag = out.split_off(input.plaintext.len());
+    let ciphertext = out;
+    let cdiv = input
+        .cdiv
+        .then(|| cdiv_sha256(&input.aad, &input.metadata, &iv, &ciphertext, &tag));
+    if input.cdiv {
+        let check = gcm_decrypt(s, key, &iv, &aad, &ciphertext, &tag)?;
+        if !bool::from(check.as_slice().ct_eq(input.plaintext.as_slice())) {
+            return Err(XksError::Internal(
+                "verification decrypt of the fresh ciphertext did not return the plaintext".into(),
+            )
+            .into());
+        }
+    }
+    Ok(EncryptOutput {
+        ciphertext,
+        iv,
+        tag,
+        metadata: input.metadata.clone(),
+        cdiv,
+    })
+}
+
+fn gcm_decrypt(
+    s: &Session,
+    key: ObjectHandle,
+    iv: &[u8],
+    aad: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, P11Error> {
+    let mut iv = iv.to_vec();
+    let mut data = Vec::with_capacity(ciphertext.len() + tag.len());
+    data.extend_from_slice(ciphertext);
+    data.extend_from_slice(tag);
+    let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
+    s.decrypt(&Mechanism::AesGcm(params), key, &data)
+        .map(Zeroizing::new)
+}

@@ -1,0 +1,32 @@
+//! An AWS KMS External Key Store (XKS) proxy.
+//!
+//! KMS calls the proxy over HTTPS, signed with SigV4, for every use of a key in
+//! an external key store; the proxy does the AES-256-GCM work in the customer's
+//! HSM through PKCS#11. Modules, one concept each:
+//!
+//! - [`config`]: the TOML file, validated at startup;
+//! - [`tls`]: the listener's TLS configuration (spec cipher suites only);
+//! - [`auth`]: SigV4 verification;
+//! - [`api`]: routing, the four XKS operations, errors as JSON, the access log;
+//! - [`aead`]: the spec's AAD construction, ciphertext metadata, CDIV;
+//! - [`hsm`]: the PKCS#11 token, its session pool and key cache;
+//! - [`health`]: the background deep health probe;
+//! - [`server`]: listeners, connections, graceful shutdown;
+//! - [`client`]: a SigV4-signing XKS client (tests, benchmark, tooling);
+//! - [`cli`]: the `xks-proxy` command line.
+
+pub mod aead;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod hsm;
+pub mod logging;
+pub mod server;
+pub mod time;
+pub mod tls;
+
+pub use error::XksError;

@@ -1,0 +1,249 @@
+//! Listeners and connection handling.
+//!
+//! One task per connection: TLS handshake (bounded in time), then hyper's
+//! auto builder, which serves HTTP/2 or HTTP/1.1 according to ALPN. A connection
+//! cap bounds memory; a graceful-shutdown watcher lets in-flight requests finish
+//! on SIGTERM within the configured grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tower_service::Service;
+
+use crate::api::{self, AppState};
+use crate::config::{Config, ServerConfig};
+use crate::health::HealthState;
+use crate::hsm::{Hsm, HsmError, Usages};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("startup task failed: {0}")]
+    Join(String),
+}
+
+/// The peer address of a connection, attached to each request.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Opens the HSM, makes sure the health-check key exists. Blocking work runs
+/// on the blocking pool.
+async fn open_hsm(cfg: Arc<Config>) -> Result<Hsm, ServeError> {
+    tokio::task::spawn_blocking(move || -> Result<Hsm, HsmError> {
+        let (hsm, token) = Hsm::open(&cfg.hsm)?;
+        let label = &cfg.health.key_label;
+        if !token.list_keys()?.iter().any(|k| &k.label == label) {
+            let usages = Usages {
+                encrypt: true,
+                decrypt: true,
+                ..Usages::default()
+            };
+            token.create_aes_key(label, usages)?;
+            tracing::info!(key = %label, "created the health-check key");
+        }
+        Ok(hsm)
+    })
+    .await
+    .map_err(|e| ServeError::Join(e.to_string()))?
+    .map_err(ServeError::from)
+}
+
+/// Runs the proxy until `shutdown` resolves, then drains connections.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let cfg = Arc::new(cfg);
+    let tls = crate::tls::server_config(&cfg.tls)?;
+    let hsm = open_hsm(cfg.clone()).await?;
+
+    let health = HealthState::default();
+    let first = health.probe_once(&hsm, &cfg.health).await;
+    tracing::info!(status = ?first, ekm = %hsm.ekm_info().id, "first health probe done");
+    let health_task = tokio::spawn(health.clone().run(hsm.clone(), cfg.health.clone()));
+
+    let app = Arc::new(AppState::new(&cfg, hsm, health));
+    let listener = TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.server.listen,
+            source,
+        })?;
+    let https_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.server.listen,
+        source,
+    })?;
+    let ping_listener = match cfg.server.ping_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let ping_addr = ping_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let key_stores: Vec<&str> = cfg.key_stores.iter().map(|k| k.uri_path.as_str()).collect();
+    tracing::info!(
+        https_addr = %https_addr,
+        ping_addr = ping_addr.map(|a| a.to_string()).unwrap_or_default(),
+        key_stores = ?key_stores,
+        "listening"
+    );
+
+    let graceful = GracefulShutdown::new();
+    let router = api::router(app.clone());
+    let xks = serve_tls(
+        listener,
+        TlsAcceptor::from(tls),
+        router,
+        &cfg.server,
+        &graceful,
+    );
+    let ping = async {
+        match ping_listener {
+            Some(l) => serve_plain(l, api::ping_router(app.clone()), &cfg.server, &graceful).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = xks => {}
+        _ = ping => {}
+        _ = shutdown => tracing::info!("shutdown requested: no new connections, draining"),
+    }
+    health_task.abort();
+    match tokio::time::timeout(cfg.server.shutdown_grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections closed"),
+        Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+    // Dropping the state closes the HSM sessions: blocking, so off the runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(app)).await;
+    Ok(())
+}
+
+fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(32 * 1024)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
+    builder
+}
+
+/// The router as a hyper service that tags every request with its
+/// connection's peer address (for the access log).
+#[derive(Clone)]
+struct PeerService {
+    router: Router,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for PeerService {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(PeerAddr(self.peer));
+        self.router.clone().call(req.map(axum::body::Body::new))
+    }
+}
+
+fn with_peer(router: Router, peer: SocketAddr) -> PeerService {
+    PeerService { router, peer }
+}
+
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    cfg: &ServerConfig,
+    graceful: &GracefulShutdown,
+) {
+    let builder = http_builder(cfg);
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "connection limit reached; closing new connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let service = with_peer(router.clone(), peer);
+        let handshake_timeout = cfg.tls_handshake_timeout;
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_plain(
+    listener: TcpListener,
+    router: Router,
+    cfg: &ServerConfig,
+    graceful: &GracefulShutdown,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let service = with_peer(router.clone(), peer);
+        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _ = watcher.watch(conn).await;
+        });
+    }
+}
