@@ -48,8 +48,8 @@ pub struct PeerAddr(pub SocketAddr);
 /// on the blocking pool.
 async fn open_hsm(cfg: Arc<Config>) -> Result<Hsm, ServeError> {
     tokio::task::spawn_blocking(move || -> Result<Hsm, HsmError> {
-        let (hsm, token) = Hsm::open(&cfg.hsm)?;
         let label = &cfg.health.key_label;
+        let (hsm, token) = Hsm::open(&cfg.hsm, label)?;
         if !token.list_keys()?.iter().any(|k| &k.label == label) {
             let usages = Usages {
                 encrypt: true,

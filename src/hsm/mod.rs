@@ -88,7 +88,7 @@ pub struct Hsm {
 impl Hsm {
     /// Opens the token and starts the session pool. Blocking: call it from
     /// `spawn_blocking` or before the runtime starts serving.
-    pub fn open(cfg: &HsmConfig) -> Result<(Hsm, Token), HsmError> {
+    pub fn open(cfg: &HsmConfig, health_key: &str) -> Result<(Hsm, Token), HsmError> {
         let token = Token::open(cfg)?;
         let shared = Arc::new(Shared {
             ctx: token.ctx.clone(),
@@ -96,6 +96,7 @@ impl Hsm {
             pin: token.pin.clone(),
             keys: KeyCache::new(cfg.key_cache_ttl),
             iv_source: cfg.iv_source,
+            health_key: health_key.to_string(),
         });
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let mut workers = Vec::with_capacity(cfg.sessions);

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use cryptoki::context::Function;
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
@@ -38,6 +39,8 @@ pub(crate) struct Shared {
     pub pin: cryptoki::types::AuthPin,
     pub keys: KeyCache,
     pub iv_source: IvSource,
+    /// The health-check key, used to tell a bad ciphertext from a sick HSM.
+    pub health_key: String,
 }
 
 /// One pool thread's state: its session (opened lazily, reopened after faults).
@@ -117,22 +120,44 @@ impl Worker {
     /// session when the error says it is no longer usable.
     fn map_p11(&mut self, e: P11Error, kind: OpKind) -> XksError {
         use RvError::*;
-        match rv(&e) {
-            Some(KeyFunctionNotPermitted) => {
-                XksError::InvalidKeyUsage("the key does not permit this operation".into())
-            }
-            Some(
-                EncryptedDataInvalid
-                | EncryptedDataLenRange
-                | DataInvalid
-                | DataLenRange
-                | SignatureInvalid,
-            ) if kind == OpKind::Decrypt => XksError::InvalidCiphertext(
+        let invalid_ciphertext = || {
+            XksError::InvalidCiphertext(
                 "the ciphertext, IV, authentication tag, AAD or ciphertextMetadata do not \
                  authenticate under this key"
                     .into(),
-            ),
-            Some(r) => {
+            )
+        };
+        match (rv(&e), &e) {
+            (Some(KeyFunctionNotPermitted), _) => {
+                XksError::InvalidKeyUsage("the key does not permit this operation".into())
+            }
+            (
+                Some(
+                    EncryptedDataInvalid
+                    | EncryptedDataLenRange
+                    | DataInvalid
+                    | DataLenRange
+                    | SignatureInvalid,
+                ),
+                _,
+            ) if kind == OpKind::Decrypt => invalid_ciphertext(),
+            // Some modules (SoftHSM among them) report a GCM tag mismatch as a
+            // generic failure of C_Decrypt. Rather than guess, ask the HSM: if a
+            // known-good operation on the same session succeeds, the HSM is fine
+            // and the ciphertext was at fault; otherwise it is a key manager error.
+            (Some(GeneralError | FunctionFailed), P11Error::Pkcs11(_, Function::Decrypt))
+                if kind == OpKind::Decrypt =>
+            {
+                let health_key = self.shared.health_key.clone();
+                match self.probe(&health_key) {
+                    Ok(()) => invalid_ciphertext(),
+                    Err(_) => {
+                        self.session = None;
+                        XksError::Internal(format!("key manager error: {e}"))
+                    }
+                }
+            }
+            (Some(r), _) => {
                 if matches!(
                     r,
                     SessionHandleInvalid
@@ -149,7 +174,7 @@ impl Worker {
                 }
                 XksError::Internal(format!("key manager error: {e}"))
             }
-            None => XksError::Internal(format!("key manager error: {e}")),
+            (None, _) => XksError::Internal(format!("key manager error: {e}")),
         }
     }
 

@@ -1,0 +1,404 @@
+//! Test harness: a real `xks-proxy` process over real TLS against a fresh
+//! SoftHSM token in a temporary directory. Each [`Proxy`] is fully isolated
+//! (own token, certificates, secrets, port), so tests run in parallel.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use xks_proxy::client::{tls_config, HttpVersion, XksClient};
+
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const URI_PATH: &str = "/test/kms/xks/v1";
+pub const OTHER_URI_PATH: &str = "/other-store/kms/xks/v1";
+pub const AKID_A: &str = "TESTACCESSKEYAAAAAAAAAAA";
+pub const AKID_B: &str = "TESTACCESSKEYBBBBBBBBBBBB";
+pub const AKID_OTHER: &str = "TESTACCESSKEYOTHERSTORE2";
+pub const HEALTH_KEY: &str = "xks-proxy-health-check";
+
+/// The demo keys every test token holds: (label, usages).
+pub const KEYS: &[(&str, &str)] = &[
+    ("key-ed", "encrypt,decrypt"),
+    ("key-e", "encrypt"),
+    ("key-d", "decrypt"),
+    ("key-none", "none"),
+    ("other-key", "encrypt,decrypt"),
+];
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_xks-proxy")
+}
+
+fn random_b64(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    B64.encode(b)
+}
+
+pub fn write_private(path: &Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Test TLS material: a CA and a server certificate for localhost/127.0.0.1.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn make_certs(dir: &Path) -> Certs {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "xks-proxy test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let server = params.signed_by(&server_key, &ca).unwrap();
+    let certs = Certs {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&certs.ca, ca.pem()).unwrap();
+    std::fs::write(&certs.cert, server.pem()).unwrap();
+    write_private(&certs.key, &server_key.serialize_pem());
+    certs
+}
+
+/// A SoftHSM token directory with one initialized token.
+pub struct SoftHsm {
+    pub conf: PathBuf,
+    pub pin: String,
+    pub label: String,
+}
+
+pub fn make_token(dir: &Path, label: &str) -> SoftHsm {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let pin = format!("pin-{}", &random_b64(9).replace(['+', '/'], "x"));
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--so-pin",
+            "test-so-pin",
+            "--pin",
+            &pin,
+        ])
+        .output()
+        .expect("softhsm2-util (Debian package softhsm2) must be installed");
+    assert!(
+        out.status.success(),
+        "init-token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    SoftHsm {
+        conf,
+        pin,
+        label: label.to_string(),
+    }
+}
+
+/// Settings a test may change; the rest of the config is fixed.
+#[derive(Clone)]
+pub struct Options {
+    pub sessions: usize,
+    pub extra_hsm: String,
+    pub extra_server: String,
+    pub create_keys: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sessions: 2,
+            extra_hsm: String::new(),
+            extra_server: String::new(),
+            create_keys: true,
+        }
+    }
+}
+
+/// A running proxy and everything it was built from.
+pub struct Proxy {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub ping_addr: SocketAddr,
+    pub certs: Certs,
+    pub hsm: SoftHsm,
+    pub config: PathBuf,
+    pub secret_a: String,
+    pub secret_b: String,
+    pub secret_other: String,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+pub fn write_config(dir: &Path, certs: &Certs, opts: &Options) -> PathBuf {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+ping_listen = "127.0.0.1:0"
+fleet_size = 3
+vendor = "xks-proxy tests"
+{extra_server}
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[hsm]
+module = "{SOFTHSM}"
+token_label = "xks-test"
+pin_file = "hsm-pin"
+sessions = {sessions}
+{extra_hsm}
+
+[health]
+key_label = "{HEALTH_KEY}"
+interval_secs = 5
+
+[logging]
+format = "json"
+level = "info"
+
+[[key_stores]]
+name = "test"
+uri_path = "{URI_PATH}"
+keys = ["*"]
+
+[[key_stores.credentials]]
+access_key_id = "{AKID_A}"
+secret_file = "secret-a"
+
+[[key_stores.credentials]]
+access_key_id = "{AKID_B}"
+secret_env = "XKS_TEST_SECRET_B"
+
+[[key_stores]]
+name = "other"
+uri_path = "{OTHER_URI_PATH}"
+keys = ["other-key"]
+
+[[key_stores.credentials]]
+access_key_id = "{AKID_OTHER}"
+secret_file = "secret-other"
+"#,
+            cert = certs.cert.display(),
+            key = certs.key.display(),
+            sessions = opts.sessions,
+            extra_hsm = opts.extra_hsm,
+            extra_server = opts.extra_server,
+        ),
+    )
+    .unwrap();
+    config
+}
+
+impl Proxy {
+    pub fn start() -> Proxy {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let hsm = make_token(dir.path(), "xks-test");
+        let certs = make_certs(dir.path());
+        let secret_a = random_b64(32);
+        let secret_b = random_b64(32);
+        let secret_other = random_b64(32);
+        write_private(&dir.path().join("hsm-pin"), &format!("{}\n", hsm.pin));
+        write_private(&dir.path().join("secret-a"), &format!("{secret_a}\n"));
+        write_private(&dir.path().join("secret-other"), &secret_other);
+        let config = write_config(dir.path(), &certs, &opts);
+        let mut proxy = Proxy {
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ping_addr: "127.0.0.1:0".parse().unwrap(),
+            certs,
+            hsm,
+            config,
+            secret_a,
+            secret_b,
+            secret_other,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        if opts.create_keys {
+            for (label, usage) in KEYS {
+                proxy.cli(&["keys", "create", "--label", label, "--usage", usage]);
+            }
+        }
+        proxy.spawn();
+        proxy
+    }
+
+    /// Runs `xks-proxy <args> --config <config>` to completion; asserts success.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_raw(args);
+        assert!(
+            out.status.success(),
+            "xks-proxy {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn cli_raw(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .env("XKS_TEST_SECRET_B", &self.secret_b)
+            .output()
+            .unwrap()
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .env("XKS_TEST_SECRET_B", &self.secret_b)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("\"message\":\"listening\"") {
+                    let _ = tx.send(line.clone());
+                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        self.child = Some(child);
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => panic!("proxy did not start; log:\n{}", self.log()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        self.addr = v["https_addr"].as_str().unwrap().parse().unwrap();
+        self.ping_addr = v["ping_addr"].as_str().unwrap().parse().unwrap();
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle` (the logger thread runs behind).
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn client(&self, version: HttpVersion) -> XksClient {
+        XksClient::new(
+            self.addr,
+            "localhost",
+            URI_PATH,
+            AKID_A,
+            &self.secret_a,
+            "us-east-1",
+            tls_config(&self.certs.ca, version).unwrap(),
+            version,
+        )
+    }
+
+    pub fn h1(&self) -> XksClient {
+        self.client(HttpVersion::Http1)
+    }
+
+    pub fn h2(&self) -> XksClient {
+        self.client(HttpVersion::Http2)
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe_kill(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("proxy did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends a signal with the `kill` command (no libc dependency in tests).
+pub fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status();
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a future on a fresh current-thread runtime (tests are sync so the
+/// proxy process can be managed with std).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
