@@ -302,16 +302,9 @@ pub(crate) fn read_key_info(
             Attribute::Sign(b) => u.sign = b,
             Attribute::Verify(b) => u.verify = b,
             Attribute::Derive(b) => u.derive = b,
-            Attribute::StartDate(d) if !d.is_empty() => {
-                if date_bytes(&d).as_slice() > today.as_slice() {
-                    enabled = false;
-                }
-            }
-            Attribute::EndDate(d) if !d.is_empty() => {
-                if date_bytes(&d).as_slice() < today.as_slice() {
-                    enabled = false;
-                }
-            }
+            // A key outside its validity window is disabled.
+            Attribute::StartDate(d) if !d.is_empty() && date_bytes(&d) > today => enabled = false,
+            Attribute::EndDate(d) if !d.is_empty() && date_bytes(&d) < today => enabled = false,
             _ => {}
         }
     }
