@@ -133,6 +133,7 @@ pub struct Options {
     pub extra_hsm: String,
     pub extra_server: String,
     pub create_keys: bool,
+    pub health_interval_secs: u64,
 }
 
 impl Default for Options {
@@ -142,6 +143,7 @@ impl Default for Options {
             extra_hsm: String::new(),
             extra_server: String::new(),
             create_keys: true,
+            health_interval_secs: 5,
         }
     }
 }
@@ -187,7 +189,7 @@ sessions = {sessions}
 
 [health]
 key_label = "{HEALTH_KEY}"
-interval_secs = 5
+interval_secs = {health_interval}
 
 [logging]
 format = "json"
@@ -220,6 +222,7 @@ secret_file = "secret-other"
             sessions = opts.sessions,
             extra_hsm = opts.extra_hsm,
             extra_server = opts.extra_server,
+            health_interval = opts.health_interval_secs,
         ),
     )
     .unwrap();
@@ -270,6 +273,31 @@ impl Proxy {
         assert!(
             out.status.success(),
             "xks-proxy {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs OpenSC's `pkcs11-tool` on the test token, logged in; asserts success.
+    /// Tests use it to change the token behind the proxy's back.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> String {
+        let out = Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                SOFTHSM,
+                "--token-label",
+                "xks-test",
+                "--login",
+                "--pin",
+                &self.hsm.pin,
+            ])
+            .args(args)
+            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .output()
+            .expect("pkcs11-tool (Debian package opensc) must be installed");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -392,8 +420,8 @@ impl Drop for Proxy {
     }
 }
 
-/// Runs a future on a fresh current-thread runtime (tests are sync so the
-/// proxy process can be managed with std).
+/// Runs a future on a fresh runtime (tests are sync so the proxy process can
+/// be managed with std).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
