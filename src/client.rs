@@ -154,7 +154,16 @@ impl XksClient {
             .connect(name, tcp)
             .await
             .map_err(ClientError::Tls)?;
-        let io = TokioIo::new(tls);
+        self.http_handshake(tls).await
+    }
+
+    /// Does the HTTP handshake over an established (TLS) stream. Lets a caller
+    /// that needs to inspect the TLS session (`xks-proxy check`) connect itself.
+    pub async fn http_handshake<S>(&self, io: S) -> Result<Connection, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
         let sender = match self.version {
             HttpVersion::Http1 => {
                 let (s, conn) = http1::handshake(io).await?;

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -55,7 +55,27 @@ struct RawConfig {
     #[serde(default)]
     logging: RawLogging,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     key_stores: Vec<RawKeyStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            enabled: true,
+            listen: default_admin_listen(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +100,8 @@ struct RawServer {
     max_connections: usize,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace_secs: u64,
+    #[serde(default = "default_reload_poll")]
+    reload_poll_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,8 +181,19 @@ struct RawCredential {
     access_key_id: String,
     secret_file: Option<PathBuf>,
     secret_env: Option<String>,
+    /// When the credential was made (`YYYY-MM-DDTHH:MM:SSZ`), for its age metric.
+    created: Option<String>,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9464".to_string()
+}
+fn default_reload_poll() -> u64 {
+    2_000
+}
 fn default_max_body() -> usize {
     64 * 1024
 }
@@ -254,7 +287,13 @@ pub struct Config {
     pub hsm: HsmConfig,
     pub health: HealthConfig,
     pub logging: LoggingConfig,
+    /// The admin listener (metrics), if enabled.
+    pub admin_listen: Option<SocketAddr>,
     pub key_stores: Vec<KeyStoreConfig>,
+    /// SHA-256 of the file text this configuration was parsed from, so hot
+    /// reload can tell whether the file changed since (even before the
+    /// reloader started).
+    pub source_digest: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +309,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// How often the config, secret and certificate files are checked for
+    /// changes; `None` when file watching is off (SIGHUP still reloads).
+    pub reload_poll: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -340,6 +382,22 @@ pub enum AllowedKeys {
 pub struct Credential {
     pub access_key_id: String,
     pub secret: Zeroizing<String>,
+    /// Where the secret was read from, when it is a file.
+    pub secret_file: Option<PathBuf>,
+    /// When the credential was made, if the config says.
+    pub created: Option<SystemTime>,
+}
+
+impl Credential {
+    /// Creation time from the config, else the secret file's modification time.
+    pub fn created_or_modified(&self) -> Option<SystemTime> {
+        self.created.or_else(|| {
+            self.secret_file
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .and_then(|m| m.modified().ok())
+        })
+    }
 }
 
 impl std::fmt::Debug for Credential {
@@ -347,6 +405,7 @@ impl std::fmt::Debug for Credential {
         f.debug_struct("Credential")
             .field("access_key_id", &self.access_key_id)
             .field("secret", &"<redacted>")
+            .field("secret_file", &self.secret_file)
             .finish()
     }
 }
@@ -362,13 +421,75 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        Self::from_toml(&text, &base).map_err(|e| match e {
+        let mut cfg = Self::from_toml(&text, &base).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
             },
             other => other,
-        })
+        })?;
+        cfg.source_digest = Some(sha256(text.as_bytes()));
+        Ok(cfg)
+    }
+
+    /// The files whose change should trigger a reload: the certificate, its
+    /// key and every credential's secret file (the config file itself is
+    /// watched by the caller, who knows its path).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.tls.cert.clone(), self.tls.key.clone()];
+        for ks in &self.key_stores {
+            files.extend(ks.credentials.iter().filter_map(|c| c.secret_file.clone()));
+        }
+        files
+    }
+
+    /// Settings that differ from `other` but only take effect at a restart
+    /// (listeners, the HSM connection, logging, connection limits). A reload
+    /// keeps the running values and names these in its log line.
+    pub fn restart_only_changes(&self, other: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.server, &other.server);
+        let (h, g) = (&self.hsm, &other.hsm);
+        [
+            ("server.listen", a.listen != b.listen),
+            ("server.ping_listen", a.ping_listen != b.ping_listen),
+            ("admin.listen", self.admin_listen != other.admin_listen),
+            (
+                "server timeouts and limits",
+                a.header_read_timeout != b.header_read_timeout
+                    || a.tls_handshake_timeout != b.tls_handshake_timeout
+                    || a.idle_timeout != b.idle_timeout
+                    || a.max_connections != b.max_connections
+                    || a.shutdown_grace != b.shutdown_grace
+                    || a.reload_poll != b.reload_poll,
+            ),
+            (
+                "hsm",
+                h.module != g.module
+                    || h.token != g.token
+                    || *h.pin != *g.pin
+                    || h.sessions != g.sessions
+                    || h.queue_depth != g.queue_depth
+                    || h.queue_timeout != g.queue_timeout
+                    || h.operation_timeout != g.operation_timeout
+                    || h.iv_source != g.iv_source
+                    || h.key_cache_ttl != g.key_cache_ttl
+                    || h.ekm_vendor != g.ekm_vendor,
+            ),
+            (
+                "health",
+                self.health.key_label != other.health.key_label
+                    || self.health.interval != other.health.interval
+                    || self.health.degraded_latency != other.health.degraded_latency,
+            ),
+            (
+                "logging",
+                self.logging.format != other.logging.format
+                    || self.logging.level != other.logging.level,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     /// Parses and validates config text; relative paths resolve against `base`.
@@ -379,6 +500,14 @@ impl Config {
         })?;
         validate(raw, base)
     }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 /// Resolves `p` against the config file's directory when it is relative.
@@ -407,13 +536,20 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         level,
     };
     let key_stores = validate_key_stores(raw.key_stores, base, &health.key_label)?;
+    let admin_listen = if raw.admin.enabled {
+        Some(parse_addr("admin.listen", &raw.admin.listen)?)
+    } else {
+        None
+    };
     Ok(Config {
         server,
         tls,
         hsm,
         health,
         logging,
+        admin_listen,
         key_stores,
+        source_digest: None,
     })
 }
 
@@ -478,6 +614,8 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         idle_timeout: Duration::from_secs(raw.idle_timeout_secs.max(1)),
         max_connections: raw.max_connections,
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
+        reload_poll: (raw.reload_poll_ms > 0)
+            .then(|| Duration::from_millis(raw.reload_poll_ms.max(100))),
     })
 }
 
@@ -669,6 +807,16 @@ fn validate_key_stores(
                     format!("{} is already used by key store '{other}'; an access key id must identify one secret", c.access_key_id),
                 ));
             }
+            let secret_file = c.secret_file.as_ref().map(|p| resolve(base, p));
+            let created = match &c.created {
+                None => None,
+                Some(s) => Some(parse_timestamp(s).ok_or_else(|| {
+                    invalid(
+                        format!("{cf}.created"),
+                        format!("'{s}' is not a UTC timestamp like 2026-01-31T12:00:00Z"),
+                    )
+                })?),
+            };
             let secret = read_secret(
                 &format!("{cf}.secret_file"),
                 &format!("{cf}.secret_env"),
@@ -685,6 +833,8 @@ fn validate_key_stores(
             credentials.push(Credential {
                 access_key_id: c.access_key_id,
                 secret,
+                secret_file,
+                created,
             });
         }
         out.push(KeyStoreConfig {
@@ -756,6 +906,30 @@ fn check_private_file(field: &str, path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC, RFC 3339 without fractions).
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let compact: String = s.chars().filter(|c| *c != '-' && *c != ':').collect();
+    crate::time::parse_amz_date(&compact)
+}
+
+/// Formats a time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn format_timestamp(t: SystemTime) -> String {
+    let a = crate::time::format_amz_date(t);
+    format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &a[0..4],
+        &a[4..6],
+        &a[6..8],
+        &a[9..11],
+        &a[11..13],
+        &a[13..15]
+    )
+}
+
 /// `externalKeyId`: at most 128 characters of `[A-Za-z0-9._-]`.
 pub fn is_valid_key_id(id: &str) -> bool {
     !id.is_empty()
@@ -825,6 +999,14 @@ mod tests {
         ));
         assert!(!is_valid_secret("too-short"));
         assert!(!is_valid_secret(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = parse_timestamp("2026-11-23T08:09:16Z").unwrap();
+        assert_eq!(format_timestamp(t), "2026-11-23T08:09:16Z");
+        assert!(parse_timestamp("2026-11-23 08:09:16Z").is_none());
+        assert!(parse_timestamp("20261123T080916Z").is_none());
     }
 
     #[test]

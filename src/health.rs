@@ -31,6 +31,16 @@ pub enum EkmStatus {
     Unavailable,
 }
 
+impl EkmStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EkmStatus::Active => "ACTIVE",
+            EkmStatus::Degraded => "DEGRADED",
+            EkmStatus::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
 /// Oldest probe result the proxy may report (spec: one minute).
 const MAX_RESULT_AGE: Duration = Duration::from_secs(60);
 

@@ -12,19 +12,26 @@
 //! - [`hsm`]: the PKCS#11 token, its session pool and key cache;
 //! - [`health`]: the background deep health probe;
 //! - [`server`]: listeners, connections, graceful shutdown;
+//! - [`reload`]: hot reload of key stores, credentials and the certificate;
+//! - [`metrics`] and [`admin`]: Prometheus metrics on the admin listener;
 //! - [`client`]: a SigV4-signing XKS client (tests, benchmark, tooling);
 //! - [`cli`]: the `xks-proxy` command line.
 
+pub mod admin;
 pub mod aead;
 pub mod api;
 pub mod auth;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod health;
 pub mod hsm;
 pub mod logging;
+pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod time;
 pub mod tls;

@@ -18,6 +18,8 @@ pub fn init(cfg: &LoggingConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not for journald or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     let result = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

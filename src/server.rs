@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -19,10 +20,14 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
+use crate::admin::AdminState;
 use crate::api::{self, AppState};
 use crate::config::{Config, ServerConfig};
 use crate::health::HealthState;
 use crate::hsm::{Hsm, HsmError, Usages};
+use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::tls::CertResolver;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +51,10 @@ pub struct PeerAddr(pub SocketAddr);
 
 /// Opens the HSM, makes sure the health-check key exists. Blocking work runs
 /// on the blocking pool.
-async fn open_hsm(cfg: Arc<Config>) -> Result<Hsm, ServeError> {
+async fn open_hsm(cfg: Arc<Config>, metrics: Metrics) -> Result<Hsm, ServeError> {
     tokio::task::spawn_blocking(move || -> Result<Hsm, HsmError> {
         let label = &cfg.health.key_label;
-        let (hsm, token) = Hsm::open(&cfg.hsm, label)?;
+        let (hsm, token) = Hsm::open(&cfg.hsm, label, &metrics)?;
         if !token.list_keys()?.iter().any(|k| &k.label == label) {
             let usages = Usages {
                 encrypt: true,
@@ -67,43 +72,51 @@ async fn open_hsm(cfg: Arc<Config>) -> Result<Hsm, ServeError> {
 }
 
 /// Runs the proxy until `shutdown` resolves, then drains connections.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+///
+/// `config_path`, when given, enables hot reload (SIGHUP and file watching)
+/// from that file.
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let cfg = Arc::new(cfg);
-    let tls = crate::tls::server_config(&cfg.tls)?;
-    let hsm = open_hsm(cfg.clone()).await?;
+    let certs = CertResolver::new(crate::tls::load_cert(&cfg.tls)?);
+    let tls = crate::tls::server_config(certs.clone())?;
+    let metrics = Metrics::new();
+    let hsm = open_hsm(cfg.clone(), metrics.clone()).await?;
 
     let health = HealthState::default();
     let first = health.probe_once(&hsm, &cfg.health).await;
     tracing::info!(status = ?first, ekm = %hsm.ekm_info().id, "first health probe done");
     let health_task = tokio::spawn(health.clone().run(hsm.clone(), cfg.health.clone()));
 
-    let app = Arc::new(AppState::new(&cfg, hsm, health));
-    let listener = TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.server.listen,
-            source,
-        })?;
-    let https_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: cfg.server.listen,
-        source,
-    })?;
+    let app = Arc::new(AppState::new(&cfg, hsm, health, metrics));
+    let listener = bind(cfg.server.listen).await?;
+    let https_addr = local_addr(&listener, cfg.server.listen)?;
     let ping_listener = match cfg.server.ping_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(bind(addr).await?),
         None => None,
     };
     let ping_addr = ping_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_listener = match cfg.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let key_stores: Vec<&str> = cfg.key_stores.iter().map(|k| k.uri_path.as_str()).collect();
     tracing::info!(
         https_addr = %https_addr,
         ping_addr = ping_addr.map(|a| a.to_string()).unwrap_or_default(),
+        admin_addr = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
         key_stores = ?key_stores,
         "listening"
     );
+
+    let reload_task = config_path.map(|path| {
+        let reloader = Reloader::new(path, cfg.clone(), app.clone(), certs.clone());
+        tokio::spawn(reloader.run(cfg.server.reload_poll))
+    });
 
     let graceful = GracefulShutdown::new();
     let router = api::router(app.clone());
@@ -112,27 +125,69 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         TlsAcceptor::from(tls),
         router,
         &cfg.server,
+        &app.metrics,
         &graceful,
     );
-    let ping = async {
-        match ping_listener {
-            Some(l) => serve_plain(l, api::ping_router(app.clone()), &cfg.server, &graceful).await,
-            None => std::future::pending().await,
-        }
-    };
+    let ping = serve_optional(
+        ping_listener,
+        || api::ping_router(app.clone()),
+        &cfg.server,
+        &graceful,
+    );
+    let admin_state = Arc::new(AdminState {
+        app: app.clone(),
+        certs: certs.clone(),
+    });
+    let admin = serve_optional(
+        admin_listener,
+        || crate::admin::router(admin_state),
+        &cfg.server,
+        &graceful,
+    );
     tokio::select! {
         _ = xks => {}
         _ = ping => {}
+        _ = admin => {}
         _ = shutdown => tracing::info!("shutdown requested: no new connections, draining"),
     }
     health_task.abort();
+    if let Some(t) = reload_task {
+        t.abort();
+    }
     match tokio::time::timeout(cfg.server.shutdown_grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed"),
-        Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+        Err(_) => tracing::warn!(
+            grace_secs = cfg.server.shutdown_grace.as_secs(),
+            "grace period over; closing remaining connections"
+        ),
     }
-    // Dropping the state closes the HSM sessions: blocking, so off the runtime.
+    // Closing the sessions and logging out of the HSM blocks: off the runtime.
     let _ = tokio::task::spawn_blocking(move || drop(app)).await;
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, ServeError> {
+    l.local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves a plain-HTTP listener if it is configured, else never resolves.
+async fn serve_optional(
+    listener: Option<TcpListener>,
+    router: impl FnOnce() -> Router,
+    cfg: &ServerConfig,
+    graceful: &GracefulShutdown,
+) {
+    match listener {
+        Some(l) => serve_plain(l, router(), cfg, graceful).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
@@ -179,6 +234,7 @@ async fn serve_tls(
     acceptor: TlsAcceptor,
     router: Router,
     cfg: &ServerConfig,
+    metrics: &Metrics,
     graceful: &GracefulShutdown,
 ) {
     let builder = http_builder(cfg);
@@ -203,15 +259,26 @@ async fn serve_tls(
         let service = with_peer(router.clone(), peer);
         let handshake_timeout = cfg.tls_handshake_timeout;
         let watcher = graceful.watcher();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            metrics.connections_open.inc();
+            let _open = DecOnDrop(&metrics.connections_open);
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    metrics
+                        .tls_handshake_failures
+                        .with_label_values(&["error"])
+                        .inc();
                     tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    metrics
+                        .tls_handshake_failures
+                        .with_label_values(&["timeout"])
+                        .inc();
                     tracing::debug!(peer = %peer, "TLS handshake timed out");
                     return;
                 }
@@ -221,6 +288,15 @@ async fn serve_tls(
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Decrements a gauge when the connection task ends, however it ends.
+struct DecOnDrop<'a>(&'a prometheus::IntGauge);
+
+impl Drop for DecOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

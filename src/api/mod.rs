@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,7 @@ use crate::config::{AllowedKeys, Config, HealthConfig};
 use crate::error::{ErrorName, XksError};
 use crate::health::{EkmStatus, HealthState};
 use crate::hsm::{DecryptInput, EncryptInput, Hsm};
+use crate::metrics::Metrics;
 use types::*;
 
 /// One key store at run time.
@@ -45,6 +47,9 @@ pub struct KeyStore {
     pub uri_path: String,
     pub keys: AllowedKeys,
     pub credentials: CredentialSet,
+    /// Access key id and creation (or secret file modification) time of each
+    /// credential, for the credential-age metric.
+    pub credential_ages: Vec<(String, Option<SystemTime>)>,
 }
 
 impl KeyStore {
@@ -56,21 +61,19 @@ impl KeyStore {
     }
 }
 
-/// Everything a request handler needs.
-pub struct AppState {
+/// The part of the state that a configuration reload replaces as a whole.
+/// Each request takes one snapshot at its start, so a reload never changes
+/// the rules under a request in flight.
+pub struct Live {
     pub stores: HashMap<String, KeyStore>,
-    pub hsm: Hsm,
-    pub health: HealthState,
-    pub health_cfg: HealthConfig,
     pub max_body_bytes: usize,
-    pub body_timeout: Duration,
     pub fleet_size: u32,
     pub vendor: String,
     pub model: String,
 }
 
-impl AppState {
-    pub fn new(cfg: &Config, hsm: Hsm, health: HealthState) -> AppState {
+impl Live {
+    pub fn from_config(cfg: &Config) -> Live {
         let stores = cfg
             .key_stores
             .iter()
@@ -82,20 +85,44 @@ impl AppState {
                         uri_path: ks.uri_path.clone(),
                         keys: ks.keys.clone(),
                         credentials: CredentialSet::new(&ks.credentials),
+                        credential_ages: ks
+                            .credentials
+                            .iter()
+                            .map(|c| (c.access_key_id.clone(), c.created_or_modified()))
+                            .collect(),
                     },
                 )
             })
             .collect();
-        AppState {
+        Live {
             stores,
-            hsm,
-            health,
-            health_cfg: cfg.health.clone(),
             max_body_bytes: cfg.server.max_body_bytes,
-            body_timeout: cfg.server.header_read_timeout,
             fleet_size: cfg.server.fleet_size,
             vendor: cfg.server.vendor.clone(),
             model: cfg.server.model.clone(),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub live: ArcSwap<Live>,
+    pub hsm: Hsm,
+    pub health: HealthState,
+    pub health_cfg: HealthConfig,
+    pub body_timeout: Duration,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    pub fn new(cfg: &Config, hsm: Hsm, health: HealthState, metrics: Metrics) -> AppState {
+        AppState {
+            live: ArcSwap::from_pointee(Live::from_config(cfg)),
+            hsm,
+            health,
+            health_cfg: cfg.health.clone(),
+            body_timeout: cfg.server.header_read_timeout,
+            metrics,
         }
     }
 }
@@ -212,7 +239,15 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
     };
     let status = response.status().as_u16();
     let error_name = response.extensions().get::<ErrorName>().map(|e| e.0);
-    let micros = started.elapsed().as_micros() as u64;
+    let elapsed = started.elapsed();
+    let micros = elapsed.as_micros() as u64;
+    app.metrics.observe_request(
+        log.key_store.as_deref().unwrap_or(""),
+        log.operation.unwrap_or("unknown"),
+        status,
+        error_name.unwrap_or(""),
+        elapsed,
+    );
     let level_warn = status >= 500;
     macro_rules! access {
         ($lvl:ident) => {
@@ -253,7 +288,8 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
              <XksProxyUriPath>/keys/<externalKeyId>/metadata|encrypt|decrypt)"
         ))
     })?;
-    let store = app.stores.get(base).ok_or_else(|| {
+    let live = app.live.load_full();
+    let store = live.stores.get(base).ok_or_else(|| {
         XksError::InvalidUriPath(format!(
             "no key store is configured with XksProxyUriPath '{base}'"
         ))
@@ -268,7 +304,7 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
         )));
     }
 
-    let body = read_body(body, &parts.headers, app.max_body_bytes, app.body_timeout).await?;
+    let body = read_body(body, &parts.headers, live.max_body_bytes, app.body_timeout).await?;
 
     let path_and_query = parts
         .uri
@@ -287,7 +323,7 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
     log.access_key_id = Some(who.access_key_id);
 
     if op == Operation::GetHealthStatus {
-        return health(app, &body, log);
+        return health(app, &live, &body, log);
     }
     let key_id =
         key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
@@ -371,7 +407,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Response, XksError> {
 /// GetHealthStatus. The spec lists no ValidationException for it, so a body
 /// we cannot parse is logged and otherwise ignored: the caller authenticated,
 /// and the health answer does not depend on the body.
-fn health(app: &AppState, body: &[u8], log: &mut AccessLog) -> Result<Response, XksError> {
+fn health(
+    app: &AppState,
+    live: &Live,
+    body: &[u8],
+    log: &mut AccessLog,
+) -> Result<Response, XksError> {
     match parse_json::<MetadataOnlyRequest>(body) {
         Ok(r) => log.record_metadata(r.request_metadata.as_ref()),
         Err(e) => tracing::warn!(
@@ -388,9 +429,9 @@ fn health(app: &AppState, body: &[u8], log: &mut AccessLog) -> Result<Response, 
     }
     let ekm = app.hsm.ekm_info();
     to_json(&HealthResponse {
-        xks_proxy_fleet_size: app.fleet_size,
-        xks_proxy_vendor: app.vendor.clone(),
-        xks_proxy_model: app.model.clone(),
+        xks_proxy_fleet_size: live.fleet_size,
+        xks_proxy_vendor: live.vendor.clone(),
+        xks_proxy_model: live.model.clone(),
         ekm_vendor: ekm.vendor.clone(),
         ekm_fleet_details: vec![EkmDetail {
             id: ekm.id.clone(),

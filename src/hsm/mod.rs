@@ -15,6 +15,7 @@
 //! fast, bounded errors instead of unbounded memory and latency.
 
 mod keys;
+mod state;
 pub mod token;
 mod worker;
 
@@ -25,10 +26,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-pub use token::{EkmInfo, HsmError, KeyInfo, Token, Usages};
+pub use token::{EkmInfo, HsmError, KeyDetails, KeyInfo, Token, Usages};
 
 use crate::config::HsmConfig;
 use crate::error::XksError;
+use crate::metrics::Metrics;
 use keys::KeyCache;
 use worker::{check_key, Job, OpKind, Shared, Worker};
 
@@ -76,6 +78,17 @@ impl Drop for Inner {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        // Log out explicitly rather than relying on the last session closing:
+        // some HSMs keep a login alive per client until told otherwise.
+        let s = &self.shared;
+        match s
+            .ctx
+            .open_ro_session(s.slot)
+            .and_then(|session| session.logout())
+        {
+            Ok(()) => tracing::info!("logged out of the HSM"),
+            Err(e) => tracing::warn!(error = %e, "HSM logout failed"),
+        }
     }
 }
 
@@ -88,8 +101,13 @@ pub struct Hsm {
 impl Hsm {
     /// Opens the token and starts the session pool. Blocking: call it from
     /// `spawn_blocking` or before the runtime starts serving.
-    pub fn open(cfg: &HsmConfig, health_key: &str) -> Result<(Hsm, Token), HsmError> {
+    pub fn open(
+        cfg: &HsmConfig,
+        health_key: &str,
+        metrics: &Metrics,
+    ) -> Result<(Hsm, Token), HsmError> {
         let token = Token::open(cfg)?;
+        metrics.hsm_sessions.set(cfg.sessions as i64);
         let shared = Arc::new(Shared {
             ctx: token.ctx.clone(),
             slot: token.slot,
@@ -97,6 +115,7 @@ impl Hsm {
             keys: KeyCache::new(cfg.key_cache_ttl),
             iv_source: cfg.iv_source,
             health_key: health_key.to_string(),
+            metrics: metrics.clone(),
         });
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let mut workers = Vec::with_capacity(cfg.sessions);
@@ -127,14 +146,24 @@ impl Hsm {
         &self.inner.ekm
     }
 
-    /// Runs `f` on a pool thread, within the configured deadlines.
+    /// Jobs waiting for a free session right now.
+    pub fn queue_len(&self) -> usize {
+        self.inner.tx.as_ref().map_or(0, |tx| tx.len())
+    }
+
+    /// Runs `f` on a pool thread, within the configured deadlines. `kind`
+    /// labels the job in the PKCS#11 latency metric.
     async fn run<T: Send + 'static>(
         &self,
+        kind: &'static str,
         f: impl FnOnce(&mut Worker) -> Result<T, XksError> + Send + 'static,
     ) -> Result<T, XksError> {
         let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
         let job = Job {
-            start_by: Instant::now() + self.inner.queue_timeout,
+            kind,
+            enqueued: now,
+            start_by: now + self.inner.queue_timeout,
             work: Box::new(move |w| {
                 let _ = reply.send(f(w));
             }),
@@ -180,7 +209,7 @@ impl Hsm {
     /// Fresh attributes of a key (never from the cache).
     pub async fn key_info(&self, label: &str) -> Result<KeyInfo, XksError> {
         let label = label.to_owned();
-        self.run(move |w| {
+        self.run("metadata", move |w| {
             let key = w.resolve(&label, true)?;
             check_key(&key, OpKind::Lookup)?;
             Ok(key)
@@ -195,7 +224,8 @@ impl Hsm {
     ) -> Result<EncryptOutput, XksError> {
         self.precheck(label, OpKind::Encrypt)?;
         let label = label.to_owned();
-        self.run(move |w| w.encrypt(&label, &input)).await
+        self.run("encrypt", move |w| w.encrypt(&label, &input))
+            .await
     }
 
     pub async fn decrypt(
@@ -205,12 +235,13 @@ impl Hsm {
     ) -> Result<Zeroizing<Vec<u8>>, XksError> {
         self.precheck(label, OpKind::Decrypt)?;
         let label = label.to_owned();
-        self.run(move |w| w.decrypt(&label, &input)).await
+        self.run("decrypt", move |w| w.decrypt(&label, &input))
+            .await
     }
 
     /// One deep health probe with the health-check key.
     pub async fn probe(&self, health_key: &str) -> Result<(), XksError> {
         let label = health_key.to_owned();
-        self.run(move |w| w.probe(&label)).await
+        self.run("health_probe", move |w| w.probe(&label)).await
     }
 }

@@ -83,11 +83,24 @@ pub struct KeyInfo {
     /// CKK_AES with CKA_VALUE_LEN 32. Any other key is never used for crypto.
     pub aes256: bool,
     pub usages: Usages,
-    /// False when today is outside the key's CKA_START_DATE..CKA_END_DATE window.
-    /// That window is how this proxy represents a disabled key: it is a standard
-    /// attribute, modifiable on secret keys, persistent in the token, and therefore
-    /// the same for every proxy instance that uses the token.
+    /// False when the key is disabled for KMS: a marker object from
+    /// `xks-proxy keys disable`, or a validity window (CKA_START_DATE /
+    /// CKA_END_DATE) that excludes today. See [`super::state`].
     pub enabled: bool,
+}
+
+/// [`KeyInfo`] plus the attributes `xks-proxy keys show` reports.
+#[derive(Debug, Clone)]
+pub struct KeyDetails {
+    pub info: KeyInfo,
+    pub start_date: Option<String>,
+    pub end_date: Option<String>,
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+    /// Generated inside the token (not imported).
+    pub local: bool,
 }
 
 /// An opened token: the loaded module, the slot and a logged-in R/W session.
@@ -172,6 +185,84 @@ impl Token {
             .session
             .generate_key(&Mechanism::AesKeyGen, &template)
             .map_err(p11("C_GenerateKey"))?;
+        read_key_info(&self.session, handle, label, SystemTime::now())
+            .map_err(p11("C_GetAttributeValue"))
+    }
+
+    /// The one secret key carrying `label`.
+    fn find_one(&self, label: &str) -> Result<ObjectHandle, HsmError> {
+        let handles = find_keys(&self.session, label).map_err(p11("C_FindObjects"))?;
+        match handles[..] {
+            [h] => Ok(h),
+            [] => Err(HsmError::Key(format!("no secret key labelled '{label}'"))),
+            _ => Err(HsmError::Key(format!(
+                "{} secret keys carry the label '{label}'; an external key id must name exactly one",
+                handles.len()
+            ))),
+        }
+    }
+
+    /// Everything an operator may want to know about one key.
+    pub fn key_details(&self, label: &str) -> Result<KeyDetails, HsmError> {
+        let handle = self.find_one(label)?;
+        let info = read_key_info(&self.session, handle, label, SystemTime::now())
+            .map_err(p11("C_GetAttributeValue"))?;
+        let attrs = self
+            .session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Local,
+                ],
+            )
+            .map_err(p11("C_GetAttributeValue"))?;
+        let show = |b: [u8; 8]| {
+            let s: String = b
+                .iter()
+                .map(|c| if c.is_ascii_digit() { *c as char } else { '?' })
+                .collect();
+            format!("{}-{}-{}", &s[..4], &s[4..6], &s[6..])
+        };
+        let (start_date, end_date) = match super::state::dates(&self.session, handle) {
+            Ok((s, e)) => (s.map(show), e.map(show)),
+            Err(e) => (None, Some(format!("unreadable ({e})"))),
+        };
+        let mut d = KeyDetails {
+            info,
+            start_date,
+            end_date,
+            sensitive: false,
+            extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+            local: false,
+        };
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(b) => d.sensitive = b,
+                Attribute::Extractable(b) => d.extractable = b,
+                Attribute::AlwaysSensitive(b) => d.always_sensitive = b,
+                Attribute::NeverExtractable(b) => d.never_extractable = b,
+                Attribute::Local(b) => d.local = b,
+                _ => {}
+            }
+        }
+        Ok(d)
+    }
+
+    /// Enables or disables a key for KMS; see [`super::state`] for how the
+    /// state is kept in the token.
+    pub fn set_enabled(&self, label: &str, enabled: bool) -> Result<KeyInfo, HsmError> {
+        let handle = self.find_one(label)?;
+        if enabled {
+            super::state::enable(&self.session, label).map_err(p11("C_DestroyObject"))?;
+        } else {
+            super::state::disable(&self.session, label).map_err(p11("C_CreateObject"))?;
+        }
         read_key_info(&self.session, handle, label, SystemTime::now())
             .map_err(p11("C_GetAttributeValue"))
     }
@@ -282,15 +373,11 @@ pub(crate) fn read_key_info(
             AttributeType::Sign,
             AttributeType::Verify,
             AttributeType::Derive,
-            AttributeType::StartDate,
-            AttributeType::EndDate,
         ],
     )?;
     let mut is_aes = false;
     let mut len = 0u64;
     let mut u = Usages::default();
-    let today = crate::time::yyyymmdd(now);
-    let mut enabled = true;
     for a in attrs {
         match a {
             Attribute::KeyType(t) => is_aes = t == KeyType::AES,
@@ -302,9 +389,6 @@ pub(crate) fn read_key_info(
             Attribute::Sign(b) => u.sign = b,
             Attribute::Verify(b) => u.verify = b,
             Attribute::Derive(b) => u.derive = b,
-            // A key outside its validity window is disabled.
-            Attribute::StartDate(d) if !d.is_empty() && date_bytes(&d) > today => enabled = false,
-            Attribute::EndDate(d) if !d.is_empty() && date_bytes(&d) < today => enabled = false,
             _ => {}
         }
     }
@@ -313,11 +397,11 @@ pub(crate) fn read_key_info(
         label: label.to_string(),
         aes256: is_aes && len == 32,
         usages: u,
-        enabled,
+        enabled: super::state::is_enabled(session, handle, label, now)?,
     })
 }
 
-fn date_bytes(d: &cryptoki::types::Date) -> [u8; 8] {
+pub(crate) fn date_bytes(d: &cryptoki::types::Date) -> [u8; 8] {
     let mut out = [0u8; 8];
     out[..4].copy_from_slice(&d.year);
     out[4..6].copy_from_slice(&d.month);

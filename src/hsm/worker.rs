@@ -25,9 +25,13 @@ use super::{DecryptInput, EncryptInput, EncryptOutput};
 use crate::aead::{cdiv_sha256, hsm_aad, IV_LEN, TAG_LEN};
 use crate::config::IvSource;
 use crate::error::XksError;
+use crate::metrics::Metrics;
 
 /// Work for a pool thread.
 pub(crate) struct Job {
+    /// Label for the latency metric.
+    pub kind: &'static str,
+    pub enqueued: Instant,
     pub start_by: Instant,
     pub work: Box<dyn FnOnce(&mut Worker) + Send>,
 }
@@ -41,6 +45,7 @@ pub(crate) struct Shared {
     pub iv_source: IvSource,
     /// The health-check key, used to tell a bad ciphertext from a sick HSM.
     pub health_key: String,
+    pub metrics: Metrics,
 }
 
 /// One pool thread's state: its session (opened lazily, reopened after faults).
@@ -92,12 +97,21 @@ impl Worker {
 
     /// Thread body: run jobs until the queue is closed.
     pub fn run(mut self, rx: crossbeam_channel::Receiver<Job>) {
+        let m = self.shared.metrics.clone();
         while let Ok(job) = rx.recv() {
-            if Instant::now() > job.start_by {
+            let picked = Instant::now();
+            m.hsm_queue_wait_seconds
+                .observe((picked - job.enqueued).as_secs_f64());
+            if picked > job.start_by {
                 // Dropping the job drops its reply channel: the caller sees 503.
                 continue;
             }
+            m.hsm_sessions_busy.inc();
             (job.work)(&mut self);
+            m.hsm_sessions_busy.dec();
+            m.hsm_seconds
+                .with_label_values(&[job.kind])
+                .observe(picked.elapsed().as_secs_f64());
         }
     }
 
@@ -301,7 +315,7 @@ pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), XksError> {
     match kind {
         OpKind::Lookup => Ok(()),
         _ if !key.enabled => Err(XksError::InvalidState(format!(
-            "key '{}' is disabled in the key manager (outside its start/end date)",
+            "key '{}' is disabled in the key manager",
             key.label
         ))),
         OpKind::Encrypt if !key.usages.encrypt => Err(XksError::InvalidKeyUsage(format!(

@@ -150,9 +150,11 @@ impl Default for Options {
 
 /// A running proxy and everything it was built from.
 pub struct Proxy {
-    pub dir: tempfile::TempDir,
+    /// Shared with sibling instances (same token, config and secrets).
+    pub dir: Arc<tempfile::TempDir>,
     pub addr: SocketAddr,
     pub ping_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub certs: Certs,
     pub hsm: SoftHsm,
     pub config: PathBuf,
@@ -174,7 +176,11 @@ listen = "127.0.0.1:0"
 ping_listen = "127.0.0.1:0"
 fleet_size = 3
 vendor = "xks-proxy tests"
+reload_poll_ms = 200
 {extra_server}
+
+[admin]
+listen = "127.0.0.1:0"
 
 [tls]
 cert = "{cert}"
@@ -246,9 +252,10 @@ impl Proxy {
         write_private(&dir.path().join("secret-other"), &secret_other);
         let config = write_config(dir.path(), &certs, &opts);
         let mut proxy = Proxy {
-            dir,
+            dir: Arc::new(dir),
             addr: "127.0.0.1:0".parse().unwrap(),
             ping_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
             certs,
             hsm,
             config,
@@ -303,6 +310,76 @@ impl Proxy {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A second proxy process on the same token, config and secrets (as in a
+    /// fleet), on its own ports.
+    pub fn sibling(&self) -> Proxy {
+        let mut p = Proxy {
+            dir: self.dir.clone(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ping_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            certs: Certs {
+                ca: self.certs.ca.clone(),
+                cert: self.certs.cert.clone(),
+                key: self.certs.key.clone(),
+            },
+            hsm: SoftHsm {
+                conf: self.hsm.conf.clone(),
+                pin: self.hsm.pin.clone(),
+                label: self.hsm.label.clone(),
+            },
+            config: self.config.clone(),
+            secret_a: self.secret_a.clone(),
+            secret_b: self.secret_b.clone(),
+            secret_other: self.secret_other.clone(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        p.spawn();
+        p
+    }
+
+    /// Stops the process (SIGTERM) and starts it again on new ports.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "exit status {status:?}");
+        self.log.lock().unwrap().clear();
+        self.spawn();
+    }
+
+    /// The server process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `GET path` on the plain-HTTP admin listener; returns (status line, body).
+    pub fn admin_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// Runs the `xks-proxy` binary with exactly these arguments (no --config).
+    pub fn run_bin(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(args)
+            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .output()
+            .unwrap()
+    }
+
     pub fn cli_raw(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin())
             .args(args)
@@ -346,6 +423,7 @@ impl Proxy {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         self.addr = v["https_addr"].as_str().unwrap().parse().unwrap();
         self.ping_addr = v["ping_addr"].as_str().unwrap().parse().unwrap();
+        self.admin_addr = v["admin_addr"].as_str().unwrap().parse().unwrap();
     }
 
     /// Everything the proxy logged so far.

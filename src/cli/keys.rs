@@ -1,0 +1,227 @@
+//! `xks-proxy keys …`: the keys of the token, without a raw PKCS#11 tool.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::{load, usage_error};
+use crate::hsm::{HsmError, KeyInfo, Token, Usages};
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an AES-256 key: token object, private, sensitive, non-extractable.
+    Create {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The external key id (the key's CKA_LABEL).
+        #[arg(long, alias = "id")]
+        label: String,
+        /// Comma-separated usages: encrypt, decrypt, wrap, unwrap, sign, verify, derive; or "none".
+        #[arg(long, default_value = "encrypt,decrypt")]
+        usage: String,
+        /// Succeed without change when a key with this label exists.
+        #[arg(long)]
+        if_missing: bool,
+    },
+    /// List the secret keys of the token: id, key spec, status, usages.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object per key.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key's attributes.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The external key id (CKA_LABEL).
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a key: GetKeyMetadata answers DISABLED, Encrypt and Decrypt
+    /// answer InvalidStateException. Recorded in the token (a marker object),
+    /// so it holds for every proxy instance and survives restarts.
+    Disable {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
+    },
+    /// Enable a key again (removes the marker object).
+    Enable {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
+    },
+}
+
+/// Parses `encrypt,decrypt,...` (or `none`).
+pub fn parse_usages(s: &str) -> Result<Usages, String> {
+    let mut u = Usages::default();
+    if s.trim() == "none" {
+        return Ok(u);
+    }
+    for part in s.split(',').map(str::trim) {
+        match part {
+            "encrypt" => u.encrypt = true,
+            "decrypt" => u.decrypt = true,
+            "wrap" => u.wrap = true,
+            "unwrap" => u.unwrap = true,
+            "sign" => u.sign = true,
+            "verify" => u.verify = true,
+            "derive" => u.derive = true,
+            other => return Err(format!("unknown usage '{other}'")),
+        }
+    }
+    Ok(u)
+}
+
+fn status(k: &KeyInfo) -> &'static str {
+    if k.enabled {
+        "ENABLED"
+    } else {
+        "DISABLED"
+    }
+}
+
+fn spec(k: &KeyInfo) -> &'static str {
+    if k.aes256 {
+        "AES_256"
+    } else {
+        "other"
+    }
+}
+
+fn key_json(k: &KeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.label,
+        "keySpec": spec(k),
+        "keyUsage": k.usages.names(),
+        "keyStatus": status(k),
+    })
+}
+
+fn open(config: &std::path::Path) -> Result<Token, ExitCode> {
+    let cfg = load(config)?;
+    Token::open(&cfg.hsm).map_err(fail)
+}
+
+fn fail(e: HsmError) -> ExitCode {
+    eprintln!("xks-proxy: {e}");
+    ExitCode::from(1)
+}
+
+fn check_id(id: &str) -> Result<(), ExitCode> {
+    if crate::config::is_valid_key_id(id) {
+        Ok(())
+    } else {
+        Err(usage_error(
+            "the key id must be 1 to 128 characters of A-Z a-z 0-9 . _ -",
+        ))
+    }
+}
+
+pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
+    match command {
+        KeysCommand::Create {
+            config,
+            label,
+            usage,
+            if_missing,
+        } => {
+            check_id(&label)?;
+            let usages = parse_usages(&usage).map_err(|e| usage_error(&format!("--usage: {e}")))?;
+            let token = open(&config)?;
+            if if_missing
+                && token
+                    .list_keys()
+                    .map_err(fail)?
+                    .iter()
+                    .any(|k| k.label == label)
+            {
+                println!("{label}: exists");
+                return Ok(());
+            }
+            let key = token.create_aes_key(&label, usages).map_err(fail)?;
+            println!("{}: created ({})", key.label, key.usages.names().join(","));
+            Ok(())
+        }
+        KeysCommand::List { config, json } => {
+            let token = open(&config)?;
+            for k in token.list_keys().map_err(fail)? {
+                if json {
+                    println!("{}", key_json(&k));
+                } else {
+                    println!(
+                        "{:<40} {:<8} {:<9} {}",
+                        k.label,
+                        spec(&k),
+                        status(&k),
+                        k.usages.names().join(",")
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::Show { config, id, json } => {
+            check_id(&id)?;
+            let d = open(&config)?.key_details(&id).map_err(fail)?;
+            let mut v = key_json(&d.info);
+            v["startDate"] = d.start_date.clone().into();
+            v["endDate"] = d.end_date.clone().into();
+            v["sensitive"] = d.sensitive.into();
+            v["extractable"] = d.extractable.into();
+            v["alwaysSensitive"] = d.always_sensitive.into();
+            v["neverExtractable"] = d.never_extractable.into();
+            v["generatedInToken"] = d.local.into();
+            if json {
+                println!("{v}");
+            } else if let Some(obj) = v.as_object() {
+                for (k, val) in obj {
+                    let shown = match val {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    println!("{k:<18} {shown}");
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::Disable { config, id } => set_enabled(&config, &id, false),
+        KeysCommand::Enable { config, id } => set_enabled(&config, &id, true),
+    }
+}
+
+/// Disables or enables a key. Running proxies see the change at their next
+/// key lookup: at once for GetKeyMetadata, within `hsm.key_cache_ttl_ms` for
+/// Encrypt and Decrypt.
+fn set_enabled(config: &std::path::Path, id: &str, enabled: bool) -> Result<(), ExitCode> {
+    check_id(id)?;
+    let key = open(config)?.set_enabled(id, enabled).map_err(fail)?;
+    if enabled && !key.enabled {
+        println!(
+            "{}: DISABLED: the key's own CKA_START_DATE/CKA_END_DATE window excludes today; \
+             change it with the HSM's tools",
+            key.label
+        );
+        return Err(ExitCode::from(1));
+    }
+    println!("{}: {}", key.label, status(&key));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usages_parse() {
+        let u = parse_usages("encrypt, decrypt").unwrap();
+        assert!(u.encrypt && u.decrypt && !u.wrap);
+        assert_eq!(parse_usages("none").unwrap(), Usages::default());
+        assert!(parse_usages("encrypt,fly").is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! The `xks-proxy` command line: `serve`, `check-config`, `keys`,
+//! `credentials` and `check`.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage;
+//! `check` adds 3 (connected, but the key cannot serve KMS).
+
+mod check;
+mod credentials;
+mod keys;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+pub use keys::parse_usages;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xks-proxy",
+    version,
+    about = "AWS KMS External Key Store proxy (XKS API v1) over PKCS#11"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy. SIGHUP (or a change to the config, a secret file or the
+    /// certificate) reloads key stores, credentials and the certificate;
+    /// SIGTERM drains and exits.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (including secret files and TLS material) and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Manage the AES-256 keys in the configured token.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+    /// Manage the SigV4 credentials of the key stores.
+    Credentials {
+        #[command(subcommand)]
+        command: credentials::CredentialsCommand,
+    },
+    /// Connect to an XKS proxy as KMS does and report what KMS would say.
+    Check(Box<check::CheckArgs>),
+}
+
+/// Loads a config, reporting a failure as exit code 2.
+fn load(config: &Path) -> Result<Config, ExitCode> {
+    Config::load(config).map_err(|e| {
+        eprintln!("xks-proxy: configuration error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Reports a usage error (exit code 2).
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("xks-proxy: {message}");
+    ExitCode::from(2)
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+fn run(command: Command) -> Result<(), ExitCode> {
+    match command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => {
+            let cfg = load(&config)?;
+            crate::tls::load_cert(&cfg.tls).map_err(|e| {
+                eprintln!("xks-proxy: configuration error: {e}");
+                ExitCode::from(2)
+            })?;
+            println!(
+                "{}: OK ({} key store(s): {})",
+                config.display(),
+                cfg.key_stores.len(),
+                cfg.key_stores
+                    .iter()
+                    .map(|k| k.uri_path.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
+        Command::Keys { command } => keys::run(command),
+        Command::Credentials { command } => credentials::run(command),
+        Command::Check(args) => check::run(*args, runtime()?),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("xks-rt")
+        .build()
+        .map_err(|e| {
+            eprintln!("xks-proxy: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn serve(path: &Path) -> Result<(), ExitCode> {
+    let cfg = load(path)?;
+    crate::logging::init(&cfg.logging);
+    let result = runtime()?.block_on(crate::server::run(
+        cfg,
+        Some(path.to_path_buf()),
+        shutdown_signal(),
+    ));
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "xks-proxy failed");
+            eprintln!("xks-proxy: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

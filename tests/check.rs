@@ -1,0 +1,317 @@
+//! `xks-proxy check`, the KMS connection simulator: one broken setting per
+//! verdict, against our own server (and, for the two answers our server never
+//! gives, a deliberately wrong TLS server).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `xks-proxy check … --json`; returns (exit code, report).
+fn check(p: &Proxy, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["check", "--json"];
+    all.extend_from_slice(args);
+    let out = p.run_bin(&all);
+    let code = out.status.code().unwrap_or(-1);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check printed no JSON ({e}); stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, report)
+}
+
+fn endpoint(addr: SocketAddr) -> String {
+    format!("https://localhost:{}", addr.port())
+}
+
+/// Arguments for a check that should succeed, plus `extra`.
+fn good_args<'a>(p: &'a Proxy, ep: &'a str, secret: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--endpoint",
+        ep,
+        "--uri-path",
+        URI_PATH,
+        "--access-key-id",
+        AKID_A,
+        "--secret-file",
+        secret,
+        "--ca",
+        p.certs.ca.to_str().unwrap(),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn connected_with_a_usable_key_and_every_step_timed() {
+    let p = Proxy::start();
+    let ep = endpoint(p.addr);
+    let secret = p.dir.path().join("secret-a");
+    let secret = secret.to_str().unwrap();
+    let (code, r) = check(&p, &good_args(&p, &ep, secret, &["--key-id", "key-ed"]));
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["verdict"], "CONNECTED");
+    assert_eq!(r["key_verdict"], "OK");
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["connect", "tls", "health", "metadata", "encrypt", "decrypt"]
+    );
+    for s in r["steps"].as_array().unwrap() {
+        assert_eq!(s["ok"], true, "{s}");
+        assert!(s["latency_ms"].as_f64().unwrap() < 250.0, "{s}");
+    }
+    assert_eq!(r["tls"]["version"], "TLSv1_3");
+    assert!(r["tls"]["cipher_suite"]
+        .as_str()
+        .unwrap()
+        .starts_with("TLS13_"));
+    assert!(r["tls"]["certificate_days_left"].as_i64().unwrap() > 300);
+    let warnings = r["warnings"].to_string();
+    assert!(warnings.contains("port 443"), "{warnings}");
+    assert!(warnings.contains("--ca"), "{warnings}");
+
+    // The same from the KMS console JSON file that `credentials new` writes,
+    // in text form, over HTTP/2.
+    let console = p.dir.path().join("console.json");
+    std::fs::write(
+        &console,
+        serde_json::json!({"XksProxyUriPath": URI_PATH,
+            "XksProxyAuthenticationCredential": {"AccessKeyId": AKID_A, "RawSecretAccessKey": p.secret_a}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = p.run_bin(&[
+        "check",
+        "--endpoint",
+        &ep,
+        "--console-json",
+        console.to_str().unwrap(),
+        "--ca",
+        p.certs.ca.to_str().unwrap(),
+        "--http2",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("verdict: CONNECTED"), "{text}");
+    assert!(text.contains("ALPN h2"), "{text}");
+    // The secret never appears in check's output.
+    assert!(!text.contains(&p.secret_a));
+}
+
+#[test]
+fn each_broken_setting_gets_the_verdict_kms_would_give() {
+    let mut p = Proxy::start();
+    let ep = endpoint(p.addr);
+    let secret_path = p.dir.path().join("secret-a");
+    let secret = secret_path.to_str().unwrap();
+    let wrong_secret = p.dir.path().join("wrong-secret");
+    write_private(&wrong_secret, &"A".repeat(44));
+
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "wrong secret",
+            vec![
+                "--secret-file".into(),
+                wrong_secret.to_str().unwrap().into(),
+            ],
+            "INVALID_CREDENTIALS",
+        ),
+        (
+            "wrong URI path",
+            vec!["--uri-path".into(), "/wrong/kms/xks/v1".into()],
+            "XKS_PROXY_INVALID_CONFIGURATION",
+        ),
+    ];
+    for (what, overrides, verdict) in cases {
+        let mut args = good_args(&p, &ep, secret, &[]);
+        // Later flags win: put the override's value in place of the good one.
+        for pair in overrides.chunks(2) {
+            let i = args.iter().position(|a| *a == pair[0]).unwrap();
+            args[i + 1] = &pair[1];
+        }
+        let (code, r) = check(&p, &args);
+        assert_eq!(r["verdict"], verdict, "{what}: {r:#}");
+        assert_eq!(code, 1, "{what}");
+        assert!(!r["explanation"].as_str().unwrap().is_empty());
+        assert!(!r["fix"].as_str().unwrap().is_empty());
+    }
+
+    // TLS: a CA KMS does not trust (no --ca), and a name the certificate lacks.
+    let without_ca = &good_args(&p, &ep, secret, &[])[..8];
+    let (_, r) = check(&p, without_ca);
+    assert_eq!(r["verdict"], "XKS_PROXY_INVALID_TLS_CONFIGURATION", "{r:#}");
+    assert!(r["explanation"].as_str().unwrap().contains("trusted root"));
+    let wrong_name = format!("https://xks.wrong.example:{}", p.addr.port());
+    let addr = p.addr.to_string();
+    let (_, r) = check(
+        &p,
+        &good_args(&p, &wrong_name, secret, &["--connect-to", &addr]),
+    );
+    assert_eq!(r["verdict"], "XKS_PROXY_INVALID_TLS_CONFIGURATION", "{r:#}");
+    assert!(r["explanation"].as_str().unwrap().contains("host name"));
+
+    // Key-level problems: KMS connects, but cannot use the key.
+    p.cli(&["keys", "create", "--label", "off-key"]);
+    p.cli(&["keys", "disable", "off-key"]);
+    for (key, expected) in [
+        ("key-e", "XKS_KEY_INVALID_CONFIGURATION"),
+        ("no-such-key", "XKS_KEY_NOT_FOUND"),
+        ("off-key", "XKS_KEY_DISABLED"),
+    ] {
+        let (code, r) = check(&p, &good_args(&p, &ep, secret, &["--key-id", key]));
+        assert_eq!(r["verdict"], "CONNECTED", "{key}: {r:#}");
+        assert_eq!(r["key_verdict"], expected, "{key}: {r:#}");
+        assert_eq!(code, 3, "{key}");
+    }
+
+    // A stopped proxy (SIGSTOP): the kernel accepts, nobody answers.
+    unsafe_kill(p.pid(), "STOP");
+    let (_, r) = check(&p, &good_args(&p, &ep, secret, &[]));
+    unsafe_kill(p.pid(), "CONT");
+    assert_eq!(r["verdict"], "XKS_PROXY_TIMED_OUT", "{r:#}");
+
+    // A proxy that is not running at all.
+    p.terminate();
+    let (code, r) = check(&p, &good_args(&p, &ep, secret, &[]));
+    assert_eq!(r["verdict"], "XKS_PROXY_NOT_REACHABLE", "{r:#}");
+    assert_eq!(code, 1);
+}
+
+/// A TLS server that answers every request with `response`: for the
+/// verdicts our own proxy never provokes (403 without an authorization
+/// policy, a schema-violating answer).
+fn fake_server(certs: &Certs, response: String) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = xks_proxy::tls::load_cert(&xks_proxy::config::TlsConfig {
+        cert: certs.cert.clone(),
+        key: certs.key.clone(),
+    })
+    .unwrap();
+    let resolver = xks_proxy::tls::CertResolver::new(cert);
+    let tls = xks_proxy::tls::server_config(resolver).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let response = Arc::new(response);
+    std::thread::spawn(move || {
+        block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, response) = (acceptor.clone(), response.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 65536];
+                    let mut seen = Vec::new();
+                    // One response per request head received.
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            seen.clear();
+                            if s.write_all(response.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        })
+    });
+    addr
+}
+
+fn http(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn access_denied_and_invalid_responses_are_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let secret = dir.path().join("secret");
+    write_private(&secret, &"B".repeat(44));
+    let run = |addr: SocketAddr| -> Value {
+        let out = std::process::Command::new(bin())
+            .args([
+                "check",
+                "--json",
+                "--endpoint",
+                &endpoint(addr),
+                "--uri-path",
+                URI_PATH,
+                "--access-key-id",
+                AKID_A,
+                "--secret-file",
+                secret.to_str().unwrap(),
+                "--ca",
+                certs.ca.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let cases = [
+        (
+            http(
+                "403 Forbidden",
+                r#"{"errorName":"AccessDeniedException","errorMessage":"policy says no"}"#,
+            ),
+            "XKS_PROXY_ACCESS_DENIED",
+        ),
+        (http("200 OK", "not json"), "XKS_PROXY_INVALID_RESPONSE"),
+        (
+            http(
+                "200 OK",
+                r#"{"xksProxyFleetSize":0,"xksProxyVendor":"v","xksProxyModel":"m","ekmVendor":"e","ekmFleetDetails":[]}"#,
+            ),
+            "XKS_PROXY_INVALID_RESPONSE",
+        ),
+        (
+            http(
+                "500 Internal Server Error",
+                r#"{"errorName":"InternalException"}"#,
+            ),
+            "XKS_PROXY_INVALID_RESPONSE",
+        ),
+        (
+            http(
+                "200 OK",
+                r#"{"xksProxyFleetSize":1,"xksProxyVendor":"v","xksProxyModel":"m","ekmVendor":"e","ekmFleetDetails":[{"id":"a","model":"m","healthStatus":"UNAVAILABLE"}]}"#,
+            ),
+            "XKS_PROXY_NOT_REACHABLE",
+        ),
+        (
+            http(
+                "503 Service Unavailable",
+                r#"{"errorName":"DependencyTimeoutException"}"#,
+            ),
+            "XKS_PROXY_NOT_REACHABLE",
+        ),
+    ];
+    for (response, verdict) in cases {
+        let addr = fake_server(&certs, response.clone());
+        let r = run(addr);
+        assert_eq!(r["verdict"], verdict, "{response}: {r:#}");
+    }
+}
