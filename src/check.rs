@@ -45,6 +45,8 @@ pub struct CheckOptions {
     /// An extra CA to trust besides the public roots (private CAs in testing;
     /// KMS itself only trusts public CAs).
     pub extra_ca: Option<PathBuf>,
+    /// A client certificate and key to present (proxies that require mTLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
     pub timeout: Duration,
     pub http2: bool,
 }
@@ -257,11 +259,19 @@ fn client_tls(opts: &CheckOptions) -> Result<Arc<rustls::ClientConfig>, String> 
             roots.add(cert).map_err(|e| format!("--ca: {e}"))?;
         }
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match &opts.client_identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                crate::tls::load_certs(cert).map_err(|e| e.to_string())?,
+                crate::tls::load_key(key).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| format!("--client-cert/--client-key: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
     cfg.alpn_protocols = if opts.http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

@@ -78,17 +78,35 @@ pub fn tls_config(
     ca_pem: &std::path::Path,
     version: HttpVersion,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
+    tls_config_with_identity(ca_pem, version, None)
+}
+
+/// Like [`tls_config`], presenting a client certificate (chain PEM, key PEM)
+/// for mutual TLS when given, as KMS does.
+pub fn tls_config_with_identity(
+    ca_pem: &std::path::Path,
+    version: HttpVersion,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in crate::tls::load_certs(ca_pem).map_err(|e| e.to_string())? {
         roots.add(cert).map_err(|e| e.to_string())?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                crate::tls::load_certs(cert).map_err(|e| e.to_string())?,
+                crate::tls::load_key(key).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?,
+        None => builder.with_no_client_auth(),
+    };
     cfg.alpn_protocols = match version {
         HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
         HttpVersion::Http2 => vec![b"h2".to_vec()],
@@ -261,6 +279,33 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Sends on an HTTP/2 connection without borrowing it, so that many
+    /// requests can be in flight on one connection (as KMS multiplexes).
+    /// HTTP/1.1 cannot do that: use [`Connection::send`].
+    pub fn send_owned(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<XksResponse, ClientError>> + Send>>
+    {
+        match &self.sender {
+            Sender::H2(s) => {
+                let mut s = s.clone();
+                Box::pin(async move {
+                    s.ready().await?;
+                    let resp = s.send_request(req).await?;
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await?.to_bytes();
+                    Ok(XksResponse { status, body })
+                })
+            }
+            Sender::H1(_) => Box::pin(async {
+                Err(ClientError::Request(
+                    "HTTP/1.1 cannot multiplex; use send()".into(),
+                ))
+            }),
+        }
+    }
+
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<XksResponse, ClientError> {
         let resp = match &mut self.sender {
             Sender::H1(s) => {

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -109,6 +110,10 @@ struct RawServer {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
+    /// mTLS: CA bundle that client certificates must chain to.
+    client_ca: Option<PathBuf>,
+    /// mTLS: allowed client names (CN or DNS SAN); `*` matches one label.
+    client_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +178,25 @@ struct RawKeyStore {
     keys: Vec<String>,
     #[serde(default)]
     credentials: Vec<RawCredential>,
+    /// Secondary authorization: a Cedar policy file.
+    authorization: Option<RawAuthorization>,
+    /// Request-rate quota for this key store.
+    rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorization {
+    policy_file: PathBuf,
+    #[serde(default)]
+    mode: crate::authz::Mode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    requests_per_second: f64,
+    burst: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,7 +234,7 @@ fn default_handshake_timeout() -> u64 {
     5_000
 }
 fn default_idle_timeout() -> u64 {
-    300
+    60
 }
 fn default_max_connections() -> usize {
     4_096
@@ -318,6 +342,16 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Mutual TLS, when configured.
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// Mutual TLS: who may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuthConfig {
+    pub ca: PathBuf,
+    /// Patterns matched against the client certificate's CN and DNS SANs.
+    pub allowed_names: Vec<String>,
 }
 
 pub struct HsmConfig {
@@ -366,6 +400,18 @@ pub struct KeyStoreConfig {
     pub uri_path: String,
     pub keys: AllowedKeys,
     pub credentials: Vec<Credential>,
+    /// Cedar policies, loaded and validated with the config.
+    pub authorization: Option<Arc<crate::authz::Policies>>,
+    /// The policy file, watched for changes.
+    pub policy_file: Option<PathBuf>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
 }
 
 /// Which external key ids a key store may use.
@@ -437,8 +483,10 @@ impl Config {
     /// watched by the caller, who knows its path).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.tls.cert.clone(), self.tls.key.clone()];
+        files.extend(self.tls.client_auth.as_ref().map(|c| c.ca.clone()));
         for ks in &self.key_stores {
             files.extend(ks.credentials.iter().filter_map(|c| c.secret_file.clone()));
+            files.extend(ks.policy_file.clone());
         }
         files
     }
@@ -453,6 +501,10 @@ impl Config {
             ("server.listen", a.listen != b.listen),
             ("server.ping_listen", a.ping_listen != b.ping_listen),
             ("admin.listen", self.admin_listen != other.admin_listen),
+            (
+                "tls mutual authentication on/off",
+                self.tls.client_auth.is_some() != other.tls.client_auth.is_some(),
+            ),
             (
                 "server timeouts and limits",
                 a.header_read_timeout != b.header_read_timeout
@@ -627,7 +679,55 @@ fn validate_tls(raw: RawTls, base: &Path) -> Result<TlsConfig, ConfigError> {
             .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
     }
     check_private_file("tls.key", &key)?;
-    Ok(TlsConfig { cert, key })
+    let client_auth = match (raw.client_ca, raw.client_names) {
+        (None, None) => None,
+        (Some(ca), Some(names)) => {
+            let ca = resolve(base, &ca);
+            std::fs::File::open(&ca).map_err(|e| {
+                invalid(
+                    "tls.client_ca",
+                    format!("cannot read {}: {e}", ca.display()),
+                )
+            })?;
+            if names.is_empty() {
+                return Err(invalid(
+                    "tls.client_names",
+                    "list at least one allowed client name, e.g. \"cks.kms.us-east-1.amazonaws.com\"",
+                ));
+            }
+            for n in &names {
+                let ok = !n.is_empty()
+                    && n.split('.').all(|label| {
+                        label == "*"
+                            || (!label.is_empty()
+                                && label
+                                    .bytes()
+                                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                    });
+                if !ok {
+                    return Err(invalid(
+                        "tls.client_names",
+                        format!("'{n}' is not a DNS name pattern (labels of A-Z a-z 0-9 -, or * for one label)"),
+                    ));
+                }
+            }
+            Some(ClientAuthConfig {
+                ca,
+                allowed_names: names,
+            })
+        }
+        _ => {
+            return Err(invalid(
+                "tls.client_ca / tls.client_names",
+                "mutual TLS needs both: the CA bundle and the allowed client names",
+            ))
+        }
+    };
+    Ok(TlsConfig {
+        cert,
+        key,
+        client_auth,
+    })
 }
 
 fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
@@ -837,11 +937,43 @@ fn validate_key_stores(
                 created,
             });
         }
+        let (authorization, policy_file) = match raw.authorization {
+            None => (None, None),
+            Some(a) => {
+                let file = resolve(base, &a.policy_file);
+                let policies = crate::authz::Policies::load(&file, a.mode)
+                    .map_err(|e| invalid(format!("{field}.authorization.policy_file"), e))?;
+                (Some(Arc::new(policies)), Some(file))
+            }
+        };
+        let rate_limit = match raw.rate_limit {
+            None => None,
+            Some(r) => {
+                let burst = r.burst.unwrap_or(r.requests_per_second);
+                let valid = r.requests_per_second > 0.0
+                    && r.requests_per_second.is_finite()
+                    && burst >= 1.0
+                    && burst.is_finite();
+                if !valid {
+                    return Err(invalid(
+                        format!("{field}.rate_limit"),
+                        "requests_per_second must be > 0 and burst >= 1",
+                    ));
+                }
+                Some(RateLimit {
+                    per_second: r.requests_per_second,
+                    burst,
+                })
+            }
+        };
         out.push(KeyStoreConfig {
             name: raw.name,
             uri_path: raw.uri_path,
             keys,
             credentials,
+            authorization,
+            policy_file,
+            rate_limit,
         });
     }
     Ok(out)

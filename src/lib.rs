@@ -6,12 +6,16 @@
 //!
 //! - [`config`]: the TOML file, validated at startup;
 //! - [`tls`]: the listener's TLS configuration (spec cipher suites only);
+//! - [`mtls`]: mutual TLS, the client certificate and name rules;
 //! - [`auth`]: SigV4 verification;
+//! - [`authz`]: secondary authorization with Cedar policies;
+//! - [`throttle`]: per-key-store request-rate quotas;
 //! - [`api`]: routing, the four XKS operations, errors as JSON, the access log;
 //! - [`aead`]: the spec's AAD construction, ciphertext metadata, CDIV;
 //! - [`hsm`]: the PKCS#11 token, its session pool and key cache;
 //! - [`health`]: the background deep health probe;
 //! - [`server`]: listeners, connections, graceful shutdown;
+//! - [`idle`]: closing connections whose client went silent;
 //! - [`reload`]: hot reload of key stores, credentials and the certificate;
 //! - [`metrics`] and [`admin`]: Prometheus metrics on the admin listener;
 //! - [`client`]: a SigV4-signing XKS client (tests, benchmark, tooling);
@@ -21,6 +25,7 @@ pub mod admin;
 pub mod aead;
 pub mod api;
 pub mod auth;
+pub mod authz;
 pub mod check;
 pub mod cli;
 pub mod client;
@@ -29,10 +34,13 @@ pub mod credentials;
 pub mod error;
 pub mod health;
 pub mod hsm;
+pub mod idle;
 pub mod logging;
 pub mod metrics;
+pub mod mtls;
 pub mod reload;
 pub mod server;
+pub mod throttle;
 pub mod time;
 pub mod tls;
 

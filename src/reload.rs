@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use crate::api::{AppState, Live};
 use crate::config::Config;
+use crate::mtls::ClientVerifier;
 use crate::tls::CertResolver;
 
 /// What started a reload.
@@ -72,6 +73,8 @@ pub struct Reloader {
     last: Fingerprint,
     app: Arc<AppState>,
     certs: Arc<CertResolver>,
+    /// The mTLS verifier, when mutual TLS was on at startup.
+    client_auth: Option<Arc<ClientVerifier>>,
 }
 
 impl Reloader {
@@ -80,6 +83,7 @@ impl Reloader {
         boot: Arc<Config>,
         app: Arc<AppState>,
         certs: Arc<CertResolver>,
+        client_auth: Option<Arc<ClientVerifier>>,
     ) -> Self {
         let last = fingerprint(&path, &boot);
         Reloader {
@@ -88,6 +92,7 @@ impl Reloader {
             last,
             app,
             certs,
+            client_auth,
         }
     }
 
@@ -126,10 +131,14 @@ impl Reloader {
     fn reload(&mut self, trigger: Trigger) -> Result<(), String> {
         let new = Config::load(&self.path).map_err(|e| e.to_string())?;
         let cert = crate::tls::load_cert(&new.tls).map_err(|e| e.to_string())?;
+        // Build the new client verifier before swapping anything in.
+        let client_auth = match (&self.client_auth, &new.tls.client_auth) {
+            (Some(_), Some(c)) => Some(ClientVerifier::new(c).map_err(|e| e.to_string())?),
+            _ => None,
+        };
         let restart_only = self.boot.restart_only_changes(&new);
-        let live = Live::from_config(&new);
-
         let old = self.app.live.load_full();
+        let live = Live::from_config(&new, Some(&old));
         let ids = |l: &Live| -> BTreeSet<String> {
             l.stores
                 .values()
@@ -142,6 +151,9 @@ impl Reloader {
         let key_stores: Vec<&str> = new.key_stores.iter().map(|k| k.uri_path.as_str()).collect();
 
         self.certs.replace(cert);
+        if let (Some(running), Some(new_verifier)) = (&self.client_auth, client_auth) {
+            running.swap_from(&new_verifier);
+        }
         self.app.live.store(Arc::new(live));
         self.last = fingerprint(&self.path, &new);
         tracing::info!(

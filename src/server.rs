@@ -25,7 +25,9 @@ use crate::api::{self, AppState};
 use crate::config::{Config, ServerConfig};
 use crate::health::HealthState;
 use crate::hsm::{Hsm, HsmError, Usages};
+use crate::idle::{idle_deadline, Activity, ActivityIo};
 use crate::metrics::Metrics;
+use crate::mtls::ClientVerifier;
 use crate::reload::Reloader;
 use crate::tls::CertResolver;
 
@@ -82,7 +84,13 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let cfg = Arc::new(cfg);
     let certs = CertResolver::new(crate::tls::load_cert(&cfg.tls)?);
-    let tls = crate::tls::server_config(certs.clone())?;
+    let client_auth = cfg
+        .tls
+        .client_auth
+        .as_ref()
+        .map(ClientVerifier::new)
+        .transpose()?;
+    let tls = crate::tls::server_config(certs.clone(), client_auth.clone())?;
     let metrics = Metrics::new();
     let hsm = open_hsm(cfg.clone(), metrics.clone()).await?;
 
@@ -114,7 +122,7 @@ pub async fn run(
     );
 
     let reload_task = config_path.map(|path| {
-        let reloader = Reloader::new(path, cfg.clone(), app.clone(), certs.clone());
+        let reloader = Reloader::new(path, cfg.clone(), app.clone(), certs.clone(), client_auth);
         tokio::spawn(reloader.run(cfg.server.reload_poll))
     });
 
@@ -201,8 +209,7 @@ fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
-        .max_header_list_size(32 * 1024)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
+        .max_header_list_size(32 * 1024);
     builder
 }
 
@@ -258,6 +265,7 @@ async fn serve_tls(
         let builder = builder.clone();
         let service = with_peer(router.clone(), peer);
         let handshake_timeout = cfg.tls_handshake_timeout;
+        let idle_timeout = cfg.idle_timeout;
         let watcher = graceful.watcher();
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -283,9 +291,16 @@ async fn serve_tls(
                     return;
                 }
             };
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            let activity = Activity::new();
+            let io = ActivityIo::new(tls, activity.clone());
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                },
+                _ = idle_deadline(activity, idle_timeout) => {
+                    tracing::debug!(peer = %peer, "idle connection closed");
+                }
             }
         });
     }

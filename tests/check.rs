@@ -5,15 +5,16 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
 use serde_json::Value;
 
 /// Runs `xks-proxy check … --json`; returns (exit code, report).
-fn check(p: &Proxy, args: &[&str]) -> (i32, Value) {
+fn check(p: &Proxy, args: &[String]) -> (i32, Value) {
     let mut all = vec!["check", "--json"];
-    all.extend_from_slice(args);
+    all.extend(args.iter().map(String::as_str));
     let out = p.run_bin(&all);
     let code = out.status.code().unwrap_or(-1);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -31,20 +32,9 @@ fn endpoint(addr: SocketAddr) -> String {
 }
 
 /// Arguments for a check that should succeed, plus `extra`.
-fn good_args<'a>(p: &'a Proxy, ep: &'a str, secret: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "--endpoint",
-        ep,
-        "--uri-path",
-        URI_PATH,
-        "--access-key-id",
-        AKID_A,
-        "--secret-file",
-        secret,
-        "--ca",
-        p.certs.ca.to_str().unwrap(),
-    ];
-    v.extend_from_slice(extra);
+fn good_args(p: &Proxy, ep: &str, secret: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = check_args(ep, Path::new(secret), &p.certs.ca);
+    v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
 
@@ -139,7 +129,7 @@ fn each_broken_setting_gets_the_verdict_kms_would_give() {
         // Later flags win: put the override's value in place of the good one.
         for pair in overrides.chunks(2) {
             let i = args.iter().position(|a| *a == pair[0]).unwrap();
-            args[i + 1] = &pair[1];
+            args[i + 1] = pair[1].clone();
         }
         let (code, r) = check(&p, &args);
         assert_eq!(r["verdict"], verdict, "{what}: {r:#}");
@@ -197,10 +187,11 @@ fn fake_server(certs: &Certs, response: String) -> SocketAddr {
     let cert = xks_proxy::tls::load_cert(&xks_proxy::config::TlsConfig {
         cert: certs.cert.clone(),
         key: certs.key.clone(),
+        client_auth: None,
     })
     .unwrap();
     let resolver = xks_proxy::tls::CertResolver::new(cert);
-    let tls = xks_proxy::tls::server_config(resolver).unwrap();
+    let tls = xks_proxy::tls::server_config(resolver, None).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -253,20 +244,8 @@ fn access_denied_and_invalid_responses_are_recognised() {
     write_private(&secret, &"B".repeat(44));
     let run = |addr: SocketAddr| -> Value {
         let out = std::process::Command::new(bin())
-            .args([
-                "check",
-                "--json",
-                "--endpoint",
-                &endpoint(addr),
-                "--uri-path",
-                URI_PATH,
-                "--access-key-id",
-                AKID_A,
-                "--secret-file",
-                secret.to_str().unwrap(),
-                "--ca",
-                certs.ca.to_str().unwrap(),
-            ])
+            .args(["check", "--json"])
+            .args(check_args(&endpoint(addr), &secret, &certs.ca))
             .output()
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap()

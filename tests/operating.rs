@@ -33,18 +33,6 @@ fn encrypt_error(c: &XksClient, key: &str) -> Option<String> {
     })
 }
 
-/// Polls `f` until it returns true, for at most `secs` seconds.
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 /// Access key id and secret from a KMS console JSON document.
 fn console_credential(json: &serde_json::Value) -> (String, String) {
     let c = &json["XksProxyAuthenticationCredential"];
@@ -246,13 +234,11 @@ fn rotation_under_continuous_load_fails_no_request() {
                         let mut conn = base.connect().await.unwrap();
                         while !stop.load(Ordering::Relaxed) {
                             let signer = current.read().unwrap().clone();
-                            let req = signer
-                                .signed_request(
-                                    "/keys/key-ed/encrypt",
-                                    bodies::encrypt(b"k", None, true).into(),
-                                    std::time::SystemTime::now(),
-                                )
-                                .unwrap();
+                            let req = signed(
+                                &signer,
+                                "/keys/key-ed/encrypt",
+                                bodies::encrypt(b"k", None, true),
+                            );
                             match conn.send(req).await {
                                 Ok(r) if r.status == 200 => {
                                     ok.fetch_add(1, Ordering::Relaxed);
@@ -306,16 +292,12 @@ fn rotation_under_continuous_load_fails_no_request() {
     let fresh = make_certs(&new_dir);
     replace_file(&fresh.key, &p.certs.key);
     replace_file(&fresh.cert, &p.certs.cert);
-    let fresh_client = XksClient::new(
-        p.addr,
-        "localhost",
-        URI_PATH,
-        &akid,
-        &secret,
-        "us-east-1",
-        xks_proxy::client::tls_config(&fresh.ca, HttpVersion::Http2).unwrap(),
-        HttpVersion::Http2,
-    );
+    let fresh_client = p
+        .client_with_tls(
+            xks_proxy::client::tls_config(&fresh.ca, HttpVersion::Http2).unwrap(),
+            HttpVersion::Http2,
+        )
+        .with_credentials(&akid, &secret);
     assert!(eventually(10, || health_status(&fresh_client) == 200));
     wait_for_requests(200);
 
@@ -348,13 +330,7 @@ fn certificate_reload_serves_new_handshakes_with_the_new_certificate() {
     let new_dir = p.dir.path().join("rotated");
     std::fs::create_dir_all(&new_dir).unwrap();
     let fresh = make_certs(&new_dir);
-    let new_client = XksClient::new(
-        p.addr,
-        "localhost",
-        URI_PATH,
-        AKID_A,
-        &p.secret_a,
-        "us-east-1",
+    let new_client = p.client_with_tls(
         xks_proxy::client::tls_config(&fresh.ca, HttpVersion::Http1).unwrap(),
         HttpVersion::Http1,
     );

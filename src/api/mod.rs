@@ -11,9 +11,11 @@
 //! 2. method → 405;
 //! 3. body size (declared, then actual) → 501 before reading more than the limit;
 //! 4. SigV4 → 401, so nothing below is reachable without the secret;
-//! 5. JSON and field validation → 400, before any HSM work;
+//! 5. the key store's rate quota → 429 (GetHealthStatus is exempt);
 //! 6. key id allowed for this key store → 404 `KeyNotFoundException`;
-//! 7. the HSM.
+//! 7. JSON and field validation → 400, before any HSM work;
+//! 8. secondary authorization (Cedar) → 403 (GetHealthStatus is exempt);
+//! 9. the HSM.
 
 pub mod types;
 
@@ -33,11 +35,13 @@ use http_body_util::BodyExt;
 use zeroize::Zeroizing;
 
 use crate::auth::{self, CredentialSet};
+use crate::authz::{AuthzRequest, Policies};
 use crate::config::{AllowedKeys, Config, HealthConfig};
 use crate::error::{ErrorName, XksError};
 use crate::health::{EkmStatus, HealthState};
 use crate::hsm::{DecryptInput, EncryptInput, Hsm};
 use crate::metrics::Metrics;
+use crate::throttle::TokenBucket;
 use types::*;
 
 /// One key store at run time.
@@ -50,6 +54,10 @@ pub struct KeyStore {
     /// Access key id and creation (or secret file modification) time of each
     /// credential, for the credential-age metric.
     pub credential_ages: Vec<(String, Option<SystemTime>)>,
+    /// Cedar policies (secondary authorization), if configured.
+    pub policies: Option<Arc<Policies>>,
+    /// Request-rate quota, if configured.
+    pub bucket: Option<Arc<TokenBucket>>,
 }
 
 impl KeyStore {
@@ -73,11 +81,21 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn from_config(cfg: &Config) -> Live {
+    /// Builds the live state. Rate-limit buckets of key stores whose quota did
+    /// not change are carried over from `previous`, so a reload does not hand
+    /// every key store a fresh burst.
+    pub fn from_config(cfg: &Config, previous: Option<&Live>) -> Live {
         let stores = cfg
             .key_stores
             .iter()
             .map(|ks| {
+                let bucket = ks.rate_limit.map(|limit| {
+                    previous
+                        .and_then(|p| p.stores.get(&ks.uri_path))
+                        .and_then(|old| old.bucket.clone())
+                        .filter(|b| b.limit() == limit)
+                        .unwrap_or_else(|| Arc::new(TokenBucket::new(limit)))
+                });
                 (
                     ks.uri_path.clone(),
                     KeyStore {
@@ -90,6 +108,8 @@ impl Live {
                             .iter()
                             .map(|c| (c.access_key_id.clone(), c.created_or_modified()))
                             .collect(),
+                        policies: ks.authorization.clone(),
+                        bucket,
                     },
                 )
             })
@@ -117,7 +137,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(cfg: &Config, hsm: Hsm, health: HealthState, metrics: Metrics) -> AppState {
         AppState {
-            live: ArcSwap::from_pointee(Live::from_config(cfg)),
+            live: ArcSwap::from_pointee(Live::from_config(cfg, None)),
             hsm,
             health,
             health_cfg: cfg.health.clone(),
@@ -210,6 +230,10 @@ struct AccessLog {
     aws_source_vpce: Option<String>,
     access_key_id: Option<String>,
     error_message: Option<String>,
+    /// Secondary authorization: `allow`, `deny` or `would-deny`...
+    authz_decision: Option<&'static str>,
+    /// ...and the ids of the policies that decided.
+    authz_policies: Option<String>,
 }
 
 impl AccessLog {
@@ -266,6 +290,8 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
                 status,
                 error_name,
                 error_message = log.error_message.as_deref(),
+                authz_decision = log.authz_decision,
+                authz_policies = log.authz_policies.as_deref(),
                 micros,
                 "request"
             )
@@ -323,7 +349,18 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
     log.access_key_id = Some(who.access_key_id);
 
     if op == Operation::GetHealthStatus {
+        // Never throttled or authorized: KMS's health checks are few, and a
+        // refused one would make KMS think the proxy is down.
         return health(app, &live, &body, log);
+    }
+    if let Some(bucket) = &store.bucket {
+        if !bucket.try_acquire() {
+            return Err(XksError::Throttling(format!(
+                "key store '{}' is over its quota of {} requests/s",
+                store.name,
+                bucket.limit().per_second
+            )));
+        }
     }
     let key_id =
         key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
@@ -337,10 +374,11 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
             store.name
         )));
     }
+    let target = Target { store, op, key_id };
     match op {
-        Operation::GetKeyMetadata => key_metadata(app, key_id, &body, log).await,
-        Operation::Encrypt => encrypt(app, key_id, &body, log).await,
-        _ => decrypt(app, key_id, &body, log).await,
+        Operation::GetKeyMetadata => key_metadata(app, &target, &body, log).await,
+        Operation::Encrypt => encrypt(app, &target, &body, log).await,
+        _ => decrypt(app, &target, &body, log).await,
     }
 }
 
@@ -441,16 +479,66 @@ fn health(
     })
 }
 
+/// What a key operation acts on.
+struct Target<'a> {
+    store: &'a KeyStore,
+    op: Operation,
+    key_id: &'a str,
+}
+
+/// Secondary authorization, after validation and before any HSM work.
+fn authorize(
+    t: &Target<'_>,
+    md: &RequestMetadata<'_>,
+    log: &mut AccessLog,
+) -> Result<(), XksError> {
+    let Some(policies) = &t.store.policies else {
+        return Ok(());
+    };
+    let verdict = policies.decide(&AuthzRequest {
+        key_store: &t.store.name,
+        action: t.op.as_str(),
+        key_id: t.key_id,
+        principal_arn: md.aws_principal_arn.as_deref().unwrap_or(""),
+        kms_operation: md.kms_operation.as_deref().unwrap_or(""),
+        kms_request_id: md.kms_request_id.as_deref().unwrap_or(""),
+        kms_key_arn: md.kms_key_arn.as_deref(),
+        kms_via_service: md.kms_via_service.as_deref(),
+        aws_source_vpc: md.aws_source_vpc.as_deref(),
+        aws_source_vpce: md.aws_source_vpce.as_deref(),
+    });
+    if !verdict.errors.is_empty() {
+        tracing::warn!(key_store = %t.store.name, errors = ?verdict.errors, "policy evaluation errors");
+    }
+    log.authz_decision = Some(verdict.decision);
+    log.authz_policies = Some(verdict.policies.join(","));
+    if verdict.allowed {
+        return Ok(());
+    }
+    let why = if verdict.policies.is_empty() {
+        "no policy permits this request".to_string()
+    } else {
+        format!("denied by policy {}", verdict.policies.join(", "))
+    };
+    Err(XksError::AccessDenied(format!(
+        "{} on key '{}' of key store '{}': {why}",
+        t.op.as_str(),
+        t.key_id,
+        t.store.name
+    )))
+}
+
 async fn key_metadata(
     app: &AppState,
-    key_id: &str,
+    t: &Target<'_>,
     body: &[u8],
     log: &mut AccessLog,
 ) -> Result<Response, XksError> {
     let req: MetadataOnlyRequest = parse_json(body)?;
     log.record_metadata(req.request_metadata.as_ref());
-    require_metadata(req.request_metadata.as_ref(), false)?;
-    let key = app.hsm.key_info(key_id).await?;
+    let md = require_metadata(req.request_metadata.as_ref(), false)?;
+    authorize(t, md, log)?;
+    let key = app.hsm.key_info(t.key_id).await?;
     to_json(&KeyMetadataResponse {
         key_spec: "AES_256",
         key_usage: key.usages.names(),
@@ -460,17 +548,22 @@ async fn key_metadata(
 
 async fn encrypt(
     app: &AppState,
-    key_id: &str,
+    t: &Target<'_>,
     body: &[u8],
     log: &mut AccessLog,
 ) -> Result<Response, XksError> {
     let req: EncryptRequest = parse_json(body)?;
     log.record_metadata(req.request_metadata.as_ref());
     let v = req.validate()?;
+    authorize(
+        t,
+        require_metadata(req.request_metadata.as_ref(), true)?,
+        log,
+    )?;
     let out = app
         .hsm
         .encrypt(
-            key_id,
+            t.key_id,
             EncryptInput {
                 plaintext: v.plaintext,
                 aad: v.aad,
@@ -484,17 +577,22 @@ async fn encrypt(
 
 async fn decrypt(
     app: &AppState,
-    key_id: &str,
+    t: &Target<'_>,
     body: &[u8],
     log: &mut AccessLog,
 ) -> Result<Response, XksError> {
     let req: DecryptRequest = parse_json(body)?;
     log.record_metadata(req.request_metadata.as_ref());
     let v = req.validate()?;
+    authorize(
+        t,
+        require_metadata(req.request_metadata.as_ref(), true)?,
+        log,
+    )?;
     let plaintext = app
         .hsm
         .decrypt(
-            key_id,
+            t.key_id,
             DecryptInput {
                 ciphertext: v.ciphertext,
                 iv: v.iv,

@@ -37,6 +37,12 @@ pub struct CheckArgs {
     /// Trust this CA too (PEM); KMS itself trusts public CAs only.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// Present this client certificate (PEM chain), as KMS does for mTLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Connect to this address instead of resolving the endpoint's host.
     #[arg(long)]
     connect_to: Option<SocketAddr>,
@@ -123,6 +129,7 @@ pub fn run(a: CheckArgs, runtime: tokio::runtime::Runtime) -> Result<(), ExitCod
         region: a.region.clone(),
         key_id: a.key_id.clone(),
         extra_ca: a.ca.clone(),
+        client_identity: a.client_cert.clone().zip(a.client_key.clone()),
         timeout: Duration::from_millis(a.timeout_ms.max(1)),
         http2: a.http2,
     };

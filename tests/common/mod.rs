@@ -132,6 +132,12 @@ pub struct Options {
     pub sessions: usize,
     pub extra_hsm: String,
     pub extra_server: String,
+    /// Lines added to `[tls]` (mutual TLS).
+    pub extra_tls: String,
+    /// Lines added to the first key store (authorization, rate limit).
+    pub extra_key_store: String,
+    /// Files written into the proxy's directory before it starts (name, content).
+    pub files: Vec<(String, String)>,
     pub create_keys: bool,
     pub health_interval_secs: u64,
 }
@@ -142,6 +148,9 @@ impl Default for Options {
             sessions: 2,
             extra_hsm: String::new(),
             extra_server: String::new(),
+            extra_tls: String::new(),
+            extra_key_store: String::new(),
+            files: Vec::new(),
             create_keys: true,
             health_interval_secs: 5,
         }
@@ -185,6 +194,7 @@ listen = "127.0.0.1:0"
 [tls]
 cert = "{cert}"
 key = "{key}"
+{extra_tls}
 
 [hsm]
 module = "{SOFTHSM}"
@@ -205,6 +215,7 @@ level = "info"
 name = "test"
 uri_path = "{URI_PATH}"
 keys = ["*"]
+{extra_key_store}
 
 [[key_stores.credentials]]
 access_key_id = "{AKID_A}"
@@ -228,6 +239,8 @@ secret_file = "secret-other"
             sessions = opts.sessions,
             extra_hsm = opts.extra_hsm,
             extra_server = opts.extra_server,
+            extra_tls = opts.extra_tls,
+            extra_key_store = opts.extra_key_store,
             health_interval = opts.health_interval_secs,
         ),
     )
@@ -250,6 +263,9 @@ impl Proxy {
         write_private(&dir.path().join("hsm-pin"), &format!("{}\n", hsm.pin));
         write_private(&dir.path().join("secret-a"), &format!("{secret_a}\n"));
         write_private(&dir.path().join("secret-other"), &secret_other);
+        for (name, content) in &opts.files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let config = write_config(dir.path(), &certs, &opts);
         let mut proxy = Proxy {
             dir: Arc::new(dir),
@@ -444,6 +460,16 @@ impl Proxy {
     }
 
     pub fn client(&self, version: HttpVersion) -> XksClient {
+        self.client_with_tls(tls_config(&self.certs.ca, version).unwrap(), version)
+    }
+
+    /// A client of the test key store (credential A) with its own TLS setup
+    /// (another CA, a client certificate).
+    pub fn client_with_tls(
+        &self,
+        tls: Arc<rustls::ClientConfig>,
+        version: HttpVersion,
+    ) -> XksClient {
         XksClient::new(
             self.addr,
             "localhost",
@@ -451,7 +477,7 @@ impl Proxy {
             AKID_A,
             &self.secret_a,
             "us-east-1",
-            tls_config(&self.certs.ca, version).unwrap(),
+            tls,
             version,
         )
     }
@@ -495,7 +521,62 @@ impl Drop for Proxy {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Every test's proxy log, whatever the test did: no secret, no PIN.
+        if !std::thread::panicking() {
+            let log = self.log();
+            for (what, secret) in [
+                ("secret A", &self.secret_a),
+                ("secret B", &self.secret_b),
+                ("secret of the other key store", &self.secret_other),
+                ("HSM PIN", &self.hsm.pin),
+            ] {
+                assert!(
+                    !log.contains(secret.as_str()),
+                    "the proxy logged the {what}"
+                );
+            }
+        }
     }
+}
+
+/// Polls `f` until it returns true, for at most `secs` seconds.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A request signed now.
+pub fn signed(
+    c: &XksClient,
+    suffix: &str,
+    body: impl Into<bytes::Bytes>,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    c.signed_request(suffix, body.into(), std::time::SystemTime::now())
+        .unwrap()
+}
+
+/// `xks-proxy check` arguments for the test key store with credential A.
+pub fn check_args(endpoint: &str, secret_file: &Path, ca: &Path) -> Vec<String> {
+    [
+        "--endpoint",
+        endpoint,
+        "--uri-path",
+        URI_PATH,
+        "--access-key-id",
+        AKID_A,
+        "--secret-file",
+        secret_file.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Runs a future on a fresh runtime (tests are sync so the proxy process can

@@ -1,0 +1,507 @@
+//! Security controls against the real server: mutual TLS, secondary
+//! authorization (Cedar), throttling and overload, connection hardening.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use xks_proxy::client::{bodies, tls_config_with_identity, HttpVersion};
+
+/// A CA for client certificates.
+fn client_ca(dir: &Path, name: &str) -> (CertifiedIssuer<'static, KeyPair>, PathBuf) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let path = dir.join(format!("{name}.crt"));
+    std::fs::write(&path, ca.pem()).unwrap();
+    (ca, path)
+}
+
+/// A client certificate for `cn` signed by `ca`; expired when `expired`.
+fn client_cert(
+    dir: &Path,
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    cn: &str,
+    expired: bool,
+) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![cn.to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = params.signed_by(&key, ca).unwrap();
+    let tag = format!(
+        "{cn}-{}-by-{:p}",
+        if expired { "expired" } else { "valid" },
+        ca
+    );
+    let (c, k) = (
+        dir.join(format!("{tag}.crt")),
+        dir.join(format!("{tag}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    write_private(&k, &key.serialize_pem());
+    (c, k)
+}
+
+fn health(p: &Proxy, identity: Option<(&Path, &Path)>) -> Result<u16, String> {
+    let tls = tls_config_with_identity(&p.certs.ca, HttpVersion::Http1, identity).unwrap();
+    let c = p.client_with_tls(tls, HttpVersion::Http1);
+    block_on(async {
+        c.call("/health", bodies::health("KmsHealthCheck"))
+            .await
+            .map(|r| r.status.as_u16())
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn mutual_tls_admits_only_the_configured_ca_and_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kms_ca, kms_ca_path) = client_ca(dir.path(), "kms-test-root");
+    let (other_ca, _) = client_ca(dir.path(), "someone-else");
+    let p = Proxy::start_with(Options {
+        extra_tls: format!(
+            "client_ca = \"{}\"\nclient_names = [\"cks.kms.*.amazonaws.com\"]",
+            kms_ca_path.display()
+        ),
+        ..Options::default()
+    });
+    let (good_c, good_k) = client_cert(
+        dir.path(),
+        &kms_ca,
+        "cks.kms.us-east-1.amazonaws.com",
+        false,
+    );
+    let (eu_c, eu_k) = client_cert(
+        dir.path(),
+        &kms_ca,
+        "cks.kms.eu-west-1.amazonaws.com",
+        false,
+    );
+    assert_eq!(health(&p, Some((&good_c, &good_k))), Ok(200));
+    assert_eq!(health(&p, Some((&eu_c, &eu_k))), Ok(200), "wildcard region");
+
+    let (foreign_c, foreign_k) = client_cert(
+        dir.path(),
+        &other_ca,
+        "cks.kms.us-east-1.amazonaws.com",
+        false,
+    );
+    let (old_c, old_k) = client_cert(dir.path(), &kms_ca, "cks.kms.us-east-1.amazonaws.com", true);
+    let (name_c, name_k) = client_cert(dir.path(), &kms_ca, "attacker.example.com", false);
+    for (what, identity) in [
+        ("no certificate", None),
+        (
+            "another CA",
+            Some((foreign_c.as_path(), foreign_k.as_path())),
+        ),
+        ("expired", Some((old_c.as_path(), old_k.as_path()))),
+        ("another name", Some((name_c.as_path(), name_k.as_path()))),
+    ] {
+        let r = health(&p, identity);
+        assert!(r.is_err(), "{what}: the handshake must be ended, got {r:?}");
+    }
+    assert!(p.wait_for_log("client certificate refused: no allowed name"));
+    // The proxy is still serving.
+    assert_eq!(health(&p, Some((&good_c, &good_k))), Ok(200));
+
+    // `check` presents a client certificate like KMS.
+    let ep = format!("https://localhost:{}", p.addr.port());
+    let secret = p.dir.path().join("secret-a");
+    let mut args = vec!["check".to_string()];
+    args.extend(check_args(&ep, &secret, &p.certs.ca));
+    args.extend(
+        [
+            "--client-cert",
+            good_c.to_str().unwrap(),
+            "--client-key",
+            good_k.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let out = p.run_bin(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("verdict: CONNECTED"), "{text}");
+}
+
+const POLICY: &str = r#"
+@id("alice")
+permit (principal, action, resource)
+when { principal.arn == "arn:aws:iam::123456789012:user/Alice" };
+
+@id("no-decrypt-of-key-ed")
+forbid (principal, action == Xks::Action::"Decrypt", resource == Xks::Key::"key-ed");
+"#;
+
+fn access_line(log: &str, needle: &str) -> serde_json::Value {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("xks_proxy::access") && l.contains(needle))
+        .unwrap_or_else(|| panic!("no access line with {needle}:\n{log}"));
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn cedar_policies_decide_name_the_policy_and_reload() {
+    let p = Proxy::start_with(Options {
+        files: vec![("policy.cedar".into(), POLICY.into())],
+        extra_key_store: r#"authorization = { policy_file = "policy.cedar", mode = "enforce" }"#
+            .into(),
+        ..Options::default()
+    });
+    let c = p.h1();
+    let aad = b"context";
+    let (enc, dec, health, other) = block_on(async {
+        let enc = c
+            .call(
+                "/keys/key-ed/encrypt",
+                bodies::encrypt(b"dk", Some(aad), false),
+            )
+            .await
+            .unwrap();
+        let dec = c
+            .call(
+                "/keys/key-ed/decrypt",
+                bodies::decrypt_from(&enc.json(), Some(aad)).to_string(),
+            )
+            .await
+            .unwrap();
+        let health = c
+            .call("/health", bodies::health("KmsHealthCheck"))
+            .await
+            .unwrap();
+        let mallory = String::from_utf8(bodies::metadata())
+            .unwrap()
+            .replace("user/Alice", "user/Mallory");
+        let other = c.call("/keys/key-ed/metadata", mallory).await.unwrap();
+        (enc, dec, health, other)
+    });
+    assert_eq!(enc.status, 200);
+    assert_eq!(dec.status, 403, "{:?}", dec.body);
+    assert_eq!(dec.error_name().as_deref(), Some("AccessDeniedException"));
+    assert!(dec.json()["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("no-decrypt-of-key-ed"));
+    assert_eq!(health.status, 200, "GetHealthStatus is exempt");
+    assert_eq!(other.status, 403);
+    assert!(other.json()["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("no policy permits"));
+    assert!(p.wait_for_log("dec-req-1"));
+    let log = p.log();
+    let line = access_line(&log, "\"operation\":\"Decrypt\"");
+    assert_eq!(line["authz_decision"], "deny");
+    assert_eq!(line["authz_policies"], "no-decrypt-of-key-ed");
+    assert_eq!(line["status"], 403);
+    let line = access_line(&log, "\"operation\":\"Encrypt\"");
+    assert_eq!(line["authz_decision"], "allow");
+    assert_eq!(line["authz_policies"], "alice");
+
+    // Policies reload without a restart; a broken file is refused.
+    let policy = p.dir.path().join("policy.cedar");
+    std::fs::write(
+        &policy,
+        "permit (principal, action, resource) when { context.typo };",
+    )
+    .unwrap();
+    assert!(
+        eventually(10, || p
+            .log()
+            .contains("policies do not fit the XKS schema")),
+        "{}",
+        p.log()
+    );
+    let decrypt_status = || {
+        block_on(async {
+            c.call(
+                "/keys/key-ed/decrypt",
+                bodies::decrypt_from(&enc.json(), Some(aad)).to_string(),
+            )
+            .await
+            .unwrap()
+            .status
+            .as_u16()
+        })
+    };
+    assert_eq!(decrypt_status(), 403, "the old policies stay in force");
+    let permit_only = POLICY.split("@id(\"no-decrypt").next().unwrap();
+    std::fs::write(&policy, permit_only).unwrap();
+    assert!(eventually(10, || decrypt_status() == 200), "{}", p.log());
+
+    // Dry run: a deny is logged as would-deny and the request proceeds.
+    std::fs::write(
+        &policy,
+        "@id(\"nobody\") forbid (principal, action, resource);",
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        config.replace("mode = \"enforce\"", "mode = \"dry-run\""),
+    )
+    .unwrap();
+    assert!(eventually(10, || decrypt_status() == 200
+        && p.log().contains("would-deny")));
+    let line = access_line(&p.log(), "would-deny");
+    assert_eq!(line["authz_policies"], "nobody");
+}
+
+#[test]
+fn a_key_store_over_its_quota_gets_429_and_health_is_exempt() {
+    let p = Proxy::start_with(Options {
+        extra_key_store: "rate_limit = { requests_per_second = 2, burst = 5 }".into(),
+        ..Options::default()
+    });
+    let c = p.h1();
+    let (statuses, names, health) = block_on(async {
+        let mut conn = c.connect().await.unwrap();
+        let mut statuses = Vec::new();
+        let mut names = Vec::new();
+        for _ in 0..12 {
+            let r = conn
+                .send(signed(
+                    &c,
+                    "/keys/key-ed/encrypt",
+                    bodies::encrypt(b"k", None, false),
+                ))
+                .await
+                .unwrap();
+            statuses.push(r.status.as_u16());
+            names.push(r.error_name());
+        }
+        let mut health = Vec::new();
+        for _ in 0..5 {
+            let req = signed(&c, "/health", bodies::health("KmsHealthCheck"));
+            health.push(conn.send(req).await.unwrap().status.as_u16());
+        }
+        (statuses, names, health)
+    });
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        (5..=6).contains(&ok),
+        "burst of 5 (+1 refill): {statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 12 - ok);
+    assert!(names.iter().flatten().all(|n| n == "ThrottlingException"));
+    assert_eq!(health, vec![200; 5]);
+    // The other key store has no quota.
+    let other = p
+        .h1()
+        .with_uri_path(OTHER_URI_PATH)
+        .with_credentials(AKID_OTHER, &p.secret_other);
+    block_on(async {
+        for _ in 0..10 {
+            let r = other
+                .call(
+                    "/keys/other-key/encrypt",
+                    bodies::encrypt(b"k", None, false),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        }
+    });
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Far more load than one HSM session can take: every answer (200, 429 or
+/// 503) is back well inside KMS's 250 ms, and memory stays flat.
+#[test]
+fn overload_turns_into_fast_errors_with_flat_memory() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let p = Proxy::start_with(Options {
+        sessions: 1,
+        extra_hsm: "queue_depth = 8\nqueue_timeout_ms = 20\noperation_timeout_ms = 60".into(),
+        ..Options::default()
+    });
+    let c = p.h2();
+    let plaintext = vec![7u8; 4300];
+    let aad = vec![9u8; 8192];
+    let body: bytes::Bytes = bodies::encrypt(&plaintext, Some(&aad), true).into();
+    let run = |secs: u64| {
+        let by_status = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, u64>::new()));
+        let slowest = Arc::new(AtomicU64::new(0));
+        block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..4 {
+                let (c, body) = (c.clone(), body.clone());
+                let (by_status, slowest) = (by_status.clone(), slowest.clone());
+                tasks.push(tokio::spawn(async move {
+                    let conn = c.connect().await.unwrap();
+                    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+                    let mut inflight = tokio::task::JoinSet::new();
+                    while std::time::Instant::now() < end {
+                        // 8 streams at a time on each HTTP/2 connection.
+                        while inflight.len() < 8 {
+                            let req = signed(&c, "/keys/key-ed/encrypt", body.clone());
+                            let send = conn.send_owned(req);
+                            inflight.spawn(async move {
+                                let t = std::time::Instant::now();
+                                let r = send.await;
+                                (r.map(|r| r.status.as_u16()).unwrap_or(0), t.elapsed())
+                            });
+                        }
+                        if let Some(Ok((status, took))) = inflight.join_next().await {
+                            *by_status.lock().unwrap().entry(status).or_default() += 1;
+                            slowest.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    while let Some(Ok((status, took))) = inflight.join_next().await {
+                        *by_status.lock().unwrap().entry(status).or_default() += 1;
+                        slowest.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let by_status = by_status.lock().unwrap().clone();
+        (by_status, slowest.load(Ordering::Relaxed))
+    };
+    let (warm, _) = run(1);
+    let rss_before = rss_kib(p.pid());
+    let (by_status, slowest_us) = run(4);
+    let rss_after = rss_kib(p.pid());
+    assert!(
+        !by_status.contains_key(&0),
+        "transport errors: {by_status:?} (warm-up {warm:?})"
+    );
+    let overloaded =
+        by_status.get(&429).copied().unwrap_or(0) + by_status.get(&503).copied().unwrap_or(0);
+    assert!(
+        overloaded > 0,
+        "the load did not exceed capacity: {by_status:?}"
+    );
+    assert!(
+        by_status.get(&200).copied().unwrap_or(0) > 0,
+        "{by_status:?}"
+    );
+    // The proxy's own time for every request (from its access log) stays
+    // inside KMS's budget; the client's view adds this shared 2-core
+    // machine's scheduling (client and server compete), so it gets slack.
+    let server_max_us = p
+        .log()
+        .lines()
+        .filter(|l| l.contains("xks_proxy::access"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["micros"].as_u64())
+        .max()
+        .unwrap();
+    assert!(
+        server_max_us < 250_000,
+        "slowest request took the proxy {server_max_us} µs: {by_status:?}"
+    );
+    assert!(
+        slowest_us < 1_000_000,
+        "slowest answer {slowest_us} µs at the client: {by_status:?}"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB under overload"
+    );
+    // And it serves normally afterwards.
+    assert_eq!(health(&p, None), Ok(200));
+}
+
+#[test]
+fn silent_slow_and_excess_connections_are_closed() {
+    use std::io::{Read, Write};
+    let p = Proxy::start_with(Options {
+        extra_server: "header_read_timeout_ms = 400\nidle_timeout_secs = 1\nmax_connections = 4"
+            .into(),
+        ..Options::default()
+    });
+    let tls = xks_proxy::client::tls_config(&p.certs.ca, HttpVersion::Http1).unwrap();
+    let open = || {
+        let tcp = std::net::TcpStream::connect(p.addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let conn =
+            rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    // Time until the server closes the connection (EOF or reset).
+    let closed_after =
+        |s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+            let t = std::time::Instant::now();
+            let mut buf = [0u8; 256];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return t.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        };
+    // 1. Handshake, then silence: closed after the idle timeout.
+    let mut s = open();
+    s.flush().unwrap();
+    let _ = s.conn.complete_io(&mut s.sock);
+    let t = closed_after(&mut s);
+    assert!(
+        t < std::time::Duration::from_secs(3),
+        "silent connection lived {t:?}"
+    );
+    // 2. Headers trickling in: closed after the header-read timeout.
+    let mut s = open();
+    s.write_all(b"POST /test/kms/xks/v1/health HTTP/1.1\r\nHost: loc")
+        .unwrap();
+    let t = closed_after(&mut s);
+    assert!(
+        t < std::time::Duration::from_secs(2),
+        "slow headers lived {t:?}"
+    );
+    // 3. Oversized headers: refused, not buffered.
+    let mut s = open();
+    let big = format!(
+        "POST /test/kms/xks/v1/health HTTP/1.1\r\nHost: localhost\r\nx-pad: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes());
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    assert!(
+        response.is_empty() || response.starts_with("HTTP/1.1 431"),
+        "{response}"
+    );
+    // 4. The connection cap: four open, the fifth is closed at once.
+    let mut held: Vec<_> = (0..4)
+        .map(|_| {
+            let mut s = open();
+            let _ = s.conn.complete_io(&mut s.sock);
+            s
+        })
+        .collect();
+    let mut fifth = open();
+    let t = std::time::Instant::now();
+    let handshake = fifth.conn.complete_io(&mut fifth.sock);
+    assert!(handshake.is_err() || closed_after(&mut fifth) < std::time::Duration::from_millis(500));
+    assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    // Once the silent ones are gone, the proxy serves again.
+    for s in &mut held {
+        closed_after(s);
+    }
+    assert!(eventually(5, || health(&p, None) == Ok(200)));
+}
