@@ -16,16 +16,49 @@ pub const MAX_METADATA_LEN: usize = 20;
 /// Largest AAD the length-prefixed construction can express (u16 length).
 pub const MAX_AAD_LEN: usize = u16::MAX as usize;
 
-/// Format byte of the metadata this proxy writes: "format 1: the HSM's AAD is
-/// the spec's length-prefixed construction and the key is the one named in the
-/// URI". Emitting it now means a later layout (for example one that carries a
-/// key version) can be told apart from ciphertext written today, which is what
-/// the spec asks a proxy to do when its AAD construction changes.
+/// Format byte of metadata layout 1: `[0x01]`, "the HSM's AAD is the spec's
+/// length-prefixed construction and the key is the one named in the URI"
+/// (version 0 of the external key).
 pub const METADATA_FORMAT_V1: u8 = 0x01;
+/// Format byte of metadata layout 2: `[0x02, version as u32 big-endian]`,
+/// "encrypted under that version of the external key" (see `keys rotate`).
+pub const METADATA_FORMAT_V2: u8 = 0x02;
 
-/// The metadata bytes this proxy returns from Encrypt.
-pub fn metadata_v1() -> [u8; 1] {
-    [METADATA_FORMAT_V1]
+/// The metadata this proxy returns from an Encrypt under `version` of a key.
+/// Version 0 keeps layout 1, so ciphertexts of keys never rotated look
+/// exactly as they always did. 5 bytes at most, well inside the spec's 20.
+pub fn metadata_for_version(version: u32) -> Vec<u8> {
+    if version == 0 {
+        vec![METADATA_FORMAT_V1]
+    } else {
+        let mut m = Vec::with_capacity(5);
+        m.push(METADATA_FORMAT_V2);
+        m.extend_from_slice(&version.to_be_bytes());
+        m
+    }
+}
+
+/// The key version a ciphertext's metadata names. Anything that is not layout
+/// 2 (no metadata, layout 1, or bytes another proxy wrote) means the base key:
+/// the metadata is bound into the GCM tag, so a wrong guess cannot decrypt
+/// anything, and ciphertexts from before versioning keep working.
+pub fn version_from_metadata(metadata: &[u8]) -> u32 {
+    match metadata {
+        [METADATA_FORMAT_V2, a, b, c, d] => u32::from_be_bytes([*a, *b, *c, *d]),
+        _ => 0,
+    }
+}
+
+/// The PKCS#11 label of `version` of external key `id`: the id itself for
+/// version 0, `id#N` after. `#` cannot occur in an external key id, so a
+/// version label never collides with another key's id, and it cannot be
+/// addressed through the API directly.
+pub fn version_label(id: &str, version: u32) -> String {
+    if version == 0 {
+        id.to_string()
+    } else {
+        format!("{id}#{version}")
+    }
 }
 
 /// Builds the AAD given to the HSM:
@@ -66,6 +99,21 @@ pub fn cdiv_sha256(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn version_metadata_round_trips() {
+        use super::*;
+        assert_eq!(metadata_for_version(0), vec![0x01]);
+        assert_eq!(metadata_for_version(7), vec![0x02, 0, 0, 0, 7]);
+        for v in [0, 1, 2, 300, u32::MAX] {
+            assert_eq!(version_from_metadata(&metadata_for_version(v)), v);
+        }
+        assert_eq!(version_from_metadata(&[]), 0);
+        assert_eq!(version_from_metadata(&[0x02, 1]), 0);
+        assert_eq!(version_from_metadata(b"other proxy"), 0);
+        assert_eq!(version_label("k", 0), "k");
+        assert_eq!(version_label("k", 3), "k#3");
+    }
+
     use super::*;
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine;

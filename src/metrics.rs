@@ -63,9 +63,9 @@ pub struct Metrics {
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
-    // ok: names, labels and buckets are constants of this file; a failure is a
-    // programming error caught by the unit test below.
-    r.expect("metric definition")
+    // Names, labels and buckets are constants of this file; a failure is a
+    // programming error that the unit test below catches.
+    r.expect("metric definition") // ok: constant definitions, unit-tested
 }
 
 impl Default for Metrics {

@@ -567,7 +567,6 @@ async fn encrypt(
             EncryptInput {
                 plaintext: v.plaintext,
                 aad: v.aad,
-                metadata: crate::aead::metadata_v1().to_vec(),
                 cdiv: v.cdiv,
             },
         )

@@ -7,7 +7,9 @@
 //!   measured from each request's *intended* send time, so a server that falls
 //!   behind shows the queueing instead of hiding it (no coordinated omission);
 //! - `--new-connection full|resume`: a fresh TLS connection per request, with a
-//!   full handshake or with session resumption.
+//!   full handshake or with session resumption;
+//! - `--idle-connections N`: N more connections held open and idle all along
+//!   (with `--server-pid`, the server's RSS then shows their cost).
 //!
 //! Every request is freshly signed. With `--server-pid` it also reports the
 //! server's CPU time per request and its RSS, read from /proc.
@@ -98,6 +100,10 @@ struct Args {
     /// Open a new TLS connection for every request.
     #[arg(long, value_enum)]
     new_connection: Option<NewConnection>,
+    /// Hold this many extra connections open and idle (TLS done, no request)
+    /// for the whole run, e.g. to measure the server's memory per connection.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
     /// The proxy's pid, to report its CPU time per request and RSS.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -319,6 +325,18 @@ async fn run(args: Args) -> std::process::ExitCode {
         }
     }
 
+    // Idle connections, opened before the measured load and held to the end.
+    let mut idle = Vec::with_capacity(args.idle_connections);
+    for i in 0..args.idle_connections {
+        match client.connect().await {
+            Ok(c) => idle.push(c),
+            Err(e) => {
+                eprintln!("xks-bench: idle connection {i} failed: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
+
     let connections = args.connections.max(1);
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
@@ -362,6 +380,8 @@ async fn run(args: Args) -> std::process::ExitCode {
         }
     }
     let stats = sampler.await.ok().flatten();
+    let idle_held = idle.len();
+    drop(idle);
     all.latencies_us.sort_unstable();
     let ok = all.latencies_us.len() as u64;
     let errors: u64 = all.errors.values().sum();
@@ -382,6 +402,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         "mode": mode,
         "http": if a.http2 { "h2" } else { "http/1.1" },
         "connections": connections,
+        "idle_connections": idle_held,
         "target_rate": a.rate,
         "duration_s": secs,
         "requests_ok": ok,

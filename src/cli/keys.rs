@@ -49,6 +49,14 @@ pub enum KeysCommand {
         config: PathBuf,
         id: String,
     },
+    /// Create a new version of a key: Encrypt switches to it (within the key
+    /// cache TTL) and records the version in the ciphertext metadata; earlier
+    /// ciphertexts keep decrypting with the version they name.
+    Rotate {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
+    },
     /// Enable a key again (removes the marker object).
     Enable {
         #[arg(long, short)]
@@ -150,25 +158,53 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
         }
         KeysCommand::List { config, json } => {
             let token = open(&config)?;
-            for k in token.list_keys().map_err(fail)? {
+            let all = token.list_keys().map_err(fail)?;
+            // Version keys (`id#N`) are shown as their external key's version count.
+            let latest = |id: &str| {
+                all.iter()
+                    .filter_map(|k| {
+                        k.label
+                            .strip_prefix(id)?
+                            .strip_prefix('#')?
+                            .parse::<u32>()
+                            .ok()
+                    })
+                    .max()
+                    .unwrap_or(0)
+            };
+            for k in all.iter().filter(|k| !k.label.contains('#')) {
                 if json {
-                    println!("{}", key_json(&k));
+                    let mut v = key_json(k);
+                    v["latestVersion"] = latest(&k.label).into();
+                    println!("{v}");
                 } else {
                     println!(
-                        "{:<40} {:<8} {:<9} {}",
+                        "{:<40} {:<8} {:<9} v{:<4} {}",
                         k.label,
-                        spec(&k),
-                        status(&k),
+                        spec(k),
+                        status(k),
+                        latest(&k.label),
                         k.usages.names().join(",")
                     );
                 }
             }
             Ok(())
         }
+        KeysCommand::Rotate { config, id } => {
+            check_id(&id)?;
+            let (version, key) = open(&config)?.rotate(&id).map_err(fail)?;
+            println!(
+                "{id}: version {version} created ({}); Encrypt uses it within hsm.key_cache_ttl_ms",
+                key.label
+            );
+            Ok(())
+        }
         KeysCommand::Show { config, id, json } => {
             check_id(&id)?;
-            let d = open(&config)?.key_details(&id).map_err(fail)?;
+            let token = open(&config)?;
+            let d = token.key_details(&id).map_err(fail)?;
             let mut v = key_json(&d.info);
+            v["latestVersion"] = token.latest_version(&id).map_err(fail)?.into();
             v["startDate"] = d.start_date.clone().into();
             v["endDate"] = d.end_date.clone().into();
             v["sensitive"] = d.sensitive.into();

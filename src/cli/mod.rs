@@ -118,7 +118,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 fn serve(path: &Path) -> Result<(), ExitCode> {
     let cfg = load(path)?;
-    crate::logging::init(&cfg.logging);
+    let _log = crate::logging::init(&cfg.logging);
     let result = runtime()?.block_on(crate::server::run(
         cfg,
         Some(path.to_path_buf()),

@@ -17,6 +17,9 @@ use super::token::KeyInfo;
 pub(crate) struct KeyCache {
     ttl: Duration,
     entries: RwLock<HashMap<String, (KeyInfo, Instant)>>,
+    /// Latest version of each external key (see `keys rotate`), same TTL: a
+    /// rotation is picked up by every instance within it.
+    versions: RwLock<HashMap<String, (u32, Instant)>>,
 }
 
 impl KeyCache {
@@ -24,6 +27,7 @@ impl KeyCache {
         KeyCache {
             ttl,
             entries: RwLock::new(HashMap::new()),
+            versions: RwLock::new(HashMap::new()),
         }
     }
 
@@ -44,5 +48,19 @@ impl KeyCache {
     pub fn remove(&self, label: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.remove(label);
+    }
+
+    /// The cached latest version of `id`, if younger than the TTL.
+    pub fn fresh_version(&self, id: &str) -> Option<u32> {
+        let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        versions
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(v, _)| *v)
+    }
+
+    pub fn set_version(&self, id: &str, version: u32) {
+        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        versions.insert(id.to_string(), (version, Instant::now()));
     }
 }

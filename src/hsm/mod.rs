@@ -34,11 +34,11 @@ use crate::metrics::Metrics;
 use keys::KeyCache;
 use worker::{check_key, Job, OpKind, Shared, Worker};
 
-/// Input of one Encrypt, already decoded and validated.
+/// Input of one Encrypt, already decoded and validated. The ciphertext
+/// metadata is chosen by the HSM layer: it records the key version used.
 pub struct EncryptInput {
     pub plaintext: Zeroizing<Vec<u8>>,
     pub aad: Vec<u8>,
-    pub metadata: Vec<u8>,
     pub cdiv: bool,
 }
 

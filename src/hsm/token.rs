@@ -267,6 +267,36 @@ impl Token {
             .map_err(p11("C_GetAttributeValue"))
     }
 
+    /// The newest version of external key `id` (0 when never rotated).
+    pub fn latest_version(&self, id: &str) -> Result<u32, HsmError> {
+        let mut v = 0;
+        while !find_keys(&self.session, &crate::aead::version_label(id, v + 1))
+            .map_err(p11("C_FindObjects"))?
+            .is_empty()
+        {
+            v += 1;
+        }
+        Ok(v)
+    }
+
+    /// Creates the next version of external key `id`: a new AES-256 key
+    /// labelled `id#N` with the base key's usages. Encrypt uses it (after the
+    /// key cache TTL); ciphertexts of earlier versions still decrypt, because
+    /// their metadata names the version they were made with.
+    pub fn rotate(&self, id: &str) -> Result<(u32, KeyInfo), HsmError> {
+        let handle = self.find_one(id)?;
+        let base = read_key_info(&self.session, handle, id, SystemTime::now())
+            .map_err(p11("C_GetAttributeValue"))?;
+        if !base.aes256 {
+            return Err(HsmError::Key(format!(
+                "'{id}' is not an AES-256 key; only keys that can back KMS are rotated"
+            )));
+        }
+        let next = self.latest_version(id)? + 1;
+        let key = self.create_aes_key(&crate::aead::version_label(id, next), base.usages)?;
+        Ok((next, key))
+    }
+
     /// Every secret key in the token, sorted by label.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>, HsmError> {
         let handles = self

@@ -22,7 +22,10 @@ use zeroize::Zeroizing;
 use super::keys::KeyCache;
 use super::token::{find_keys, login, read_key_info, KeyInfo};
 use super::{DecryptInput, EncryptInput, EncryptOutput};
-use crate::aead::{cdiv_sha256, hsm_aad, IV_LEN, TAG_LEN};
+use crate::aead::{
+    cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
+    TAG_LEN,
+};
 use crate::config::IvSource;
 use crate::error::XksError;
 use crate::metrics::Metrics;
@@ -52,6 +55,40 @@ pub(crate) struct Shared {
 pub(crate) struct Worker {
     shared: Arc<Shared>,
     session: Option<Session>,
+    ivs: IvPool,
+}
+
+/// GCM IVs from the HSM's random generator, fetched in batches: one
+/// `C_GenerateRandom` per [`IV_BATCH`] encryptions instead of one each. An IV
+/// must be unique and unpredictable, not secret, and each one in the buffer is
+/// handed out exactly once, so batching changes nothing but the cost.
+struct IvPool {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// IVs fetched per `C_GenerateRandom`.
+const IV_BATCH: usize = 256;
+
+impl IvPool {
+    fn new() -> Self {
+        IvPool {
+            buf: vec![0; IV_LEN * IV_BATCH],
+            // Empty: the first use fills it.
+            pos: IV_LEN * IV_BATCH,
+        }
+    }
+
+    fn next(&mut self, s: &Session) -> Result<[u8; IV_LEN], P11Error> {
+        if self.pos + IV_LEN > self.buf.len() {
+            s.generate_random_slice(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let mut iv = [0u8; IV_LEN];
+        iv.copy_from_slice(&self.buf[self.pos..self.pos + IV_LEN]);
+        self.pos += IV_LEN;
+        Ok(iv)
+    }
 }
 
 /// Failure inside an operation: either already an XKS error, or a raw PKCS#11
@@ -92,6 +129,7 @@ impl Worker {
         Worker {
             shared,
             session: None,
+            ivs: IvPool::new(),
         }
     }
 
@@ -126,8 +164,9 @@ impl Worker {
                 .map_err(|e| XksError::Internal(format!("HSM login failed: {e}")))?;
             self.session = Some(s);
         }
-        // ok: set just above when it was None.
-        Ok(self.session.as_ref().expect("session present"))
+        self.session
+            .as_ref()
+            .ok_or_else(|| XksError::Internal("no HSM session".into()))
     }
 
     /// Maps a PKCS#11 error to the XKS error the spec expects, and drops the
@@ -190,6 +229,15 @@ impl Worker {
             }
             (None, _) => XksError::Internal(format!("key manager error: {e}")),
         }
+    }
+
+    fn next_iv(&mut self) -> Result<[u8; IV_LEN], XksError> {
+        self.session()?;
+        let result = match self.session.as_ref() {
+            Some(s) => self.ivs.next(s),
+            None => return Err(XksError::Internal("no HSM session".into())),
+        };
+        result.map_err(|e| self.map_p11(e, OpKind::Encrypt))
     }
 
     /// Looks a key up by label, from the cache unless `fresh`.
@@ -260,22 +308,67 @@ impl Worker {
         ))
     }
 
-    pub fn encrypt(
-        &mut self,
-        label: &str,
-        input: &EncryptInput,
-    ) -> Result<EncryptOutput, XksError> {
-        self.with_key(label, OpKind::Encrypt, |s, key, shared| {
-            encrypt_once(s, key.handle, shared.iv_source, input)
+    /// The newest version of external key `id`: the highest N for which a key
+    /// labelled `id#N` exists (0 when never rotated). Cached for the key cache
+    /// TTL; a refresh probes `id#1`, `id#2`, … (one `C_FindObjects` each).
+    fn latest_version(&mut self, id: &str) -> Result<u32, XksError> {
+        if let Some(v) = self.shared.keys.fresh_version(id) {
+            return Ok(v);
+        }
+        let session = self.session()?;
+        let mut v = 0;
+        let probed = loop {
+            match find_keys(session, &version_label(id, v + 1)) {
+                Ok(found) if found.is_empty() => break Ok(v),
+                Ok(_) => v += 1,
+                Err(e) => break Err(e),
+            }
+        };
+        match probed {
+            Ok(v) => {
+                self.shared.keys.set_version(id, v);
+                Ok(v)
+            }
+            Err(e) => Err(self.map_p11(e, OpKind::Lookup)),
+        }
+    }
+
+    /// For a version other than 0, the base key (the external key id itself)
+    /// must allow the operation too: disabling a key disables all its versions.
+    fn check_family(&mut self, id: &str, version: u32, kind: OpKind) -> Result<(), XksError> {
+        if version > 0 {
+            let base = self.resolve(id, false)?;
+            check_key(&base, kind)?;
+        }
+        Ok(())
+    }
+
+    /// Encrypts under the newest version of `id`, recording it in the metadata.
+    pub fn encrypt(&mut self, id: &str, input: &EncryptInput) -> Result<EncryptOutput, XksError> {
+        let version = self.latest_version(id)?;
+        self.check_family(id, version, OpKind::Encrypt)?;
+        let metadata = metadata_for_version(version);
+        // Taken before the key lookup: an attempt that fails on a stale key
+        // handle encrypts nothing, so its retry may use the same IV.
+        let iv = match self.shared.iv_source {
+            IvSource::HsmRng => Some(self.next_iv()?),
+            IvSource::HsmGenerated => None,
+        };
+        self.with_key(&version_label(id, version), OpKind::Encrypt, |s, key, _| {
+            encrypt_once(s, key.handle, iv, &metadata, input)
         })
     }
 
+    /// Decrypts with the version of `id` that the ciphertext metadata names.
     pub fn decrypt(
         &mut self,
-        label: &str,
+        id: &str,
         input: &DecryptInput,
     ) -> Result<Zeroizing<Vec<u8>>, XksError> {
-        self.with_key(label, OpKind::Decrypt, |s, key, _| {
+        let version = version_from_metadata(&input.metadata);
+        self.check_family(id, version, OpKind::Decrypt)?;
+        let label = version_label(id, version);
+        let result = self.with_key(&label, OpKind::Decrypt, |s, key, _| {
             let aad = hsm_aad(&input.aad, &input.metadata);
             Ok(gcm_decrypt(
                 s,
@@ -285,7 +378,15 @@ impl Worker {
                 &input.ciphertext,
                 &input.tag,
             )?)
-        })
+        });
+        match result {
+            // The base key exists (checked above); a missing version means the
+            // metadata does not describe a ciphertext of this key.
+            Err(XksError::KeyNotFound(_)) if version > 0 => Err(XksError::InvalidCiphertext(
+                format!("the ciphertext metadata names version {version} of key '{id}', which does not exist"),
+            )),
+            other => other,
+        }
     }
 
     /// Deep health probe: a real encrypt and decrypt with the health-check key.
@@ -296,7 +397,6 @@ impl Worker {
         let input = EncryptInput {
             plaintext,
             aad: b"xks-proxy health probe".to_vec(),
-            metadata: crate::aead::metadata_v1().to_vec(),
             cdiv: true,
         };
         // `cdiv: true` makes encrypt do its verification decrypt in the HSM.
@@ -336,14 +436,13 @@ pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), XksError> {
 fn encrypt_once(
     s: &Session,
     key: ObjectHandle,
-    iv_source: IvSource,
+    iv: Option<[u8; IV_LEN]>,
+    metadata: &[u8],
     input: &EncryptInput,
 ) -> Result<EncryptOutput, OpError> {
-    let mut iv = vec![0u8; IV_LEN];
-    if iv_source == IvSource::HsmRng {
-        s.generate_random_slice(&mut iv)?;
-    }
-    let aad = hsm_aad(&input.aad, &input.metadata);
+    // Without an IV from the pool the HSM generates it into this buffer.
+    let mut iv = iv.unwrap_or([0u8; IV_LEN]).to_vec();
+    let aad = hsm_aad(&input.aad, metadata);
     let mut out = {
         let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
         s.encrypt(&Mechanism::AesGcm(params), key, &input.plaintext)?
@@ -360,7 +459,7 @@ fn encrypt_once(
     let ciphertext = out;
     let cdiv = input
         .cdiv
-        .then(|| cdiv_sha256(&input.aad, &input.metadata, &iv, &ciphertext, &tag));
+        .then(|| cdiv_sha256(&input.aad, metadata, &iv, &ciphertext, &tag));
     if input.cdiv {
         let check = gcm_decrypt(s, key, &iv, &aad, &ciphertext, &tag)?;
         if !bool::from(check.as_slice().ct_eq(input.plaintext.as_slice())) {
@@ -374,7 +473,7 @@ fn encrypt_once(
         ciphertext,
         iv,
         tag,
-        metadata: input.metadata.clone(),
+        metadata: metadata.to_vec(),
         cdiv,
     })
 }

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The performance measurements of docs/performance.md, repeatable.
+#
+#   scripts/bench.sh [OUT_DIR]      (default docs/bench)
+#
+# Starts the dev proxy (scripts/dev-up.sh must have run once: token, keys,
+# certs) from the release build, runs xks-bench for each target of the
+# performance issue and for a latency-versus-offered-load curve, and writes
+# one JSON object per run to OUT_DIR/results.jsonl, then OUT_DIR/curve.png
+# (when matplotlib is available). Needs an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-docs/bench}
+mkdir -p "$out"
+results=$out/results.jsonl
+: > "$results"
+
+cargo build --release --bins
+export SOFTHSM2_CONF=$PWD/.dev/softhsm2.conf
+[ -f .dev/softhsm2.conf ] || { echo "run scripts/dev-up.sh once first" >&2; exit 2; }
+
+pkill -f 'xks-proxy serve --config config/dev.toml' 2>/dev/null || true
+sleep 0.5
+./target/release/xks-proxy serve --config config/dev.toml 2>/tmp/xks-bench-proxy.log &
+proxy=$!
+trap 'kill $proxy 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  grep -q listening /tmp/xks-bench-proxy.log && break
+  sleep 0.1
+done
+
+bench() {
+  local label=$1; shift
+  echo "== $label: xks-bench $*" >&2
+  ./target/release/xks-bench --server-pid "$proxy" --json "$@" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); r["label"]=sys.argv[1]; print(json.dumps(r))' "$label" \
+    | tee -a "$results" >&2
+}
+
+# Targets.
+bench closed-8      --op encrypt --connections 8  --duration 20
+bench closed-64     --op encrypt --connections 64 --duration 20
+bench closed-64-h2  --op encrypt --connections 64 --duration 20 --http2
+bench open-1800     --op encrypt --connections 16 --rate 1800 --duration 60
+bench new-conn-full   --op encrypt --connections 4 --new-connection full   --duration 10
+bench new-conn-resume --op encrypt --connections 4 --new-connection resume --duration 10
+bench idle-1000     --op encrypt --connections 4 --rate 200 --duration 5 --idle-connections 1000 --http2
+
+# Latency versus offered load, open loop, up to saturation.
+for rate in 500 1000 1800 3000 5000 8000 11000 14000 17000 20000; do
+  bench "curve-$rate" --op encrypt --connections 64 --rate "$rate" --duration 10
+done
+bench mix-64 --op mix --connections 64 --duration 20
+
+python3 scripts/bench-report.py "$results" "$out" || true
