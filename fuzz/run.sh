@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(request_decoding sigv4_authorization config_loader)
+[ ${#targets[@]} -gt 0 ] || targets=(request_decoding sigv4_authorization config_loader proxy_protocol)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"

@@ -103,6 +103,9 @@ struct RawServer {
     shutdown_grace_secs: u64,
     #[serde(default = "default_reload_poll")]
     reload_poll_ms: u64,
+    /// Expect a PROXY protocol v2 header on every XKS connection (NLB).
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +339,8 @@ pub struct ServerConfig {
     /// How often the config, secret and certificate files are checked for
     /// changes; `None` when file watching is off (SIGHUP still reloads).
     pub reload_poll: Option<Duration>,
+    /// Every connection to the XKS listener starts with a PROXY v2 header.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -512,7 +517,8 @@ impl Config {
                     || a.idle_timeout != b.idle_timeout
                     || a.max_connections != b.max_connections
                     || a.shutdown_grace != b.shutdown_grace
-                    || a.reload_poll != b.reload_poll,
+                    || a.reload_poll != b.reload_poll
+                    || a.proxy_protocol != b.proxy_protocol,
             ),
             (
                 "hsm",
@@ -668,6 +674,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
         reload_poll: (raw.reload_poll_ms > 0)
             .then(|| Duration::from_millis(raw.reload_poll_ms.max(100))),
+        proxy_protocol: raw.proxy_protocol,
     })
 }
 

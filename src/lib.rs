@@ -15,6 +15,7 @@
 //! - [`hsm`]: the PKCS#11 token, its session pool and key cache;
 //! - [`health`]: the background deep health probe;
 //! - [`server`]: listeners, connections, graceful shutdown;
+//! - [`proxy_protocol`]: PROXY protocol v2 from a load balancer (NLB);
 //! - [`idle`]: closing connections whose client went silent;
 //! - [`reload`]: hot reload of key stores, credentials and the certificate;
 //! - [`metrics`] and [`admin`]: Prometheus metrics on the admin listener;
@@ -38,6 +39,7 @@ pub mod idle;
 pub mod logging;
 pub mod metrics;
 pub mod mtls;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod throttle;

@@ -28,6 +28,7 @@ use crate::hsm::{Hsm, HsmError, Usages};
 use crate::idle::{idle_deadline, Activity, ActivityIo};
 use crate::metrics::Metrics;
 use crate::mtls::ClientVerifier;
+use crate::proxy_protocol::read_header;
 use crate::reload::Reloader;
 use crate::tls::CertResolver;
 
@@ -47,9 +48,14 @@ pub enum ServeError {
     Join(String),
 }
 
-/// The peer address of a connection, attached to each request.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
+/// Who is on the other end of a connection, attached to each request for the
+/// access log: the TCP peer, or the client a PROXY protocol header names.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    /// The VPC endpoint id from the load balancer's PROXY header, if any.
+    pub vpce_id: Option<Arc<str>>,
+}
 
 /// Opens the HSM, makes sure the health-check key exists. Blocking work runs
 /// on the blocking pool.
@@ -214,11 +220,11 @@ fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// The router as a hyper service that tags every request with its
-/// connection's peer address (for the access log).
+/// connection's [`ConnInfo`] (for the access log).
 #[derive(Clone)]
 struct PeerService {
     router: Router,
-    peer: SocketAddr,
+    info: ConnInfo,
 }
 
 impl hyper::service::Service<http::Request<Incoming>> for PeerService {
@@ -227,13 +233,13 @@ impl hyper::service::Service<http::Request<Incoming>> for PeerService {
     type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(PeerAddr(self.peer));
+        req.extensions_mut().insert(self.info.clone());
         self.router.clone().call(req.map(axum::body::Body::new))
     }
 }
 
-fn with_peer(router: Router, peer: SocketAddr) -> PeerService {
-    PeerService { router, peer }
+fn with_peer(router: Router, info: ConnInfo) -> PeerService {
+    PeerService { router, info }
 }
 
 async fn serve_tls(
@@ -263,7 +269,8 @@ async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let builder = builder.clone();
-        let service = with_peer(router.clone(), peer);
+        let router = router.clone();
+        let proxy_protocol = cfg.proxy_protocol;
         let handshake_timeout = cfg.tls_handshake_timeout;
         let idle_timeout = cfg.idle_timeout;
         let watcher = graceful.watcher();
@@ -272,7 +279,26 @@ async fn serve_tls(
             let _permit = permit;
             metrics.connections_open.inc();
             let _open = DecOnDrop(&metrics.connections_open);
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+            // The PROXY header (when configured) and the TLS handshake share
+            // one deadline: a client cannot stall either.
+            let start = async {
+                let mut tcp = tcp;
+                let mut info = ConnInfo {
+                    client: peer,
+                    vpce_id: None,
+                };
+                if proxy_protocol {
+                    let header = read_header(&mut tcp)
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    if let Some(client) = header.source {
+                        info.client = client;
+                    }
+                    info.vpce_id = header.vpce_id.map(Arc::from);
+                }
+                acceptor.accept(tcp).await.map(|tls| (tls, info))
+            };
+            let (tls, info) = match tokio::time::timeout(handshake_timeout, start).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     metrics
@@ -293,6 +319,7 @@ async fn serve_tls(
             };
             let activity = Activity::new();
             let io = ActivityIo::new(tls, activity.clone());
+            let service = with_peer(router, info);
             let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             tokio::select! {
                 r = conn => if let Err(e) = r {
@@ -326,14 +353,34 @@ async fn serve_plain(
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout);
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
+        let Ok((mut tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let service = with_peer(router.clone(), peer);
-        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        let builder = builder.clone();
+        let router = router.clone();
+        let proxy_protocol = cfg.proxy_protocol;
+        let header_timeout = cfg.header_read_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            // An NLB with PROXY protocol on sends the header on its health
+            // checks too; accept it here when present (this listener serves
+            // only /ping, so a missing header is no risk).
+            if proxy_protocol {
+                let mut sig = [0u8; 12];
+                let peeked = tokio::time::timeout(header_timeout, tcp.peek(&mut sig)).await;
+                if matches!(peeked, Ok(Ok(12))) && sig == crate::proxy_protocol::SIGNATURE {
+                    let read = tokio::time::timeout(header_timeout, read_header(&mut tcp)).await;
+                    if !matches!(read, Ok(Ok(_))) {
+                        return;
+                    }
+                }
+            }
+            let info = ConnInfo {
+                client: peer,
+                vpce_id: None,
+            };
+            let conn = builder.serve_connection(TokioIo::new(tcp), with_peer(router, info));
             let _ = watcher.watch(conn).await;
         });
     }

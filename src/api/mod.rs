@@ -41,6 +41,7 @@ use crate::error::{ErrorName, XksError};
 use crate::health::{EkmStatus, HealthState};
 use crate::hsm::{DecryptInput, EncryptInput, Hsm};
 use crate::metrics::Metrics;
+use crate::server::ConnInfo;
 use crate::throttle::TokenBucket;
 use types::*;
 
@@ -236,6 +237,14 @@ struct AccessLog {
     authz_policies: Option<String>,
 }
 
+/// The connection's client and VPC endpoint (from a PROXY header) for the log.
+fn conn_fields(req: &Request) -> (Option<String>, Option<Arc<str>>) {
+    match req.extensions().get::<ConnInfo>() {
+        Some(c) => (Some(c.client.to_string()), c.vpce_id.clone()),
+        None => (None, None),
+    }
+}
+
 impl AccessLog {
     fn record_metadata(&mut self, md: Option<&RequestMetadata<'_>>) {
         if let Some(md) = md {
@@ -254,6 +263,7 @@ impl AccessLog {
 async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
     let mut log = AccessLog::default();
+    let (client_addr, proxy_vpce_id) = conn_fields(&req);
     let response = match handle(&app, req, &mut log).await {
         Ok(r) => r,
         Err(e) => {
@@ -283,6 +293,8 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
                 kms_key_arn = log.kms_key_arn.as_deref(),
                 kms_via_service = log.kms_via_service.as_deref(),
                 aws_source_vpce = log.aws_source_vpce.as_deref(),
+                client_addr = client_addr.as_deref(),
+                proxy_vpce_id = proxy_vpce_id.as_deref(),
                 key_store = log.key_store.as_deref(),
                 access_key_id = log.access_key_id.as_deref(),
                 operation = log.operation,
