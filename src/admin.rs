@@ -46,16 +46,16 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     m.cert_expiry_days
         .set(days_between(now, s.certs.not_after()));
 
-    let (status, _) = app.health.current();
-    let ekm_id = &app.hsm.ekm_info().id;
-    for candidate in [
-        EkmStatus::Active,
-        EkmStatus::Degraded,
-        EkmStatus::Unavailable,
-    ] {
-        m.ekm_health
-            .with_label_values(&[ekm_id, candidate.as_str()])
-            .set(i64::from(candidate == status));
+    for (ekm, status) in app.hsm.details() {
+        for candidate in [
+            EkmStatus::Active,
+            EkmStatus::Degraded,
+            EkmStatus::Unavailable,
+        ] {
+            m.ekm_health
+                .with_label_values(&[&ekm.id, candidate.as_str()])
+                .set(i64::from(candidate == status));
+        }
     }
 
     // Credentials come and go with reloads: rebuild the family each scrape.

@@ -122,7 +122,7 @@ struct RawTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHsm {
-    module: PathBuf,
+    module: Option<PathBuf>,
     token_label: Option<String>,
     slot_id: Option<u64>,
     pin_file: Option<PathBuf>,
@@ -140,6 +140,21 @@ struct RawHsm {
     #[serde(default = "default_key_cache_ttl")]
     key_cache_ttl_ms: u64,
     ekm_vendor: Option<String>,
+    /// Several key managers (e.g. the HSMs of a cluster holding the same keys).
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+/// One key manager; unset fields are taken from `[hsm]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Option<String>,
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    slot_id: Option<u64>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,9 +375,9 @@ pub struct ClientAuthConfig {
 }
 
 pub struct HsmConfig {
-    pub module: PathBuf,
-    pub token: TokenSelector,
-    pub pin: Zeroizing<String>,
+    /// The key managers, 1 to 10. Requests go to healthy ones and fail over.
+    pub backends: Vec<BackendConfig>,
+    /// Logged-in sessions per key manager.
     pub sessions: usize,
     pub queue_depth: usize,
     pub queue_timeout: Duration,
@@ -375,12 +390,41 @@ pub struct HsmConfig {
 impl std::fmt::Debug for HsmConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HsmConfig")
-            .field("module", &self.module)
-            .field("token", &self.token)
-            .field("pin", &"<redacted>")
+            .field("backends", &self.backends)
             .field("sessions", &self.sessions)
             .field("iv_source", &self.iv_source)
             .finish_non_exhaustive()
+    }
+}
+
+/// One key manager: a PKCS#11 module and a token in it.
+#[derive(Clone)]
+pub struct BackendConfig {
+    /// Its id in `ekmFleetDetails`, logs and metrics; default: the token's
+    /// label and serial number.
+    pub name: Option<String>,
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    pub pin: Zeroizing<String>,
+}
+
+impl PartialEq for BackendConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.module == other.module
+            && self.token == other.token
+            && *self.pin == *other.pin
+    }
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("name", &self.name)
+            .field("module", &self.module)
+            .field("token", &self.token)
+            .field("pin", &"<redacted>")
+            .finish()
     }
 }
 
@@ -522,9 +566,7 @@ impl Config {
             ),
             (
                 "hsm",
-                h.module != g.module
-                    || h.token != g.token
-                    || *h.pin != *g.pin
+                h.backends != g.backends
                     || h.sessions != g.sessions
                     || h.queue_depth != g.queue_depth
                     || h.queue_timeout != g.queue_timeout
@@ -737,42 +779,122 @@ fn validate_tls(raw: RawTls, base: &Path) -> Result<TlsConfig, ConfigError> {
     })
 }
 
-fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
-    let module = resolve(base, &raw.module);
+/// Validates one key manager's module, token selector and PIN; `field` names
+/// it in errors (`hsm` or `hsm.backends[i]`).
+fn validate_backend(
+    field: &str,
+    name: Option<String>,
+    module: Option<PathBuf>,
+    token: (Option<String>, Option<u64>),
+    pin: (Option<PathBuf>, Option<String>),
+    base: &Path,
+) -> Result<BackendConfig, ConfigError> {
+    let module = resolve(
+        base,
+        &module
+            .ok_or_else(|| invalid(format!("{field}.module"), "the PKCS#11 library is required"))?,
+    );
     if !module.is_file() {
         return Err(invalid(
-            "hsm.module",
+            format!("{field}.module"),
             format!(
                 "{} is not a file (the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so)",
                 module.display()
             ),
         ));
     }
-    let token = match (raw.token_label, raw.slot_id) {
+    let token = match token {
         (Some(label), None) if !label.is_empty() && label.len() <= 32 => {
             TokenSelector::Label(label)
         }
         (Some(_), None) => {
-            return Err(invalid("hsm.token_label", "must be 1 to 32 characters"));
+            return Err(invalid(
+                format!("{field}.token_label"),
+                "must be 1 to 32 characters",
+            ));
         }
         (None, Some(slot)) => TokenSelector::Slot(slot),
         _ => {
             return Err(invalid(
-                "hsm.token_label / hsm.slot_id",
+                format!("{field}.token_label / {field}.slot_id"),
                 "set exactly one of them",
             ))
         }
     };
     let pin = read_secret(
-        "hsm.pin_file",
-        "hsm.pin_env",
-        raw.pin_file,
-        raw.pin_env,
+        &format!("{field}.pin_file"),
+        &format!("{field}.pin_env"),
+        pin.0,
+        pin.1,
         base,
     )?;
     if pin.is_empty() {
-        return Err(invalid("hsm.pin_file / hsm.pin_env", "the PIN is empty"));
+        return Err(invalid(
+            format!("{field}.pin_file / {field}.pin_env"),
+            "the PIN is empty",
+        ));
     }
+    if let Some(n) = &name {
+        if n.is_empty() || n.len() > 64 {
+            return Err(invalid(
+                format!("{field}.name"),
+                "must be 1 to 64 characters",
+            ));
+        }
+    }
+    Ok(BackendConfig {
+        name,
+        module,
+        token,
+        pin,
+    })
+}
+
+fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
+    let backends = if raw.backends.is_empty() {
+        vec![validate_backend(
+            "hsm",
+            None,
+            raw.module,
+            (raw.token_label, raw.slot_id),
+            (raw.pin_file, raw.pin_env),
+            base,
+        )?]
+    } else {
+        if raw.backends.len() > 10 {
+            return Err(invalid(
+                "hsm.backends",
+                "at most 10 key managers (the spec's ekmFleetDetails limit)",
+            ));
+        }
+        let mut out = Vec::with_capacity(raw.backends.len());
+        for (i, b) in raw.backends.into_iter().enumerate() {
+            // A backend inherits the module and PIN of [hsm] unless it sets its own.
+            let pin = if b.pin_file.is_some() || b.pin_env.is_some() {
+                (b.pin_file, b.pin_env)
+            } else {
+                (raw.pin_file.clone(), raw.pin_env.clone())
+            };
+            out.push(validate_backend(
+                &format!("hsm.backends[{i}]"),
+                b.name,
+                b.module.or_else(|| raw.module.clone()),
+                (b.token_label, b.slot_id),
+                pin,
+                base,
+            )?);
+        }
+        let mut names = HashSet::new();
+        for name in out.iter().filter_map(|b| b.name.as_ref()) {
+            if !names.insert(name.clone()) {
+                return Err(invalid(
+                    "hsm.backends",
+                    format!("two key managers are named '{name}'"),
+                ));
+            }
+        }
+        out
+    };
     if raw.sessions == 0 || raw.sessions > 256 {
         return Err(invalid("hsm.sessions", "must be between 1 and 256"));
     }
@@ -793,9 +915,7 @@ fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
         ));
     }
     Ok(HsmConfig {
-        module,
-        token,
-        pin,
+        backends,
         sessions: raw.sessions,
         queue_depth: raw.queue_depth,
         queue_timeout: Duration::from_millis(raw.queue_timeout_ms),

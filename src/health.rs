@@ -41,6 +41,9 @@ impl EkmStatus {
     }
 }
 
+/// How long one probe may take before it counts as failed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Oldest probe result the proxy may report (spec: one minute).
 const MAX_RESULT_AGE: Duration = Duration::from_secs(60);
 
@@ -99,7 +102,8 @@ impl HealthState {
     /// Runs one probe and records its result.
     pub async fn probe_once(&self, hsm: &Hsm, cfg: &HealthConfig) -> EkmStatus {
         let started = Instant::now();
-        let result = hsm.probe(&cfg.key_label).await;
+        // The probe measures latency, so it gets more time than a request.
+        let result = hsm.probe(&cfg.key_label, started + PROBE_TIMEOUT).await;
         let elapsed = started.elapsed();
         let (status, detail) = match result {
             Ok(()) if elapsed <= cfg.degraded_latency => (EkmStatus::Active, None),
@@ -114,10 +118,13 @@ impl HealthState {
         };
         let previous = self.current().0;
         if status != previous {
+            let ekm = &hsm.ekm_info().id;
             match status {
-                EkmStatus::Active => tracing::info!(status = ?status, "key manager health changed"),
+                EkmStatus::Active => {
+                    tracing::info!(ekm = %ekm, status = ?status, "key manager health changed")
+                }
                 _ => {
-                    tracing::warn!(status = ?status, detail = detail.as_deref().unwrap_or(""), "key manager health changed")
+                    tracing::warn!(ekm = %ekm, status = ?status, detail = detail.as_deref().unwrap_or(""), "key manager health changed")
                 }
             }
         }

@@ -23,8 +23,7 @@ use tower_service::Service;
 use crate::admin::AdminState;
 use crate::api::{self, AppState};
 use crate::config::{Config, ServerConfig};
-use crate::health::HealthState;
-use crate::hsm::{Hsm, HsmError, Usages};
+use crate::hsm::{HsmError, KeyManagers, Usages};
 use crate::idle::{idle_deadline, Activity, ActivityIo};
 use crate::metrics::Metrics;
 use crate::mtls::ClientVerifier;
@@ -57,22 +56,24 @@ pub struct ConnInfo {
     pub vpce_id: Option<Arc<str>>,
 }
 
-/// Opens the HSM, makes sure the health-check key exists. Blocking work runs
-/// on the blocking pool.
-async fn open_hsm(cfg: Arc<Config>, metrics: Metrics) -> Result<Hsm, ServeError> {
-    tokio::task::spawn_blocking(move || -> Result<Hsm, HsmError> {
+/// Opens the key managers and makes sure each has the health-check key.
+/// Blocking work runs on the blocking pool.
+async fn open_hsm(cfg: Arc<Config>, metrics: Metrics) -> Result<KeyManagers, ServeError> {
+    tokio::task::spawn_blocking(move || -> Result<KeyManagers, HsmError> {
         let label = &cfg.health.key_label;
-        let (hsm, token) = Hsm::open(&cfg.hsm, label, &metrics)?;
-        if !token.list_keys()?.iter().any(|k| &k.label == label) {
-            let usages = Usages {
-                encrypt: true,
-                decrypt: true,
-                ..Usages::default()
-            };
-            token.create_aes_key(label, usages)?;
-            tracing::info!(key = %label, "created the health-check key");
+        let (fleet, tokens) = KeyManagers::open(&cfg.hsm, label, &metrics)?;
+        for token in tokens {
+            if !token.list_keys()?.iter().any(|k| &k.label == label) {
+                let usages = Usages {
+                    encrypt: true,
+                    decrypt: true,
+                    ..Usages::default()
+                };
+                token.create_aes_key(label, usages)?;
+                tracing::info!(key = %label, ekm = %token.ekm_info().id, "created the health-check key");
+            }
         }
-        Ok(hsm)
+        Ok(fleet)
     })
     .await
     .map_err(|e| ServeError::Join(e.to_string()))?
@@ -100,12 +101,13 @@ pub async fn run(
     let metrics = Metrics::new();
     let hsm = open_hsm(cfg.clone(), metrics.clone()).await?;
 
-    let health = HealthState::default();
-    let first = health.probe_once(&hsm, &cfg.health).await;
-    tracing::info!(status = ?first, ekm = %hsm.ekm_info().id, "first health probe done");
-    let health_task = tokio::spawn(health.clone().run(hsm.clone(), cfg.health.clone()));
+    hsm.probe_all(&cfg.health).await;
+    for b in hsm.backends() {
+        tracing::info!(status = ?b.health.current().0, ekm = %b.hsm.ekm_info().id, "first health probe done");
+    }
+    let health_tasks = hsm.spawn_health(&cfg.health);
 
-    let app = Arc::new(AppState::new(&cfg, hsm, health, metrics));
+    let app = Arc::new(AppState::new(&cfg, hsm, metrics));
     let listener = bind(cfg.server.listen).await?;
     let https_addr = local_addr(&listener, cfg.server.listen)?;
     let ping_listener = match cfg.server.ping_listen {
@@ -164,7 +166,9 @@ pub async fn run(
         _ = admin => {}
         _ = shutdown => tracing::info!("shutdown requested: no new connections, draining"),
     }
-    health_task.abort();
+    for t in health_tasks {
+        t.abort();
+    }
     if let Some(t) = reload_task {
         t.abort();
     }

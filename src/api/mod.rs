@@ -38,8 +38,8 @@ use crate::auth::{self, CredentialSet};
 use crate::authz::{AuthzRequest, Policies};
 use crate::config::{AllowedKeys, Config, HealthConfig};
 use crate::error::{ErrorName, XksError};
-use crate::health::{EkmStatus, HealthState};
-use crate::hsm::{DecryptInput, EncryptInput, Hsm};
+use crate::health::EkmStatus;
+use crate::hsm::{DecryptInput, EncryptInput, KeyManagers};
 use crate::metrics::Metrics;
 use crate::server::ConnInfo;
 use crate::throttle::TokenBucket;
@@ -128,19 +128,18 @@ impl Live {
 /// Everything a request handler needs.
 pub struct AppState {
     pub live: ArcSwap<Live>,
-    pub hsm: Hsm,
-    pub health: HealthState,
+    /// The key managers, each with its health.
+    pub hsm: KeyManagers,
     pub health_cfg: HealthConfig,
     pub body_timeout: Duration,
     pub metrics: Metrics,
 }
 
 impl AppState {
-    pub fn new(cfg: &Config, hsm: Hsm, health: HealthState, metrics: Metrics) -> AppState {
+    pub fn new(cfg: &Config, hsm: KeyManagers, metrics: Metrics) -> AppState {
         AppState {
             live: ArcSwap::from_pointee(Live::from_config(cfg, None)),
             hsm,
-            health,
             health_cfg: cfg.health.clone(),
             body_timeout: cfg.server.header_read_timeout,
             metrics,
@@ -163,10 +162,11 @@ pub fn ping_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Load-balancer check: no auth, 200 while this instance can serve (its key
-/// manager is not UNAVAILABLE), else 503 so the balancer routes elsewhere.
+/// Load-balancer check: no auth, 200 while this instance can serve (one of
+/// its key managers is not UNAVAILABLE), else 503 so the balancer routes
+/// elsewhere.
 async fn ping(State(app): State<Arc<AppState>>) -> Response {
-    let (status, _) = app.health.current();
+    let (status, _) = app.hsm.overall();
     let code = if status == EkmStatus::Unavailable {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -470,24 +470,30 @@ fn health(
             "GetHealthStatus body not understood; answering anyway"
         ),
     }
-    let (status, detail) = app.health.current();
+    let (status, detail) = app.hsm.overall();
     if status == EkmStatus::Unavailable {
         return Err(XksError::DependencyTimeout(format!(
             "no key manager can serve traffic: {}",
             detail.unwrap_or_default()
         )));
     }
-    let ekm = app.hsm.ekm_info();
+    let details = app.hsm.details();
     to_json(&HealthResponse {
         xks_proxy_fleet_size: live.fleet_size,
         xks_proxy_vendor: live.vendor.clone(),
         xks_proxy_model: live.model.clone(),
-        ekm_vendor: ekm.vendor.clone(),
-        ekm_fleet_details: vec![EkmDetail {
-            id: ekm.id.clone(),
-            model: ekm.model.clone(),
-            health_status: status,
-        }],
+        ekm_vendor: details
+            .first()
+            .map(|(ekm, _)| ekm.vendor.clone())
+            .unwrap_or_default(),
+        ekm_fleet_details: details
+            .into_iter()
+            .map(|(ekm, health_status)| EkmDetail {
+                id: ekm.id.clone(),
+                model: ekm.model.clone(),
+                health_status,
+            })
+            .collect(),
     })
 }
 

@@ -3,17 +3,29 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use super::{load, usage_error};
 use crate::hsm::{HsmError, KeyInfo, Token, Usages};
+
+/// The config and which key manager of it to work on.
+#[derive(Debug, Args)]
+pub struct Target {
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The key manager (`[[hsm.backends]]` name or token label); default the
+    /// first. HSM clusters replicate keys themselves; separate tokens need the
+    /// command run against each.
+    #[arg(long)]
+    backend: Option<String>,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create an AES-256 key: token object, private, sensitive, non-extractable.
     Create {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The external key id (the key's CKA_LABEL).
         #[arg(long, alias = "id")]
         label: String,
@@ -26,16 +38,16 @@ pub enum KeysCommand {
     },
     /// List the secret keys of the token: id, key spec, status, usages.
     List {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// One JSON object per key.
         #[arg(long)]
         json: bool,
     },
     /// Show one key's attributes.
     Show {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The external key id (CKA_LABEL).
         id: String,
         #[arg(long)]
@@ -45,22 +57,22 @@ pub enum KeysCommand {
     /// answer InvalidStateException. Recorded in the token (a marker object),
     /// so it holds for every proxy instance and survives restarts.
     Disable {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         id: String,
     },
     /// Create a new version of a key: Encrypt switches to it (within the key
     /// cache TTL) and records the version in the ciphertext metadata; earlier
     /// ciphertexts keep decrypting with the version they name.
     Rotate {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         id: String,
     },
     /// Enable a key again (removes the marker object).
     Enable {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         id: String,
     },
 }
@@ -111,9 +123,17 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
     })
 }
 
-fn open(config: &std::path::Path) -> Result<Token, ExitCode> {
-    let cfg = load(config)?;
-    Token::open(&cfg.hsm).map_err(fail)
+fn open(target: &Target) -> Result<Token, ExitCode> {
+    let cfg = load(&target.config)?;
+    let backend = match &target.backend {
+        None => cfg.hsm.backends.first(),
+        Some(name) => cfg.hsm.backends.iter().find(|b| {
+            b.name.as_deref() == Some(name.as_str())
+                || matches!(&b.token, crate::config::TokenSelector::Label(l) if l == name)
+        }),
+    }
+    .ok_or_else(|| usage_error("no such key manager in [hsm] / [[hsm.backends]]"))?;
+    Token::open(&cfg.hsm, backend).map_err(fail)
 }
 
 fn fail(e: HsmError) -> ExitCode {
@@ -134,14 +154,14 @@ fn check_id(id: &str) -> Result<(), ExitCode> {
 pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
     match command {
         KeysCommand::Create {
-            config,
+            target,
             label,
             usage,
             if_missing,
         } => {
             check_id(&label)?;
             let usages = parse_usages(&usage).map_err(|e| usage_error(&format!("--usage: {e}")))?;
-            let token = open(&config)?;
+            let token = open(&target)?;
             if if_missing
                 && token
                     .list_keys()
@@ -156,8 +176,8 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             println!("{}: created ({})", key.label, key.usages.names().join(","));
             Ok(())
         }
-        KeysCommand::List { config, json } => {
-            let token = open(&config)?;
+        KeysCommand::List { target, json } => {
+            let token = open(&target)?;
             let all = token.list_keys().map_err(fail)?;
             // Version keys (`id#N`) are shown as their external key's version count.
             let latest = |id: &str| {
@@ -190,18 +210,18 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             }
             Ok(())
         }
-        KeysCommand::Rotate { config, id } => {
+        KeysCommand::Rotate { target, id } => {
             check_id(&id)?;
-            let (version, key) = open(&config)?.rotate(&id).map_err(fail)?;
+            let (version, key) = open(&target)?.rotate(&id).map_err(fail)?;
             println!(
                 "{id}: version {version} created ({}); Encrypt uses it within hsm.key_cache_ttl_ms",
                 key.label
             );
             Ok(())
         }
-        KeysCommand::Show { config, id, json } => {
+        KeysCommand::Show { target, id, json } => {
             check_id(&id)?;
-            let token = open(&config)?;
+            let token = open(&target)?;
             let d = token.key_details(&id).map_err(fail)?;
             let mut v = key_json(&d.info);
             v["latestVersion"] = token.latest_version(&id).map_err(fail)?.into();
@@ -226,17 +246,17 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             }
             Ok(())
         }
-        KeysCommand::Disable { config, id } => set_enabled(&config, &id, false),
-        KeysCommand::Enable { config, id } => set_enabled(&config, &id, true),
+        KeysCommand::Disable { target, id } => set_enabled(&target, &id, false),
+        KeysCommand::Enable { target, id } => set_enabled(&target, &id, true),
     }
 }
 
 /// Disables or enables a key. Running proxies see the change at their next
 /// key lookup: at once for GetKeyMetadata, within `hsm.key_cache_ttl_ms` for
 /// Encrypt and Decrypt.
-fn set_enabled(config: &std::path::Path, id: &str, enabled: bool) -> Result<(), ExitCode> {
+fn set_enabled(target: &Target, id: &str, enabled: bool) -> Result<(), ExitCode> {
     check_id(id)?;
-    let key = open(config)?.set_enabled(id, enabled).map_err(fail)?;
+    let key = open(target)?.set_enabled(id, enabled).map_err(fail)?;
     if enabled && !key.enabled {
         println!(
             "{}: DISABLED: the key's own CKA_START_DATE/CKA_END_DATE window excludes today; \

@@ -14,6 +14,7 @@
 //! A full queue answers 429 `ThrottlingException` at once. So overload becomes
 //! fast, bounded errors instead of unbounded memory and latency.
 
+pub mod fleet;
 mod keys;
 mod state;
 pub mod token;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
+pub use fleet::KeyManagers;
 pub use token::{EkmInfo, HsmError, KeyDetails, KeyInfo, Token, Usages};
 
 use crate::config::HsmConfig;
@@ -67,7 +69,6 @@ struct Inner {
     shared: Arc<Shared>,
     ekm: EkmInfo,
     queue_timeout: Duration,
-    operation_timeout: Duration,
 }
 
 impl Drop for Inner {
@@ -99,15 +100,17 @@ pub struct Hsm {
 }
 
 impl Hsm {
-    /// Opens the token and starts the session pool. Blocking: call it from
-    /// `spawn_blocking` or before the runtime starts serving.
-    pub fn open(
+    /// Starts the session pool of one key manager on its opened token.
+    /// Blocking: call it from `spawn_blocking` or before the runtime serves.
+    /// `index` names the pool's threads (`hsm-<index>-<n>`).
+    pub fn start(
         cfg: &HsmConfig,
+        token: &Token,
+        index: usize,
         health_key: &str,
         metrics: &Metrics,
-    ) -> Result<(Hsm, Token), HsmError> {
-        let token = Token::open(cfg)?;
-        metrics.hsm_sessions.set(cfg.sessions as i64);
+    ) -> Result<Hsm, HsmError> {
+        metrics.hsm_sessions.add(cfg.sessions as i64);
         let shared = Arc::new(Shared {
             ctx: token.ctx.clone(),
             slot: token.slot,
@@ -123,7 +126,7 @@ impl Hsm {
             let rx = rx.clone();
             let worker = Worker::new(shared.clone());
             let handle = std::thread::Builder::new()
-                .name(format!("hsm-{i}"))
+                .name(format!("hsm-{index}-{i}"))
                 .spawn(move || worker.run(rx))
                 .map_err(|e| HsmError::Key(format!("cannot start HSM worker thread: {e}")))?;
             workers.push(handle);
@@ -135,10 +138,9 @@ impl Hsm {
                 shared,
                 ekm: token.ekm_info().clone(),
                 queue_timeout: cfg.queue_timeout,
-                operation_timeout: cfg.operation_timeout,
             }),
         };
-        Ok((hsm, token))
+        Ok(hsm)
     }
 
     /// Vendor, id and model of the token, for GetHealthStatus.
@@ -151,11 +153,13 @@ impl Hsm {
         self.inner.tx.as_ref().map_or(0, |tx| tx.len())
     }
 
-    /// Runs `f` on a pool thread, within the configured deadlines. `kind`
-    /// labels the job in the PKCS#11 latency metric.
+    /// Runs `f` on a pool thread. It must start within the queue timeout and
+    /// answer by `deadline` (the request's whole HSM budget, shared with any
+    /// failover attempts); `kind` labels the job in the latency metric.
     async fn run<T: Send + 'static>(
         &self,
         kind: &'static str,
+        deadline: Instant,
         f: impl FnOnce(&mut Worker) -> Result<T, XksError> + Send + 'static,
     ) -> Result<T, XksError> {
         let (reply, rx) = oneshot::channel();
@@ -163,7 +167,7 @@ impl Hsm {
         let job = Job {
             kind,
             enqueued: now,
-            start_by: now + self.inner.queue_timeout,
+            start_by: (now + self.inner.queue_timeout).min(deadline),
             work: Box::new(move |w| {
                 let _ = reply.send(f(w));
             }),
@@ -184,15 +188,15 @@ impl Hsm {
                 return Err(XksError::Internal("the HSM pool is shut down".into()))
             }
         }
-        match tokio::time::timeout(self.inner.operation_timeout, rx).await {
+        match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(XksError::DependencyTimeout(format!(
-                "no HSM session became free within {} ms",
-                self.inner.queue_timeout.as_millis()
+                "no session of key manager '{}' became free in time",
+                self.inner.ekm.id
             ))),
             Err(_) => Err(XksError::DependencyTimeout(format!(
-                "the key manager did not answer within {} ms",
-                self.inner.operation_timeout.as_millis()
+                "key manager '{}' did not answer in time",
+                self.inner.ekm.id
             ))),
         }
     }
@@ -207,9 +211,9 @@ impl Hsm {
     }
 
     /// Fresh attributes of a key (never from the cache).
-    pub async fn key_info(&self, label: &str) -> Result<KeyInfo, XksError> {
+    pub async fn key_info(&self, label: &str, deadline: Instant) -> Result<KeyInfo, XksError> {
         let label = label.to_owned();
-        self.run("metadata", move |w| {
+        self.run("metadata", deadline, move |w| {
             let key = w.resolve(&label, true)?;
             check_key(&key, OpKind::Lookup)?;
             Ok(key)
@@ -220,28 +224,31 @@ impl Hsm {
     pub async fn encrypt(
         &self,
         label: &str,
-        input: EncryptInput,
+        input: Arc<EncryptInput>,
+        deadline: Instant,
     ) -> Result<EncryptOutput, XksError> {
         self.precheck(label, OpKind::Encrypt)?;
         let label = label.to_owned();
-        self.run("encrypt", move |w| w.encrypt(&label, &input))
+        self.run("encrypt", deadline, move |w| w.encrypt(&label, &input))
             .await
     }
 
     pub async fn decrypt(
         &self,
         label: &str,
-        input: DecryptInput,
+        input: Arc<DecryptInput>,
+        deadline: Instant,
     ) -> Result<Zeroizing<Vec<u8>>, XksError> {
         self.precheck(label, OpKind::Decrypt)?;
         let label = label.to_owned();
-        self.run("decrypt", move |w| w.decrypt(&label, &input))
+        self.run("decrypt", deadline, move |w| w.decrypt(&label, &input))
             .await
     }
 
     /// One deep health probe with the health-check key.
-    pub async fn probe(&self, health_key: &str) -> Result<(), XksError> {
+    pub async fn probe(&self, health_key: &str, deadline: Instant) -> Result<(), XksError> {
         let label = health_key.to_owned();
-        self.run("health_probe", move |w| w.probe(&label)).await
+        self.run("health_probe", deadline, move |w| w.probe(&label))
+            .await
     }
 }

@@ -13,7 +13,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use crate::config::{HsmConfig, TokenSelector};
+use crate::config::{BackendConfig, HsmConfig, TokenSelector};
 
 /// A failure to reach or use the token outside a request (startup, CLI).
 #[derive(Debug, thiserror::Error)]
@@ -113,17 +113,28 @@ pub struct Token {
 }
 
 impl Token {
-    /// Loads the module, finds the token and logs in.
-    pub fn open(cfg: &HsmConfig) -> Result<Token, HsmError> {
-        let ctx = load_module(&cfg.module)?;
-        let slot = find_slot(&ctx, &cfg.token)?;
+    /// Loads the module, finds the key manager's token and logs in (the CLI).
+    pub fn open(cfg: &HsmConfig, backend: &BackendConfig) -> Result<Token, HsmError> {
+        let ctx = load_module(&backend.module)?;
+        Self::open_in(ctx, backend, cfg.ekm_vendor.as_deref())
+    }
+
+    /// Finds the key manager's token in an already loaded module and logs in.
+    pub(crate) fn open_in(
+        ctx: Pkcs11,
+        backend: &BackendConfig,
+        ekm_vendor: Option<&str>,
+    ) -> Result<Token, HsmError> {
+        let slot = find_slot(&ctx, &backend.token)?;
         let ti = ctx.get_token_info(slot).map_err(p11("C_GetTokenInfo"))?;
         let info = EkmInfo {
-            vendor: cfg
-                .ekm_vendor
-                .clone()
+            vendor: ekm_vendor
+                .map(str::to_owned)
                 .unwrap_or_else(|| ti.manufacturer_id().trim().to_string()),
-            id: format!("{}-{}", ti.label().trim(), ti.serial_number().trim()),
+            id: backend
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", ti.label().trim(), ti.serial_number().trim())),
             model: format!(
                 "{} {} (hw {}, fw {})",
                 ti.manufacturer_id().trim(),
@@ -132,7 +143,7 @@ impl Token {
                 ti.firmware_version()
             ),
         };
-        let pin = AuthPin::from(cfg.pin.as_str().to_owned());
+        let pin = AuthPin::from(backend.pin.as_str().to_owned());
         let session = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
         login(&session, &pin)?;
         Ok(Token {
@@ -326,7 +337,7 @@ impl Token {
 }
 
 /// Loads a PKCS#11 module and initializes it for multi-threaded use.
-fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
+pub(crate) fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
     let ctx = Pkcs11::new(module).map_err(|e| HsmError::Load {
         module: module.display().to_string(),
         message: e.to_string(),
