@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 ensure_packages
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+scripts/p11-kit-rpc.sh >/dev/null
 cargo test --locked --all-targets

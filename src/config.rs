@@ -155,6 +155,8 @@ struct RawBackend {
     slot_id: Option<u64>,
     pin_file: Option<PathBuf>,
     pin_env: Option<String>,
+    /// This key manager's own pool size, instead of `hsm.sessions`.
+    sessions: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -406,6 +408,9 @@ pub struct BackendConfig {
     pub module: PathBuf,
     pub token: TokenSelector,
     pub pin: Zeroizing<String>,
+    /// Its own session-pool size, when `[hsm] sessions` does not fit it: a
+    /// module that is not safe for concurrent calls gets `sessions = 1`.
+    pub sessions: Option<usize>,
 }
 
 impl PartialEq for BackendConfig {
@@ -414,6 +419,7 @@ impl PartialEq for BackendConfig {
             && self.module == other.module
             && self.token == other.token
             && *self.pin == *other.pin
+            && self.sessions == other.sessions
     }
 }
 
@@ -424,6 +430,7 @@ impl std::fmt::Debug for BackendConfig {
             .field("module", &self.module)
             .field("token", &self.token)
             .field("pin", &"<redacted>")
+            .field("sessions", &self.sessions)
             .finish()
     }
 }
@@ -847,7 +854,15 @@ fn validate_backend(
         module,
         token,
         pin,
+        sessions: None,
     })
+}
+
+fn check_sessions(field: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 || n > 256 {
+        return Err(invalid(field, "must be between 1 and 256"));
+    }
+    Ok(())
 }
 
 fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
@@ -861,6 +876,12 @@ fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
             base,
         )?]
     } else {
+        if raw.token_label.is_some() || raw.slot_id.is_some() {
+            return Err(invalid(
+                "hsm.token_label / hsm.slot_id",
+                "with [[hsm.backends]], name the token in each backend, not in [hsm]",
+            ));
+        }
         if raw.backends.len() > 10 {
             return Err(invalid(
                 "hsm.backends",
@@ -875,14 +896,20 @@ fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
             } else {
                 (raw.pin_file.clone(), raw.pin_env.clone())
             };
-            out.push(validate_backend(
-                &format!("hsm.backends[{i}]"),
+            let field = format!("hsm.backends[{i}]");
+            let mut backend = validate_backend(
+                &field,
                 b.name,
                 b.module.or_else(|| raw.module.clone()),
                 (b.token_label, b.slot_id),
                 pin,
                 base,
-            )?);
+            )?;
+            if let Some(n) = b.sessions {
+                check_sessions(&format!("{field}.sessions"), n)?;
+                backend.sessions = Some(n);
+            }
+            out.push(backend);
         }
         let mut names = HashSet::new();
         for name in out.iter().filter_map(|b| b.name.as_ref()) {
@@ -895,9 +922,7 @@ fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, ConfigError> {
         }
         out
     };
-    if raw.sessions == 0 || raw.sessions > 256 {
-        return Err(invalid("hsm.sessions", "must be between 1 and 256"));
-    }
+    check_sessions("hsm.sessions", raw.sessions)?;
     if raw.queue_depth == 0 {
         return Err(invalid("hsm.queue_depth", "must be greater than zero"));
     }

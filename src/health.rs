@@ -52,6 +52,10 @@ struct Snapshot {
     status: EkmStatus,
     at: Instant,
     detail: Option<String>,
+    /// False until the first probe ends: its result is logged even when it
+    /// matches the initial UNAVAILABLE, or a backend that never worked would
+    /// stay silent about why.
+    probed: bool,
 }
 
 /// The latest probe result, shared between the probe task and the handlers.
@@ -67,6 +71,7 @@ impl Default for HealthState {
                 status: EkmStatus::Unavailable,
                 at: Instant::now(),
                 detail: Some("no health probe has completed yet".into()),
+                probed: false,
             })),
         }
     }
@@ -96,6 +101,7 @@ impl HealthState {
             status,
             at: Instant::now(),
             detail,
+            probed: true,
         };
     }
 
@@ -117,7 +123,8 @@ impl HealthState {
             Err(e) => (EkmStatus::Unavailable, Some(e.message().to_string())),
         };
         let previous = self.current().0;
-        if status != previous {
+        let first = !self.latest.read().unwrap_or_else(|p| p.into_inner()).probed;
+        if status != previous || first {
             let ekm = &hsm.ekm_info().id;
             match status {
                 EkmStatus::Active => {

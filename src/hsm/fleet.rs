@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
+use super::module::{Module, ModuleSlot};
 use super::token::{load_module, EkmInfo, HsmError, KeyInfo, Token};
 use super::{DecryptInput, EncryptInput, EncryptOutput, Hsm};
 use crate::config::{HealthConfig, HsmConfig};
@@ -61,20 +62,29 @@ impl KeyManagers {
         health_key: &str,
         metrics: &Metrics,
     ) -> Result<(KeyManagers, Vec<Token>), HsmError> {
-        let mut modules: Vec<(std::path::PathBuf, cryptoki::context::Pkcs11)> = Vec::new();
+        let mut modules: Vec<(std::path::PathBuf, Arc<Module>)> = Vec::new();
         let mut backends = Vec::with_capacity(cfg.backends.len());
         let mut tokens = Vec::with_capacity(cfg.backends.len());
         for (i, b) in cfg.backends.iter().enumerate() {
-            let ctx = match modules.iter().find(|(p, _)| *p == b.module) {
-                Some((_, ctx)) => ctx.clone(),
+            let module = match modules.iter().find(|(p, _)| *p == b.module) {
+                Some((_, m)) => m.clone(),
                 None => {
-                    let ctx = load_module(&b.module)?;
-                    modules.push((b.module.clone(), ctx.clone()));
-                    ctx
+                    let m = Module::new(load_module(&b.module)?);
+                    modules.push((b.module.clone(), m.clone()));
+                    m
                 }
             };
-            let token = Token::open_in(ctx, b, cfg.ekm_vendor.as_deref())?;
-            let hsm = Hsm::start(cfg, &token, i, health_key, metrics)?;
+            let token = Token::open_in(module.ctx.clone(), b, cfg.ekm_vendor.as_deref())?;
+            let slot = ModuleSlot::new(module, b.token.clone(), token.slot);
+            let hsm = Hsm::start(
+                cfg,
+                b.sessions.unwrap_or(cfg.sessions),
+                slot,
+                &token,
+                i,
+                health_key,
+                metrics,
+            )?;
             backends.push(Backend {
                 hsm,
                 health: HealthState::default(),

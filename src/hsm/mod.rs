@@ -16,6 +16,7 @@
 
 pub mod fleet;
 mod keys;
+mod module;
 mod state;
 pub mod token;
 mod worker;
@@ -34,6 +35,7 @@ use crate::config::HsmConfig;
 use crate::error::XksError;
 use crate::metrics::Metrics;
 use keys::KeyCache;
+use module::ModuleSlot;
 use worker::{check_key, Job, OpKind, Shared, Worker};
 
 /// Input of one Encrypt, already decoded and validated. The ciphertext
@@ -81,14 +83,15 @@ impl Drop for Inner {
         }
         // Log out explicitly rather than relying on the last session closing:
         // some HSMs keep a login alive per client until told otherwise.
-        let s = &self.shared;
-        match s
-            .ctx
-            .open_ro_session(s.slot)
+        let m = &self.shared.module;
+        let Some(slot) = m.slot() else { return };
+        match m
+            .ctx()
+            .open_ro_session(slot)
             .and_then(|session| session.logout())
         {
-            Ok(()) => tracing::info!("logged out of the HSM"),
-            Err(e) => tracing::warn!(error = %e, "HSM logout failed"),
+            Ok(()) => tracing::info!(ekm = %self.ekm.id, "logged out of the HSM"),
+            Err(e) => tracing::warn!(ekm = %self.ekm.id, error = %e, "HSM logout failed"),
         }
     }
 }
@@ -103,17 +106,19 @@ impl Hsm {
     /// Starts the session pool of one key manager on its opened token.
     /// Blocking: call it from `spawn_blocking` or before the runtime serves.
     /// `index` names the pool's threads (`hsm-<index>-<n>`).
-    pub fn start(
+    pub(crate) fn start(
         cfg: &HsmConfig,
+        sessions: usize,
+        module: ModuleSlot,
         token: &Token,
         index: usize,
         health_key: &str,
         metrics: &Metrics,
     ) -> Result<Hsm, HsmError> {
-        metrics.hsm_sessions.add(cfg.sessions as i64);
+        metrics.hsm_sessions.add(sessions as i64);
         let shared = Arc::new(Shared {
-            ctx: token.ctx.clone(),
-            slot: token.slot,
+            module,
+            ekm_id: token.ekm_info().id.clone(),
             pin: token.pin.clone(),
             keys: KeyCache::new(cfg.key_cache_ttl),
             iv_source: cfg.iv_source,
@@ -121,8 +126,8 @@ impl Hsm {
             metrics: metrics.clone(),
         });
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
-        let mut workers = Vec::with_capacity(cfg.sessions);
-        for i in 0..cfg.sessions {
+        let mut workers = Vec::with_capacity(sessions);
+        for i in 0..sessions {
             let rx = rx.clone();
             let worker = Worker::new(shared.clone());
             let handle = std::thread::Builder::new()

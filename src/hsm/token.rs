@@ -105,7 +105,6 @@ pub struct KeyDetails {
 
 /// An opened token: the loaded module, the slot and a logged-in R/W session.
 pub struct Token {
-    pub(crate) ctx: Pkcs11,
     pub(crate) slot: Slot,
     pub(crate) pin: AuthPin,
     session: Session,
@@ -147,7 +146,6 @@ impl Token {
         let session = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
         login(&session, &pin)?;
         Ok(Token {
-            ctx,
             slot,
             pin,
             session,
@@ -351,7 +349,7 @@ pub(crate) fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
     }
 }
 
-fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
+pub(crate) fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
     let slots = ctx
         .get_slots_with_initialized_token()
         .map_err(p11("C_GetSlotList"))?;
@@ -380,9 +378,14 @@ fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
 /// Logs the user in; "already logged in" is success (login state is per
 /// application and token, shared by all its sessions).
 pub(crate) fn login(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
+    login_raw(session, pin).map_err(|e| HsmError::Login(e.to_string()))
+}
+
+/// [`login`] with the PKCS#11 error as it came.
+pub(crate) fn login_raw(session: &Session, pin: &AuthPin) -> Result<(), P11Error> {
     match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(e) => Err(HsmError::Login(e.to_string())),
+        Err(e) => Err(e),
     }
 }
 

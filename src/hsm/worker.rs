@@ -20,7 +20,8 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::keys::KeyCache;
-use super::token::{find_keys, login, read_key_info, KeyInfo};
+use super::module::{module_lost, ModuleSlot};
+use super::token::{find_keys, login_raw, read_key_info, KeyInfo};
 use super::{DecryptInput, EncryptInput, EncryptOutput};
 use crate::aead::{
     cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
@@ -41,8 +42,10 @@ pub(crate) struct Job {
 
 /// State shared by all workers of one token.
 pub(crate) struct Shared {
-    pub ctx: cryptoki::context::Pkcs11,
-    pub slot: cryptoki::slot::Slot,
+    /// The module and the token's slot, re-initialized after device loss.
+    pub module: ModuleSlot,
+    /// For logs: which key manager this is.
+    pub ekm_id: String,
     pub pin: cryptoki::types::AuthPin,
     pub keys: KeyCache,
     pub iv_source: IvSource,
@@ -55,6 +58,8 @@ pub(crate) struct Shared {
 pub(crate) struct Worker {
     shared: Arc<Shared>,
     session: Option<Session>,
+    /// The module generation the session belongs to (see [`super::module`]).
+    session_generation: u64,
     ivs: IvPool,
 }
 
@@ -129,11 +134,12 @@ impl Worker {
         Worker {
             shared,
             session: None,
+            session_generation: 0,
             ivs: IvPool::new(),
         }
     }
 
-    /// Thread body: run jobs until the queue is closed.
+    /// Thread body: run jobs until the queue is closed; then close the session.
     pub fn run(mut self, rx: crossbeam_channel::Receiver<Job>) {
         let m = self.shared.metrics.clone();
         while let Ok(job) = rx.recv() {
@@ -151,17 +157,59 @@ impl Worker {
                 .with_label_values(&[job.kind])
                 .observe(picked.elapsed().as_secs_f64());
         }
+        self.discard_session();
+    }
+
+    /// Lets go of the session. Pool sessions are opened "no close on drop" so
+    /// that this is the one place that closes them: one from an older module
+    /// generation is *not* closed (after `C_Initialize` its handle number may
+    /// belong to another thread's new session), and a failed close after a
+    /// device error is expected and logged at debug level only.
+    fn discard_session(&mut self) {
+        if let Some(s) = self.session.take() {
+            if self.session_generation == self.shared.module.module.generation() {
+                if let Err(e) = s.close() {
+                    tracing::debug!(ekm = %self.shared.ekm_id, error = %e, "closing a failed session");
+                }
+            }
+        }
+    }
+
+    fn open_session(&self) -> Result<Session, P11Error> {
+        let m = &self.shared.module;
+        let slot = m.slot().ok_or(P11Error::Pkcs11(
+            RvError::SlotIdInvalid,
+            cryptoki::context::Function::OpenSession,
+        ))?;
+        let s = m.ctx().open_ro_session_no_drop(slot)?;
+        if let Err(e) = login_raw(&s, &self.shared.pin) {
+            let _ = s.close();
+            return Err(e);
+        }
+        Ok(s)
     }
 
     fn session(&mut self) -> Result<&Session, XksError> {
+        let generation = self.shared.module.module.generation();
+        if self.session.is_some() && self.session_generation != generation {
+            self.discard_session();
+        }
         if self.session.is_none() {
-            let s = self
-                .shared
-                .ctx
-                .open_ro_session(self.shared.slot)
-                .map_err(|e| XksError::Internal(format!("cannot open an HSM session: {e}")))?;
-            login(&s, &self.shared.pin)
-                .map_err(|e| XksError::Internal(format!("HSM login failed: {e}")))?;
+            let opened = match self.open_session() {
+                Ok(s) => Ok(s),
+                // The device is gone: re-initialize the module (rate-limited)
+                // and try once more; meanwhile requests fail fast.
+                Err(e)
+                    if module_lost(&e) && self.shared.module.reinitialize(&self.shared.ekm_id) =>
+                {
+                    self.open_session()
+                }
+                Err(e) => Err(e),
+            };
+            let s = opened.map_err(|e| {
+                XksError::Internal(format!("cannot open a session on the key manager: {e}"))
+            })?;
+            self.session_generation = self.shared.module.module.generation();
             self.session = Some(s);
         }
         self.session
@@ -205,7 +253,7 @@ impl Worker {
                 match self.probe(&health_key) {
                     Ok(()) => invalid_ciphertext(),
                     Err(_) => {
-                        self.session = None;
+                        self.discard_session();
                         XksError::Internal(format!("key manager error: {e}"))
                     }
                 }
@@ -223,7 +271,7 @@ impl Worker {
                         | CryptokiNotInitialized
                         | GeneralError
                 ) {
-                    self.session = None;
+                    self.discard_session();
                 }
                 XksError::Internal(format!("key manager error: {e}"))
             }
@@ -247,14 +295,15 @@ impl Worker {
                 return Ok(k);
             }
         }
+        let ekm = self.shared.ekm_id.clone();
         let result = (|| -> Result<KeyInfo, OpError> {
             let session = self.session()?;
             let handles = find_keys(session, label)?;
             match handles.len() {
-                0 => Err(XksError::KeyNotFound(format!("no key with id '{label}' in the key manager")).into()),
+                0 => Err(XksError::KeyNotFound(format!("no key with id '{label}' in key manager '{ekm}'")).into()),
                 1 => Ok(read_key_info(session, handles[0], label, SystemTime::now())?),
                 n => Err(XksError::Internal(format!(
-                    "{n} secret keys carry the label '{label}'; an external key id must name exactly one key"
+                    "{n} secret keys carry the label '{label}' in key manager '{ekm}'; an external key id must name exactly one key"
                 ))
                 .into()),
             }

@@ -87,6 +87,69 @@ pub struct SoftHsm {
     pub label: String,
 }
 
+impl SoftHsm {
+    /// Another token in the same SoftHSM directory, with the same PIN.
+    pub fn add_token(&self, label: &str) {
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                "test-so-pin",
+                "--pin",
+                &self.pin,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Imports raw AES-256 key material into a token as a sensitive private
+    /// key with encrypt and decrypt (OpenSC's pkcs11-tool).
+    pub fn import_aes_key(&self, token: &str, label: &str, key_file: &Path) {
+        let out = Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                SOFTHSM,
+                "--token-label",
+                token,
+                "--login",
+                "--pin",
+                &self.pin,
+            ])
+            .args([
+                "--write-object",
+                key_file.to_str().unwrap(),
+                "--type",
+                "secrkey",
+            ])
+            .args([
+                "--key-type",
+                "AES:32",
+                "--label",
+                label,
+                "--usage-decrypt",
+                "--sensitive",
+                "--private",
+            ])
+            .env("SOFTHSM2_CONF", &self.conf)
+            .output()
+            .expect("pkcs11-tool (Debian package opensc) must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 pub fn make_token(dir: &Path, label: &str) -> SoftHsm {
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
@@ -126,6 +189,9 @@ pub fn make_token(dir: &Path, label: &str) -> SoftHsm {
     }
 }
 
+/// See [`Options::setup`].
+pub type SetupFn = dyn Fn(&Path, &SoftHsm) -> Vec<(String, String)> + Send + Sync;
+
 /// Settings a test may change; the rest of the config is fixed.
 #[derive(Clone)]
 pub struct Options {
@@ -138,6 +204,11 @@ pub struct Options {
     pub extra_key_store: String,
     /// Files written into the proxy's directory before it starts (name, content).
     pub files: Vec<(String, String)>,
+    /// `[[hsm.backends]]` entries; when set, `[hsm]` names no token itself.
+    pub backends: String,
+    /// Runs after the token and before the proxy starts (more tokens, key
+    /// imports, helper processes); returns extra environment for the proxy.
+    pub setup: Option<Arc<SetupFn>>,
     pub create_keys: bool,
     pub health_interval_secs: u64,
 }
@@ -151,6 +222,8 @@ impl Default for Options {
             extra_tls: String::new(),
             extra_key_store: String::new(),
             files: Vec::new(),
+            backends: String::new(),
+            setup: None,
             create_keys: true,
             health_interval_secs: 5,
         }
@@ -172,6 +245,8 @@ pub struct Proxy {
     pub secret_other: String,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    /// Extra environment for the proxy process (from [`Options::setup`]).
+    env: Vec<(String, String)>,
 }
 
 pub fn write_config(dir: &Path, certs: &Certs, opts: &Options) -> PathBuf {
@@ -198,10 +273,11 @@ key = "{key}"
 
 [hsm]
 module = "{SOFTHSM}"
-token_label = "xks-test"
+{token_line}
 pin_file = "hsm-pin"
 sessions = {sessions}
 {extra_hsm}
+{backends}
 
 [health]
 key_label = "{HEALTH_KEY}"
@@ -240,6 +316,12 @@ secret_file = "secret-other"
             extra_hsm = opts.extra_hsm,
             extra_server = opts.extra_server,
             extra_tls = opts.extra_tls,
+            token_line = if opts.backends.is_empty() {
+                "token_label = \"xks-test\""
+            } else {
+                ""
+            },
+            backends = opts.backends,
             extra_key_store = opts.extra_key_store,
             health_interval = opts.health_interval_secs,
         ),
@@ -280,7 +362,11 @@ impl Proxy {
             secret_other,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
+            env: Vec::new(),
         };
+        if let Some(setup) = &opts.setup {
+            proxy.env = setup(proxy.dir.path(), &proxy.hsm);
+        }
         if opts.create_keys {
             for (label, usage) in KEYS {
                 proxy.cli(&["keys", "create", "--label", label, "--usage", usage]);
@@ -350,6 +436,7 @@ impl Proxy {
             secret_other: self.secret_other.clone(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
+            env: self.env.clone(),
         };
         p.spawn();
         p
@@ -413,6 +500,7 @@ impl Proxy {
             .arg(&self.config)
             .env("SOFTHSM2_CONF", &self.hsm.conf)
             .env("XKS_TEST_SECRET_B", &self.secret_b)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
