@@ -338,6 +338,36 @@ pub struct Config {
     /// reload can tell whether the file changed since (even before the
     /// reloader started).
     pub source_digest: Option<[u8; 32]>,
+    /// Listener addresses from the command line, already applied above;
+    /// kept so that a reload applies them again.
+    pub overrides: ListenOverrides,
+}
+
+/// Listener addresses given on the command line (`serve --listen …`). They
+/// win over the file, so several instances (a fleet on one host, a systemd
+/// template unit) can share one configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenOverrides {
+    pub listen: Option<SocketAddr>,
+    pub ping_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Applies command-line listener addresses over the file's.
+    pub fn with_overrides(mut self, o: ListenOverrides) -> Config {
+        if let Some(a) = o.listen {
+            self.server.listen = a;
+        }
+        if let Some(a) = o.ping_listen {
+            self.server.ping_listen = Some(a);
+        }
+        if let Some(a) = o.admin_listen {
+            self.admin_listen = Some(a);
+        }
+        self.overrides = o;
+        self
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -657,6 +687,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         admin_listen,
         key_stores,
         source_digest: None,
+        overrides: ListenOverrides::default(),
     })
 }
 

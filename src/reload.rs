@@ -129,7 +129,9 @@ impl Reloader {
     }
 
     fn reload(&mut self, trigger: Trigger) -> Result<(), String> {
-        let new = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let new = Config::load(&self.path)
+            .map_err(|e| e.to_string())?
+            .with_overrides(self.boot.overrides.clone());
         let cert = crate::tls::load_cert(&new.tls).map_err(|e| e.to_string())?;
         // Build the new client verifier before swapping anything in.
         let client_auth = match (&self.client_auth, &new.tls.client_auth) {

@@ -8,12 +8,13 @@ mod check;
 mod credentials;
 mod keys;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, ListenOverrides};
 pub use keys::parse_usages;
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,15 @@ enum Command {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The XKS (HTTPS) listener, instead of `server.listen`.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// The plain-HTTP `/ping` listener, instead of `server.ping_listen`.
+        #[arg(long, value_name = "ADDR")]
+        ping_listen: Option<SocketAddr>,
+        /// The admin (metrics) listener, instead of `admin.listen`.
+        #[arg(long, value_name = "ADDR")]
+        admin_listen: Option<SocketAddr>,
     },
     /// Validate a configuration file (including secret files and TLS material) and exit.
     CheckConfig {
@@ -80,7 +90,19 @@ pub fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), ExitCode> {
     match command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve {
+            config,
+            listen,
+            ping_listen,
+            admin_listen,
+        } => serve(
+            &config,
+            ListenOverrides {
+                listen,
+                ping_listen,
+                admin_listen,
+            },
+        ),
         Command::CheckConfig { config } => {
             let cfg = load(&config)?;
             crate::tls::load_cert(&cfg.tls).map_err(|e| {
@@ -116,8 +138,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn serve(path: &Path) -> Result<(), ExitCode> {
-    let cfg = load(path)?;
+fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
+    let cfg = load(path)?.with_overrides(overrides);
     let _log = crate::logging::init(&cfg.logging);
     let result = runtime()?.block_on(crate::server::run(
         cfg,

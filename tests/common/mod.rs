@@ -495,9 +495,14 @@ impl Proxy {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, extra: &[String]) {
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&self.config)
+            .args(extra)
             .env("SOFTHSM2_CONF", &self.hsm.conf)
             .env("XKS_TEST_SECRET_B", &self.secret_b)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -572,6 +577,43 @@ impl Proxy {
 
     pub fn h1(&self) -> XksClient {
         self.client(HttpVersion::Http1)
+    }
+
+    /// An HTTP/1.1 client of the test key store that connects to `addr` (a
+    /// load balancer in front of the proxy) instead of the proxy itself.
+    pub fn h1_via(&self, addr: SocketAddr) -> XksClient {
+        XksClient::new(
+            addr,
+            "localhost",
+            URI_PATH,
+            AKID_A,
+            &self.secret_a,
+            "us-east-1",
+            tls_config(&self.certs.ca, HttpVersion::Http1).unwrap(),
+            HttpVersion::Http1,
+        )
+    }
+
+    /// Kills the process (SIGKILL: a crash, no draining).
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the process again on the ports it had (after [`Proxy::kill`]),
+    /// as a restarted fleet member behind a load balancer would.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        let args = [
+            "--listen".to_string(),
+            self.addr.to_string(),
+            "--ping-listen".to_string(),
+            self.ping_addr.to_string(),
+            "--admin-listen".to_string(),
+            self.admin_addr.to_string(),
+        ];
+        self.spawn_with(&args);
     }
 
     pub fn h2(&self) -> XksClient {
