@@ -358,13 +358,7 @@ fn a_lost_network_hsm_fails_over_and_recovers_without_restart() {
         .unwrap()
         .json()
     });
-    p.pkcs11_tool(&[
-        "--delete-object",
-        "--type",
-        "secrkey",
-        "--label",
-        HEALTH_KEY,
-    ]);
+    p.delete_health_key();
     assert!(eventually(10, || status_of(&c, "hsm-local") == "UNAVAILABLE"));
     let dec = block_on(async {
         c.call(

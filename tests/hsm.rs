@@ -136,13 +136,7 @@ fn health_goes_unavailable_and_recovers_without_restart() {
         wait_for(&p, (200, "ACTIVE")).await;
         assert_eq!(ping(&p), "ok 200");
         // The deep probe fails once its key is gone: the HSM cannot do crypto for us.
-        p.pkcs11_tool(&[
-            "--delete-object",
-            "--type",
-            "secrkey",
-            "--label",
-            HEALTH_KEY,
-        ]);
+        p.delete_health_key();
         wait_for(&p, (503, "DependencyTimeoutException")).await;
         assert_eq!(ping(&p), "unavailable 503");
         p.cli(&["keys", "create", "--label", HEALTH_KEY]);

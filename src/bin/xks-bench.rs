@@ -124,6 +124,39 @@ struct Shared {
     args: Args,
     decrypt_bodies: Vec<Bytes>,
     next: AtomicU64,
+    /// Open loop: send times from the pacer thread, shared by the workers.
+    tickets: Option<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)>>>,
+}
+
+/// Open-loop pacing on a thread of its own. Tokio's timer has a 1 ms
+/// resolution, so a worker sleeping until each due time wakes up to 1 ms late
+/// — and because latency is measured from the due time, that lateness would be
+/// reported as server latency. `std::thread::sleep` (nanosleep) is precise to
+/// tens of microseconds; the pacer releases request `i` at `start + i/rate`
+/// and an idle worker sends it. When every worker is busy, the ticket waits,
+/// and that wait is counted: queueing is never hidden.
+fn pacer(
+    tx: tokio::sync::mpsc::UnboundedSender<(u64, Instant)>,
+    rate: f64,
+    start: Instant,
+    end: Instant,
+) {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut i = 0u64;
+    loop {
+        let due = start + interval.mul_f64(i as f64);
+        if due >= end {
+            return; // dropping `tx` ends the workers
+        }
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        if tx.send((i, due)).is_err() {
+            return;
+        }
+        i += 1;
+    }
 }
 
 fn body_for(shared: &Shared, op: Op, i: u64) -> (String, Bytes) {
@@ -163,28 +196,22 @@ fn body_for(shared: &Shared, op: Op, i: u64) -> (String, Bytes) {
     }
 }
 
-async fn worker(shared: Arc<Shared>, start: Instant, measure_from: Instant, end: Instant) -> Tally {
+async fn worker(shared: Arc<Shared>, measure_from: Instant, end: Instant) -> Tally {
     let mut tally = Tally::default();
     let mut conn = None;
-    let interval = shared.args.rate.map(|r| Duration::from_secs_f64(1.0 / r));
     loop {
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        // Open loop: request i is due at start + i/rate, whoever sends it.
-        let intended = match interval {
-            Some(iv) => {
-                let due = start + iv.mul_f64(i as f64);
-                if due >= end {
-                    break;
-                }
-                tokio::time::sleep_until(due.into()).await;
-                due
-            }
+        let (i, intended) = match &shared.tickets {
+            // Open loop: request i is due at start + i/rate, whoever sends it.
+            Some(rx) => match rx.lock().await.recv().await {
+                Some(ticket) => ticket,
+                None => break,
+            },
             None => {
                 let now = Instant::now();
                 if now >= end {
                     break;
                 }
-                now
+                (shared.next.fetch_add(1, Ordering::Relaxed), now)
             }
         };
         let (suffix, body) = body_for(&shared, shared.args.op, i);
@@ -255,6 +282,10 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        eprintln!("xks-bench: --rate must be a positive number of requests per second");
+        return std::process::ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -340,15 +371,21 @@ async fn run(args: Args) -> std::process::ExitCode {
     let connections = args.connections.max(1);
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let tickets = args.rate.map(|rate| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || pacer(tx, rate, start, end));
+        tokio::sync::Mutex::new(rx)
+    });
     let shared = Arc::new(Shared {
         client,
         args,
         decrypt_bodies,
         next: AtomicU64::new(0),
+        tickets,
     });
-    let start = Instant::now() + Duration::from_millis(50);
-    let measure_from = start + warmup;
-    let end = measure_from + duration;
 
     // Server CPU is sampled at the warm-up boundary and at the end.
     let pid = shared.args.server_pid;
@@ -363,12 +400,7 @@ async fn run(args: Args) -> std::process::ExitCode {
 
     let mut tasks = Vec::with_capacity(connections);
     for _ in 0..connections {
-        tasks.push(tokio::spawn(worker(
-            shared.clone(),
-            start,
-            measure_from,
-            end,
-        )));
+        tasks.push(tokio::spawn(worker(shared.clone(), measure_from, end)));
     }
     let mut all = Tally::default();
     for t in tasks {

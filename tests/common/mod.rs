@@ -90,25 +90,7 @@ pub struct SoftHsm {
 impl SoftHsm {
     /// Another token in the same SoftHSM directory, with the same PIN.
     pub fn add_token(&self, label: &str) {
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                label,
-                "--so-pin",
-                "test-so-pin",
-                "--pin",
-                &self.pin,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_token(&self.conf, label, &self.pin);
     }
 
     /// Imports raw AES-256 key material into a token as a sensitive private
@@ -150,6 +132,21 @@ impl SoftHsm {
     }
 }
 
+/// `softhsm2-util --init-token` in the first free slot.
+fn init_token(conf: &Path, label: &str, pin: &str) {
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", conf)
+        .args(["--init-token", "--free", "--label", label])
+        .args(["--so-pin", "test-so-pin", "--pin", pin])
+        .output()
+        .expect("softhsm2-util (Debian package softhsm2) must be installed");
+    assert!(
+        out.status.success(),
+        "init-token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn make_token(dir: &Path, label: &str) -> SoftHsm {
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
@@ -163,25 +160,7 @@ pub fn make_token(dir: &Path, label: &str) -> SoftHsm {
     )
     .unwrap();
     let pin = format!("pin-{}", &random_b64(9).replace(['+', '/'], "x"));
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--so-pin",
-            "test-so-pin",
-            "--pin",
-            &pin,
-        ])
-        .output()
-        .expect("softhsm2-util (Debian package softhsm2) must be installed");
-    assert!(
-        out.status.success(),
-        "init-token: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_token(&conf, label, &pin);
     SoftHsm {
         conf,
         pin,
@@ -410,6 +389,18 @@ impl Proxy {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Deletes the deep health probe's key behind the proxy's back: the
+    /// probe then fails, as it would if the HSM could not do crypto.
+    pub fn delete_health_key(&self) {
+        self.pkcs11_tool(&[
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--label",
+            HEALTH_KEY,
+        ]);
     }
 
     /// A second proxy process on the same token, config and secrets (as in a
