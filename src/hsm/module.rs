@@ -9,9 +9,17 @@
 //! has a *generation*: a thread holding a session from an older generation
 //! forgets it instead of closing it (after `C_Initialize` the same handle
 //! number may belong to another thread's new session).
+//!
+//! `C_Finalize` while another thread is inside the module is undefined
+//! behaviour (PKCS#11 §5.4), and vendor libraries do crash on it. So every
+//! pool job enters the module's [`Gate`], and re-initialization, which a job
+//! itself starts when it finds the device gone, waits until it is the only
+//! job inside (the others' calls are bounded by the HSM's own timeouts) and
+//! holds new ones back until the module is usable again. The job then retries
+//! at once, so a probe or request that arrives when the HSM is back succeeds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -29,7 +37,32 @@ const REINIT_INTERVAL: Duration = Duration::from_millis(500);
 pub(crate) struct Module {
     pub ctx: Pkcs11,
     generation: AtomicU64,
-    last_reinit: Mutex<Option<Instant>>,
+    gate: Gate,
+}
+
+/// Who is inside the module: pool jobs, or one re-initialization.
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    /// Jobs inside the module.
+    inside: usize,
+    /// A re-initialization is waiting for the others to leave, or running.
+    exclusive: bool,
+    last_reinit: Option<Instant>,
+}
+
+/// A pool job's pass into the module; see [`Module::enter`].
+pub(crate) struct Inside<'m>(&'m Module);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock_gate();
+        s.inside -= 1;
+        self.0.gate.changed.notify_all();
+    }
 }
 
 impl Module {
@@ -37,12 +70,38 @@ impl Module {
         Arc::new(Module {
             ctx,
             generation: AtomicU64::new(0),
-            last_reinit: Mutex::new(None),
+            gate: Gate {
+                state: Mutex::new(GateState {
+                    inside: 0,
+                    exclusive: false,
+                    last_reinit: None,
+                }),
+                changed: Condvar::new(),
+            },
         })
     }
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Held by a pool job for as long as it may call into the module; waits
+    /// while the module is being re-initialized.
+    pub fn enter(&self) -> Inside<'_> {
+        let mut s = self.lock_gate();
+        while s.exclusive {
+            s = self.wait(s);
+        }
+        s.inside += 1;
+        Inside(self)
+    }
+
+    fn lock_gate(&self) -> MutexGuard<'_, GateState> {
+        self.gate.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'g>(&self, s: MutexGuard<'g, GateState>) -> MutexGuard<'g, GateState> {
+        self.gate.changed.wait(s).unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -71,18 +130,43 @@ impl ModuleSlot {
     }
 
     /// Re-initializes the module and finds the token again. Returns true when
-    /// the token is back. Rate-limited: concurrent or rapid callers return
-    /// false without touching the module.
+    /// the token is back. Only from a pool job, i.e. holding exactly one
+    /// [`Inside`]. Rate-limited to once per [`REINIT_INTERVAL`]; a caller that
+    /// finds another thread re-initializing waits for it and returns its result.
     pub fn reinitialize(&self, ekm: &str) -> bool {
-        let mut last = self
-            .module
-            .last_reinit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < REINIT_INTERVAL) {
+        let m = &self.module;
+        let mut s = m.lock_gate();
+        if s.exclusive {
+            // Someone else is at it: step out so that it can run, wait, step in.
+            s.inside -= 1;
+            m.gate.changed.notify_all();
+            while s.exclusive {
+                s = m.wait(s);
+            }
+            s.inside += 1;
+            drop(s);
+            // The module is new; this key manager's slot id may have changed.
+            return self.refind_slot(ekm);
+        }
+        if s.last_reinit.is_some_and(|t| t.elapsed() < REINIT_INTERVAL) {
             return false;
         }
-        *last = Some(Instant::now());
+        s.last_reinit = Some(Instant::now());
+        s.exclusive = true;
+        while s.inside > 1 {
+            s = m.wait(s);
+        }
+        drop(s);
+        let back = self.reinitialize_exclusive(ekm);
+        let mut s = m.lock_gate();
+        s.exclusive = false;
+        m.gate.changed.notify_all();
+        drop(s);
+        back
+    }
+
+    /// The re-initialization itself; no other thread is inside the module.
+    fn reinitialize_exclusive(&self, ekm: &str) -> bool {
         let ctx = &self.module.ctx;
         // Every session of the module dies here; bump the generation first so
         // no thread closes a handle that the new instance hands out again.
@@ -95,7 +179,12 @@ impl ModuleSlot {
                 return false;
             }
         }
-        match find_slot(ctx, &self.selector) {
+        self.refind_slot(ekm)
+    }
+
+    /// Finds this key manager's token in the (re-initialized) module.
+    fn refind_slot(&self, ekm: &str) -> bool {
+        match find_slot(&self.module.ctx, &self.selector) {
             Ok(slot) => {
                 self.slot.store(slot.id(), Ordering::Release);
                 tracing::warn!(ekm = %ekm, slot = slot.id(), "re-initialized the PKCS#11 module; the token is back");

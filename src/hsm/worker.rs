@@ -151,7 +151,12 @@ impl Worker {
                 continue;
             }
             m.hsm_sessions_busy.inc();
-            (job.work)(&mut self);
+            {
+                // In the module's gate for the whole job (see `super::module`).
+                let module = self.shared.module.module.clone();
+                let _inside = module.enter();
+                (job.work)(&mut self);
+            }
             m.hsm_sessions_busy.dec();
             m.hsm_seconds
                 .with_label_values(&[job.kind])
