@@ -7,8 +7,13 @@
 //! every worker. Entries expire after a configured TTL so that a change made in
 //! the HSM (a key disabled, a usage removed) is seen within that time by every
 //! proxy instance; GetKeyMetadata always reads fresh attributes.
+//!
+//! Handles belong to one instance of the module: after a re-initialization
+//! (see `super::module`) the same number may name *another* object, so the
+//! cache is emptied when the module's generation changes, before any lookup.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -20,6 +25,8 @@ pub(crate) struct KeyCache {
     /// Latest version of each external key (see `keys rotate`), same TTL: a
     /// rotation is picked up by every instance within it.
     versions: RwLock<HashMap<String, (u32, Instant)>>,
+    /// The module generation the cached handles belong to.
+    generation: AtomicU64,
 }
 
 impl KeyCache {
@@ -28,6 +35,20 @@ impl KeyCache {
             ttl,
             entries: RwLock::new(HashMap::new()),
             versions: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets every handle if they come from an older module generation.
+    /// Call it with the current generation before reading the cache.
+    pub fn sync_generation(&self, generation: u64) {
+        if self.generation.load(Ordering::Acquire) == generation {
+            return;
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        // Re-checked under the lock: only one thread clears per generation.
+        if self.generation.swap(generation, Ordering::AcqRel) != generation {
+            entries.clear();
         }
     }
 

@@ -217,6 +217,7 @@ impl Worker {
             self.session_generation = self.shared.module.module.generation();
             self.session = Some(s);
         }
+        self.shared.keys.sync_generation(self.session_generation);
         self.session
             .as_ref()
             .ok_or_else(|| XksError::Internal("no HSM session".into()))
@@ -295,6 +296,9 @@ impl Worker {
 
     /// Looks a key up by label, from the cache unless `fresh`.
     pub fn resolve(&mut self, label: &str, fresh: bool) -> Result<KeyInfo, XksError> {
+        // First the session: opening it may re-initialize the module, which
+        // empties the cache of handles from the old instance.
+        self.session()?;
         if !fresh {
             if let Some(k) = self.shared.keys.get_fresh(label) {
                 return Ok(k);
