@@ -42,6 +42,10 @@ bench closed-8      --op encrypt --connections 8  --duration 20
 bench closed-64     --op encrypt --connections 64 --duration 20
 bench closed-64-h2  --op encrypt --connections 64 --duration 20 --http2
 bench open-1800     --op encrypt --connections 16 --rate 1800 --duration 60
+# A new TLS connection per request: at a KMS-like modest rate (latency), and
+# with 4 clients flat out (handshake throughput; the machine is saturated).
+bench new-conn-full-300   --op encrypt --connections 8 --new-connection full   --rate 300 --duration 20
+bench new-conn-resume-300 --op encrypt --connections 8 --new-connection resume --rate 300 --duration 20
 bench new-conn-full   --op encrypt --connections 4 --new-connection full   --duration 10
 bench new-conn-resume --op encrypt --connections 4 --new-connection resume --duration 10
 bench idle-1000     --op encrypt --connections 4 --rate 200 --duration 5 --idle-connections 1000 --http2
