@@ -41,6 +41,7 @@ bench() {
 bench closed-8      --op encrypt --connections 8  --duration 20
 bench closed-64     --op encrypt --connections 64 --duration 20
 bench closed-64-h2  --op encrypt --connections 64 --duration 20 --http2
+bench closed-64-nocdiv --op encrypt --connections 64 --duration 20 --cdiv false
 bench open-1800     --op encrypt --connections 16 --rate 1800 --duration 60
 # A new TLS connection per request: at a KMS-like modest rate (latency), and
 # with 4 clients flat out (handshake throughput; the machine is saturated).
