@@ -121,8 +121,9 @@ impl Drop for NetworkHsm {
 }
 
 /// Starts a proxy whose key managers hold the same key: the network one
-/// always, the local SoftHSM token too when `with_local`.
-fn start(with_local: bool) -> (Proxy, NetworkHsm) {
+/// always (its server running when `network_up`), the local SoftHSM token
+/// too when `with_local`.
+fn start(with_local: bool, network_up: bool) -> (Proxy, NetworkHsm) {
     let client_module = p11_kit_prefix().join("lib/pkcs11/p11-kit-client.so");
     let net = NetworkHsm {
         server: Arc::default(),
@@ -144,7 +145,9 @@ fn start(with_local: bool) -> (Proxy, NetworkHsm) {
             hsm.import_aes_key("second-hsm", SHARED_KEY, &key);
             std::fs::remove_file(&key).unwrap();
             let sock = dir.join("p11.sock");
-            *server.lock().unwrap() = Some(p11_kit_server(&hsm.conf, &sock, "second-hsm"));
+            if network_up {
+                *server.lock().unwrap() = Some(p11_kit_server(&hsm.conf, &sock, "second-hsm"));
+            }
             *socket.lock().unwrap() = sock.clone();
             vec![(
                 "P11_KIT_SERVER_ADDRESS".to_string(),
@@ -290,7 +293,7 @@ impl Load {
 
 #[test]
 fn a_lost_network_hsm_fails_over_and_recovers_without_restart() {
-    let (p, net) = start(true);
+    let (p, net) = start(true, true);
     let c = p.h1();
     let mut statuses = ekm_statuses(&c);
     statuses.sort();
@@ -383,7 +386,7 @@ fn a_lost_network_hsm_fails_over_and_recovers_without_restart() {
 /// comes back by itself once the HSM does.
 #[test]
 fn the_only_key_manager_lost_gives_fast_errors_then_recovers() {
-    let (p, net) = start(false);
+    let (p, net) = start(false, true);
     let c = p.h1();
     let load = Load::start(&c);
     load.wait_for(100, &p);
@@ -446,4 +449,42 @@ fn the_only_key_manager_lost_gives_fast_errors_then_recovers() {
         slowest < Duration::from_millis(250),
         "slowest request {slowest:?}"
     );
+}
+
+/// A key manager that is down when the proxy starts does not keep the proxy
+/// from serving with the others (a restart during a partial HSM outage must
+/// not become a full outage); it is listed as UNAVAILABLE.
+#[test]
+fn a_key_manager_down_at_startup_leaves_the_others_serving() {
+    let (p, _net) = start(true, false);
+    let c = p.h1();
+    let mut statuses = ekm_statuses(&c);
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![
+            ("hsm-local".to_string(), "ACTIVE".to_string()),
+            ("hsm-network".to_string(), "UNAVAILABLE".to_string())
+        ],
+        "{}",
+        p.log()
+    );
+    let dec = block_on(async {
+        let enc = c
+            .call(
+                &format!("/keys/{SHARED_KEY}/encrypt"),
+                bodies::encrypt(b"data key", None, true),
+            )
+            .await
+            .unwrap();
+        assert_eq!(enc.status, 200, "{:?}", enc.body);
+        c.call(
+            &format!("/keys/{SHARED_KEY}/decrypt"),
+            bodies::decrypt_from(&enc.json(), None).to_string(),
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(dec.status, 200, "{:?}", dec.body);
+    assert!(p.log().contains("key manager not available at startup"));
 }

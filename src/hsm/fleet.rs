@@ -11,6 +11,11 @@
 //!
 //! GetHealthStatus lists every backend in `ekmFleetDetails`; the proxy is
 //! healthy while at least one backend can serve.
+//!
+//! A key manager that cannot be opened at startup while others can does not
+//! stop the proxy (a restart during a partial HSM outage must not turn it into
+//! a full one): the proxy serves without it, logs why, and lists it as
+//! UNAVAILABLE until a restart brings it in.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use zeroize::Zeroizing;
 use super::module::{Module, ModuleSlot};
 use super::token::{load_module, EkmInfo, HsmError, KeyInfo, Token};
 use super::{DecryptInput, EncryptInput, EncryptOutput, Hsm};
-use crate::config::{HealthConfig, HsmConfig};
+use crate::config::{HealthConfig, HsmConfig, TokenSelector};
 use crate::error::XksError;
 use crate::health::{EkmStatus, HealthState};
 use crate::metrics::Metrics;
@@ -32,8 +37,15 @@ pub struct Backend {
     pub health: HealthState,
 }
 
+/// A configured key manager that could not be opened at startup.
+struct Absent {
+    info: EkmInfo,
+    reason: String,
+}
+
 struct Inner {
     backends: Vec<Backend>,
+    absent: Vec<Absent>,
     next: AtomicUsize,
     operation_timeout: Duration,
 }
@@ -65,35 +77,63 @@ impl KeyManagers {
         let mut modules: Vec<(std::path::PathBuf, Arc<Module>)> = Vec::new();
         let mut backends = Vec::with_capacity(cfg.backends.len());
         let mut tokens = Vec::with_capacity(cfg.backends.len());
+        let mut absent = Vec::new();
+        let mut last_error = None;
         for (i, b) in cfg.backends.iter().enumerate() {
-            let module = match modules.iter().find(|(p, _)| *p == b.module) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = Module::new(load_module(&b.module)?);
-                    modules.push((b.module.clone(), m.clone()));
-                    m
+            let opened = (|| -> Result<(Backend, Token), HsmError> {
+                let module = match modules.iter().find(|(p, _)| *p == b.module) {
+                    Some((_, m)) => m.clone(),
+                    None => {
+                        let m = Module::new(load_module(&b.module)?);
+                        modules.push((b.module.clone(), m.clone()));
+                        m
+                    }
+                };
+                let token = Token::open_in(module.ctx.clone(), b, cfg.ekm_vendor.as_deref())?;
+                let slot = ModuleSlot::new(module, b.token.clone(), token.slot);
+                let sessions = b.sessions.unwrap_or(cfg.sessions);
+                let hsm = Hsm::start(cfg, sessions, slot, &token, i, health_key, metrics)?;
+                let backend = Backend {
+                    hsm,
+                    health: HealthState::default(),
+                };
+                Ok((backend, token))
+            })();
+            match opened {
+                Ok((backend, token)) => {
+                    backends.push(backend);
+                    tokens.push(token);
                 }
-            };
-            let token = Token::open_in(module.ctx.clone(), b, cfg.ekm_vendor.as_deref())?;
-            let slot = ModuleSlot::new(module, b.token.clone(), token.slot);
-            let hsm = Hsm::start(
-                cfg,
-                b.sessions.unwrap_or(cfg.sessions),
-                slot,
-                &token,
-                i,
-                health_key,
-                metrics,
-            )?;
-            backends.push(Backend {
-                hsm,
-                health: HealthState::default(),
-            });
-            tokens.push(token);
+                Err(e) if cfg.backends.len() > 1 => {
+                    let id = b.name.clone().unwrap_or_else(|| match &b.token {
+                        TokenSelector::Label(l) => l.clone(),
+                        TokenSelector::Slot(n) => format!("slot {n}"),
+                    });
+                    tracing::error!(ekm = %id, error = %e, "key manager not available at startup; serving without it until the next restart");
+                    absent.push(Absent {
+                        info: EkmInfo {
+                            vendor: cfg.ekm_vendor.clone().unwrap_or_else(|| "unknown".into()),
+                            id,
+                            model: "unknown".into(),
+                        },
+                        reason: format!(
+                            "not available at startup ({e}); restart the proxy to bring it in"
+                        ),
+                    });
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if backends.is_empty() {
+            if let Some(e) = last_error {
+                return Err(e);
+            }
         }
         let fleet = KeyManagers {
             inner: Arc::new(Inner {
                 backends,
+                absent,
                 next: AtomicUsize::new(0),
                 operation_timeout: cfg.operation_timeout,
             }),
@@ -119,6 +159,9 @@ impl KeyManagers {
                 details.push(format!("{}: {d}", b.hsm.ekm_info().id));
             }
         }
+        for a in &self.inner.absent {
+            details.push(format!("{}: {}", a.info.id, a.reason));
+        }
         let detail = (best != EkmStatus::Active && !details.is_empty()).then(|| details.join("; "));
         (best, detail)
     }
@@ -128,6 +171,12 @@ impl KeyManagers {
         self.backends()
             .iter()
             .map(|b| (b.hsm.ekm_info(), b.health.current().0))
+            .chain(
+                self.inner
+                    .absent
+                    .iter()
+                    .map(|a| (&a.info, EkmStatus::Unavailable)),
+            )
             .collect()
     }
 
