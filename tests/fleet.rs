@@ -85,6 +85,15 @@ fn ekm_statuses(c: &XksClient) -> Vec<(String, String)> {
     })
 }
 
+/// Asserts the health of both key managers, with the proxy log when wrong.
+fn assert_statuses(p: &Proxy, c: &XksClient, local: &str, network: &str) {
+    let mut statuses = ekm_statuses(c);
+    statuses.sort();
+    let expected = [("hsm-local", local), ("hsm-network", network)]
+        .map(|(id, s)| (id.to_string(), s.to_string()));
+    assert_eq!(statuses, expected, "{}", p.log());
+}
+
 fn status_of(c: &XksClient, id: &str) -> String {
     ekm_statuses(c)
         .into_iter()
@@ -295,17 +304,7 @@ impl Load {
 fn a_lost_network_hsm_fails_over_and_recovers_without_restart() {
     let (p, net) = start(true, true);
     let c = p.h1();
-    let mut statuses = ekm_statuses(&c);
-    statuses.sort();
-    assert_eq!(
-        statuses,
-        vec![
-            ("hsm-local".to_string(), "ACTIVE".to_string()),
-            ("hsm-network".to_string(), "ACTIVE".to_string())
-        ],
-        "{}",
-        p.log()
-    );
+    assert_statuses(&p, &c, "ACTIVE", "ACTIVE");
     let load = Load::start(&c);
     load.wait_for(200, &p);
 
@@ -458,17 +457,7 @@ fn the_only_key_manager_lost_gives_fast_errors_then_recovers() {
 fn a_key_manager_down_at_startup_leaves_the_others_serving() {
     let (p, _net) = start(true, false);
     let c = p.h1();
-    let mut statuses = ekm_statuses(&c);
-    statuses.sort();
-    assert_eq!(
-        statuses,
-        vec![
-            ("hsm-local".to_string(), "ACTIVE".to_string()),
-            ("hsm-network".to_string(), "UNAVAILABLE".to_string())
-        ],
-        "{}",
-        p.log()
-    );
+    assert_statuses(&p, &c, "ACTIVE", "UNAVAILABLE");
     let dec = block_on(async {
         let enc = c
             .call(

@@ -289,7 +289,7 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("tokio runtime");
+        .expect("tokio runtime"); // ok: a benchmark without a runtime cannot run at all
     runtime.block_on(run(args))
 }
 
