@@ -132,7 +132,8 @@ impl ModuleSlot {
     /// Re-initializes the module and finds the token again. Returns true when
     /// the token is back. Only from a pool job, i.e. holding exactly one
     /// [`Inside`]. Rate-limited to once per [`REINIT_INTERVAL`]; a caller that
-    /// finds another thread re-initializing waits for it and returns its result.
+    /// finds another thread re-initializing steps out of the module, waits for
+    /// it, and then looks for its own token in the new module instance.
     pub fn reinitialize(&self, ekm: &str) -> bool {
         let m = &self.module;
         let mut s = m.lock_gate();
