@@ -38,7 +38,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Time from request arrival to response, by operation.
     pub request_seconds: HistogramVec,
-    /// Time a pool thread spent on one job (its PKCS#11 calls), by kind.
+    /// Time a pool thread spent on one job (its PKCS#11 calls), by key
+    /// manager and kind: with several HSMs, the slow one stands out.
     pub hsm_seconds: HistogramVec,
     /// Time a job waited for a free session.
     pub hsm_queue_wait_seconds: Histogram,
@@ -108,8 +109,8 @@ impl Metrics {
         );
         let hsm_seconds = histogram_vec(
             "xks_hsm_call_duration_seconds",
-            "Time a pool session spent on one job's PKCS#11 calls, by kind.",
-            &["call"],
+            "Time a pool session spent on one job's PKCS#11 calls, by key manager and kind.",
+            &["ekm_id", "call"],
             HSM_BUCKETS,
         );
         let hsm_queue_wait_seconds = must(Histogram::with_opts(
@@ -238,7 +239,7 @@ mod tests {
             Duration::from_millis(3),
         );
         m.hsm_seconds
-            .with_label_values(&["encrypt"])
+            .with_label_values(&["tok-1", "encrypt"])
             .observe(0.0001);
         m.ekm_health.with_label_values(&["tok-1", "ACTIVE"]).set(1);
         m.credential_age_days

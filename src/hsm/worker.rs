@@ -159,7 +159,7 @@ impl Worker {
             }
             m.hsm_sessions_busy.dec();
             m.hsm_seconds
-                .with_label_values(&[job.kind])
+                .with_label_values(&[self.shared.ekm_id.as_str(), job.kind])
                 .observe(picked.elapsed().as_secs_f64());
         }
         self.discard_session();
