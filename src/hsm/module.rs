@@ -61,7 +61,11 @@ impl Drop for Inside<'_> {
     fn drop(&mut self) {
         let mut s = self.0.lock_gate();
         s.inside -= 1;
-        self.0.gate.changed.notify_all();
+        // Only a re-initialization waits for jobs to leave; without one,
+        // skip the wake-up (a futex syscall on every HSM job otherwise).
+        if s.exclusive {
+            self.0.gate.changed.notify_all();
+        }
     }
 }
 

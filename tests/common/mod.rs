@@ -96,23 +96,14 @@ impl SoftHsm {
     /// Imports raw AES-256 key material into a token as a sensitive private
     /// key with encrypt and decrypt (OpenSC's pkcs11-tool).
     pub fn import_aes_key(&self, token: &str, label: &str, key_file: &Path) {
-        let out = Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                SOFTHSM,
-                "--token-label",
-                token,
-                "--login",
-                "--pin",
-                &self.pin,
-            ])
-            .args([
+        let file = key_file.to_str().unwrap();
+        self.pkcs11_tool(
+            token,
+            &[
                 "--write-object",
-                key_file.to_str().unwrap(),
+                file,
                 "--type",
                 "secrkey",
-            ])
-            .args([
                 "--key-type",
                 "AES:32",
                 "--label",
@@ -120,15 +111,25 @@ impl SoftHsm {
                 "--usage-decrypt",
                 "--sensitive",
                 "--private",
-            ])
+            ],
+        );
+    }
+
+    /// Runs OpenSC's `pkcs11-tool` on `token`, logged in; asserts success.
+    pub fn pkcs11_tool(&self, token: &str, args: &[&str]) -> String {
+        let out = Command::new("pkcs11-tool")
+            .args(["--module", SOFTHSM, "--token-label", token])
+            .args(["--login", "--pin", &self.pin])
+            .args(args)
             .env("SOFTHSM2_CONF", &self.conf)
             .output()
             .expect("pkcs11-tool (Debian package opensc) must be installed");
         assert!(
             out.status.success(),
-            "{}",
+            "pkcs11-tool {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -369,26 +370,7 @@ impl Proxy {
     /// Runs OpenSC's `pkcs11-tool` on the test token, logged in; asserts success.
     /// Tests use it to change the token behind the proxy's back.
     pub fn pkcs11_tool(&self, args: &[&str]) -> String {
-        let out = Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                SOFTHSM,
-                "--token-label",
-                "xks-test",
-                "--login",
-                "--pin",
-                &self.hsm.pin,
-            ])
-            .args(args)
-            .env("SOFTHSM2_CONF", &self.hsm.conf)
-            .output()
-            .expect("pkcs11-tool (Debian package opensc) must be installed");
-        assert!(
-            out.status.success(),
-            "pkcs11-tool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.hsm.pkcs11_tool("xks-test", args)
     }
 
     /// Deletes the deep health probe's key behind the proxy's back: the
