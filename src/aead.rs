@@ -78,6 +78,86 @@ pub fn hsm_aad(aad: &[u8], metadata: &[u8]) -> Vec<u8> {
     out
 }
 
+/// True for metadata this proxy writes (layout 1 or 2). Such a ciphertext is
+/// only ever decrypted with this proxy's own AAD construction.
+pub fn is_own_metadata(metadata: &[u8]) -> bool {
+    matches!(
+        metadata,
+        [METADATA_FORMAT_V1] | [METADATA_FORMAT_V2, _, _, _, _]
+    )
+}
+
+/// How the AAD handed to the HSM is built from the request's AAD and
+/// ciphertext metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AadLayout {
+    /// The spec's construction, [`hsm_aad`]: what this proxy always encrypts with.
+    Spec,
+    /// The AWS sample proxy's (`aws-samples/aws-kms-xks-proxy`):
+    /// `u16_be(len(aad)) || SHA-256(aad) || u8(len(metadata)) || metadata`,
+    /// the digest only when the request carried the AAD field (even empty).
+    /// Only ever used to decrypt what the sample wrote, on key stores that
+    /// opted in (see [`SampleCompat`]).
+    AwsSample,
+}
+
+impl AadLayout {
+    /// The HSM's AAD under this layout; `aad` is `None` when the request had
+    /// no `additionalAuthenticatedData` field.
+    pub fn hsm_aad(self, aad: Option<&[u8]>, metadata: &[u8]) -> Vec<u8> {
+        match self {
+            AadLayout::Spec => hsm_aad(aad.unwrap_or_default(), metadata),
+            AadLayout::AwsSample => {
+                let aad_len = aad.map_or(0, <[u8]>::len);
+                debug_assert!(aad_len <= MAX_AAD_LEN);
+                debug_assert!(metadata.len() <= MAX_METADATA_LEN);
+                let mut out = Vec::with_capacity(2 + 32 + 1 + metadata.len());
+                out.extend_from_slice(&(aad_len as u16).to_be_bytes());
+                if let Some(aad) = aad {
+                    out.extend_from_slice(digest::digest(&digest::SHA256, aad).as_ref());
+                }
+                out.push(metadata.len() as u8);
+                out.extend_from_slice(metadata);
+                out
+            }
+        }
+    }
+}
+
+/// A key store that took over from the AWS sample proxy: its Decrypt also
+/// accepts the sample's ciphertexts (see [`decrypt_layouts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SampleCompat {
+    /// The sample's static `server.ciphertext_metadata_b64`, decoded, if it
+    /// had one. Then only ciphertexts with exactly this metadata (or none,
+    /// from before it was set) are tried the sample's way.
+    pub metadata: Option<Vec<u8>>,
+}
+
+/// The layouts to try, in order, to decrypt a ciphertext with this metadata.
+///
+/// A ciphertext carrying this proxy's own metadata is only ever tried this
+/// proxy's way: no downgrade. Where the key store opted in, any other is
+/// tried the sample's way first (that is where such ciphertexts come from
+/// once a key store migrated), then the spec's: one extra HSM call at most,
+/// and none where the two constructions coincide (no AAD field at all).
+pub fn decrypt_layouts(
+    metadata: &[u8],
+    aad_present: bool,
+    compat: Option<&SampleCompat>,
+) -> &'static [AadLayout] {
+    const SPEC: &[AadLayout] = &[AadLayout::Spec];
+    const BOTH: &[AadLayout] = &[AadLayout::AwsSample, AadLayout::Spec];
+    let Some(compat) = compat else { return SPEC };
+    if is_own_metadata(metadata) || !aad_present {
+        return SPEC;
+    }
+    match &compat.metadata {
+        Some(m) if !metadata.is_empty() && metadata != m.as_slice() => SPEC,
+        _ => BOTH,
+    }
+}
+
 /// CDIV per Appendix C: SHA-256 over the decoded
 /// `aad || metadata || iv || ciphertext || tag`, no lengths.
 pub fn cdiv_sha256(
@@ -139,6 +219,58 @@ mod tests {
             B64.encode(cdiv),
             "qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc="
         );
+    }
+
+    #[test]
+    fn aws_sample_layout() {
+        // No AAD field: both constructions are the same bytes.
+        assert_eq!(
+            AadLayout::AwsSample.hsm_aad(None, b""),
+            AadLayout::Spec.hsm_aad(None, b"")
+        );
+        // An empty AAD field is hashed by the sample.
+        let sample = AadLayout::AwsSample.hsm_aad(Some(b""), b"v1");
+        assert_eq!(&sample[..2], &[0, 0]);
+        assert_eq!(
+            &sample[2..34],
+            digest::digest(&digest::SHA256, b"").as_ref()
+        );
+        assert_eq!(&sample[34..], &[2, b'v', b'1']);
+        let sample = AadLayout::AwsSample.hsm_aad(Some(b"abc"), b"");
+        assert_eq!(&sample[..2], &[0, 3]);
+        assert_eq!(sample.len(), 2 + 32 + 1);
+        assert_ne!(sample, AadLayout::Spec.hsm_aad(Some(b"abc"), b""));
+    }
+
+    #[test]
+    fn which_layouts_are_tried() {
+        use AadLayout::*;
+        let on = SampleCompat::default();
+        let with_md = SampleCompat {
+            metadata: Some(b"v0.0.1".to_vec()),
+        };
+        // Compat off: only ever the spec's.
+        assert_eq!(decrypt_layouts(b"", true, None), &[Spec]);
+        // Our own metadata: never the sample's.
+        assert_eq!(decrypt_layouts(&[1], true, Some(&on)), &[Spec]);
+        assert_eq!(decrypt_layouts(&[2, 0, 0, 0, 3], true, Some(&on)), &[Spec]);
+        // No AAD field: the two coincide, one call.
+        assert_eq!(decrypt_layouts(b"", false, Some(&on)), &[Spec]);
+        // Anything else: the sample's first.
+        assert_eq!(decrypt_layouts(b"", true, Some(&on)), &[AwsSample, Spec]);
+        assert_eq!(decrypt_layouts(b"xyz", true, Some(&on)), &[AwsSample, Spec]);
+        // With the sample's static metadata known, only it (or none).
+        assert_eq!(
+            decrypt_layouts(b"v0.0.1", true, Some(&with_md)),
+            &[AwsSample, Spec]
+        );
+        assert_eq!(
+            decrypt_layouts(b"", true, Some(&with_md)),
+            &[AwsSample, Spec]
+        );
+        assert_eq!(decrypt_layouts(b"other", true, Some(&with_md)), &[Spec]);
+        assert!(is_own_metadata(&[1]) && is_own_metadata(&[2, 0, 0, 0, 1]));
+        assert!(!is_own_metadata(&[2, 0, 0, 1]) && !is_own_metadata(b""));
     }
 
     #[test]

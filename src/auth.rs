@@ -169,10 +169,14 @@ pub struct Authenticated {
 
 /// Verifies one request.
 ///
+/// `region`, when the key store pins one, must be the credential scope's
+/// region: KMS signs with the key store's own Region.
 /// `authority` is the URI authority (HTTP/2's `:authority`); it stands in for the
 /// `Host` header, which HTTP/2 requests usually lack.
+#[allow(clippy::too_many_arguments)]
 pub fn verify(
     credentials: &CredentialSet,
+    region: Option<&str>,
     method: &str,
     path_and_query: &str,
     authority: Option<&str>,
@@ -194,6 +198,15 @@ pub fn verify(
             "Credential service must be '{SERVICE}', not '{}'",
             crate::error::sanitize_message(auth.service)
         )));
+    }
+    if let Some(expected) = region {
+        if auth.region != expected {
+            return Err(fail(format!(
+                "request signed for region '{}', but this key store is in '{expected}' \
+                 (the key store's region setting)",
+                auth.region
+            )));
+        }
     }
     if !auth.signed_headers.contains(&"host") || !auth.signed_headers.contains(&"x-amz-date") {
         return Err(fail("SignedHeaders must include host and x-amz-date"));

@@ -48,6 +48,8 @@ pub struct CheckOptions {
     /// A client certificate and key to present (proxies that require mTLS).
     pub client_identity: Option<(PathBuf, PathBuf)>,
     pub timeout: Duration,
+    /// Offer HTTP/2 (then HTTP/1.1) in ALPN, as KMS does; false offers only
+    /// HTTP/1.1.
     pub http2: bool,
 }
 
@@ -135,6 +137,8 @@ pub struct TlsReport {
     pub version: String,
     pub cipher_suite: String,
     pub alpn: Option<String>,
+    /// The HTTP version the requests went over: `HTTP/2` or `HTTP/1.1`.
+    pub protocol: String,
     pub certificate_subject: String,
     pub certificate_issuer: String,
     pub certificate_not_after: String,
@@ -185,11 +189,12 @@ impl Report {
         }
         if let Some(t) = &self.tls {
             out.push_str(&format!(
-                "certificate: {} (issuer {}), expires {} ({} days); ALPN {}\n",
+                "certificate: {} (issuer {}), expires {} ({} days)\nprotocol: {} (ALPN {})\n",
                 t.certificate_subject,
                 t.certificate_issuer,
                 t.certificate_not_after,
                 t.certificate_days_left,
+                t.protocol,
                 t.alpn.as_deref().unwrap_or("-"),
             ));
         }
@@ -479,15 +484,17 @@ async fn steps(
         started,
         None,
         None,
-        format!("{} {}", tls_report.version, tls_report.cipher_suite),
+        format!(
+            "{} {}, {}",
+            tls_report.version, tls_report.cipher_suite, tls_report.protocol
+        ),
     );
-    report.tls = Some(tls_report);
-
-    let version = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+    let version = if tls_report.protocol == "HTTP/2" {
         HttpVersion::Http2
     } else {
         HttpVersion::Http1
     };
+    report.tls = Some(tls_report);
     let client = XksClient::new(
         addr,
         host,
@@ -1053,6 +1060,11 @@ fn describe_tls(conn: &rustls::ClientConnection) -> TlsReport {
         alpn: conn
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned()),
+        protocol: match conn.alpn_protocol() {
+            Some(b"h2") => "HTTP/2",
+            _ => "HTTP/1.1",
+        }
+        .into(),
         ..TlsReport::default()
     };
     if let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) {

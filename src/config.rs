@@ -202,6 +202,21 @@ struct RawKeyStore {
     authorization: Option<RawAuthorization>,
     /// Request-rate quota for this key store.
     rate_limit: Option<RawRateLimit>,
+    /// The AWS Region of the KMS key store: requests signed for another
+    /// region are refused.
+    region: Option<String>,
+    /// `"aws-sample"`: Decrypt also accepts what the AWS sample proxy wrote.
+    compat: Option<Compat>,
+    /// The sample's `server.ciphertext_metadata_b64`, when it had one.
+    compat_metadata_b64: Option<String>,
+}
+
+/// Which other proxy's ciphertexts a key store also decrypts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Compat {
+    /// `aws-samples/aws-kms-xks-proxy`.
+    AwsSample,
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,8 +318,14 @@ pub enum IvSource {
     #[default]
     HsmRng,
     /// The HSM generates the IV itself inside `C_EncryptInit`/`C_Encrypt` and
-    /// writes it back into the GCM parameters (Luna, nShield in FIPS mode, ...).
+    /// writes it back into the GCM parameters' 12-byte IV buffer, which the
+    /// proxy passes zeroed (AWS CloudHSM, the AWS sample's
+    /// `is_zero_iv_required = true`). An IV left at zero is refused.
     HsmGenerated,
+    /// The HSM generates the IV for an empty IV parameter and appends it to
+    /// the output after the tag (Thales Luna; the AWS sample's
+    /// `can_generate_iv = true, is_zero_iv_required = false`).
+    HsmGeneratedAppended,
 }
 
 /// Log output format.
@@ -491,6 +512,10 @@ pub struct KeyStoreConfig {
     /// The policy file, watched for changes.
     pub policy_file: Option<PathBuf>,
     pub rate_limit: Option<RateLimit>,
+    /// Decrypt also accepts the AWS sample proxy's ciphertexts (migration).
+    pub compat: Option<crate::aead::SampleCompat>,
+    /// The AWS Region KMS signs this key store's requests for, when pinned.
+    pub region: Option<String>,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -1149,6 +1174,15 @@ fn validate_key_stores(
                 })
             }
         };
+        let compat = validate_compat(&field, raw.compat, raw.compat_metadata_b64)?;
+        if let Some(r) = &raw.region {
+            if !is_valid_region(r) {
+                return Err(invalid(
+                    format!("{field}.region"),
+                    format!("'{r}' is not an AWS Region name like us-east-1"),
+                ));
+            }
+        }
         out.push(KeyStoreConfig {
             name: raw.name,
             uri_path: raw.uri_path,
@@ -1157,9 +1191,54 @@ fn validate_key_stores(
             authorization,
             policy_file,
             rate_limit,
+            compat,
+            region: raw.region,
         });
     }
     Ok(out)
+}
+
+/// `compat` and the sample's static ciphertext metadata.
+fn validate_compat(
+    field: &str,
+    compat: Option<Compat>,
+    metadata_b64: Option<String>,
+) -> Result<Option<crate::aead::SampleCompat>, ConfigError> {
+    use base64::Engine;
+    let Some(Compat::AwsSample) = compat else {
+        return match metadata_b64 {
+            Some(_) => Err(invalid(
+                format!("{field}.compat_metadata_b64"),
+                "only with compat = \"aws-sample\"",
+            )),
+            None => Ok(None),
+        };
+    };
+    let metadata = match metadata_b64 {
+        None => None,
+        Some(b64) => {
+            let md = base64::engine::general_purpose::STANDARD
+                .decode(&b64)
+                .ok()
+                .filter(|m| !m.is_empty() && m.len() <= crate::aead::MAX_METADATA_LEN)
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{field}.compat_metadata_b64"),
+                        "must be the Base64 of 1 to 20 bytes (the sample's \
+                         server.ciphertext_metadata_b64)",
+                    )
+                })?;
+            if crate::aead::is_own_metadata(&md) {
+                return Err(invalid(
+                    format!("{field}.compat_metadata_b64"),
+                    "these bytes are also a metadata layout of this proxy, so the sample's \
+                     ciphertexts could not be told from ours; see docs/migrate-from-aws-sample.md",
+                ));
+            }
+            Some(md)
+        }
+    };
+    Ok(Some(crate::aead::SampleCompat { metadata }))
 }
 
 /// Reads a secret from exactly one of a file or an environment variable.
@@ -1271,6 +1350,18 @@ pub fn is_valid_uri_path(p: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-'))
 }
 
+/// An AWS Region name: lowercase letters, digits and dashes, like `us-east-1`.
+pub fn is_valid_region(r: &str) -> bool {
+    (4..=32).contains(&r.len())
+        && r.split('-').count() >= 3
+        && r.split('-').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+}
+
 /// Access key id: 20 to 30 characters of `A-Z` and `2-7` (base32 alphabet).
 pub fn is_valid_access_key_id(id: &str) -> bool {
     (20..=30).contains(&id.len())
@@ -1322,6 +1413,21 @@ mod tests {
         assert_eq!(format_timestamp(t), "2026-11-23T08:09:16Z");
         assert!(parse_timestamp("2026-11-23 08:09:16Z").is_none());
         assert!(parse_timestamp("20261123T080916Z").is_none());
+    }
+
+    #[test]
+    fn regions() {
+        for r in [
+            "us-east-1",
+            "eu-central-2",
+            "us-gov-west-1",
+            "ap-southeast-4",
+        ] {
+            assert!(is_valid_region(r), "{r}");
+        }
+        for r in ["", "us", "US-EAST-1", "us_east_1", "us-east-", "-us-east-1"] {
+            assert!(!is_valid_region(r), "{r}");
+        }
     }
 
     #[test]

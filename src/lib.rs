@@ -20,6 +20,7 @@
 //! - [`reload`]: hot reload of key stores, credentials and the certificate;
 //! - [`metrics`] and [`admin`]: Prometheus metrics on the admin listener;
 //! - [`client`]: a SigV4-signing XKS client (tests, benchmark, tooling);
+//! - [`migrate`]: the AWS sample proxy's settings, converted to our config;
 //! - [`cli`]: the `xks-proxy` command line.
 
 pub mod admin;
@@ -38,6 +39,7 @@ pub mod hsm;
 pub mod idle;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod mtls;
 pub mod proxy_protocol;
 pub mod reload;

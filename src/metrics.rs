@@ -61,6 +61,10 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: IntCounterVec,
+    /// Decrypts that authenticated only with the AWS sample proxy's AAD
+    /// construction, by key store: when it stops growing, the sample's
+    /// ciphertexts have stopped coming and compat can be switched off.
+    pub compat_decrypts: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -165,6 +169,11 @@ impl Metrics {
             "TLS handshakes on the XKS listener that failed, by reason (error, timeout).",
             &["reason"],
         );
+        let compat_decrypts = counter_vec(
+            "xks_compat_decrypts_total",
+            "Decrypts of ciphertexts written by the AWS sample proxy (compat = \"aws-sample\"), by key store.",
+            &["key_store"],
+        );
         let build = must(IntGaugeVec::new(
             Opts::new("xks_build_info", "Build information; always 1."),
             &["version"],
@@ -186,6 +195,7 @@ impl Metrics {
             reloads,
             connections_open,
             tls_handshake_failures,
+            compat_decrypts,
         }
     }
 

@@ -370,10 +370,27 @@ fn health_status_is_deep_and_spec_shaped() {
                 assert!(fleet[0]["model"].as_str().unwrap().contains("SoftHSM"));
             }
         }
-        // A health body the proxy does not understand is still answered (the
-        // spec lists no ValidationException for GetHealthStatus).
+        // Without requestMetadata, or without its kmsRequestId or
+        // kmsOperation, a 400 ValidationException: both fields are REQUIRED,
+        // and the official compliance client expects exactly this.
+        for body in [
+            json!({}),
+            json!({"requestMetadata": {}}),
+            json!({"requestMetadata": {"kmsOperation": "KmsHealthCheck"}}),
+            json!({"requestMetadata": {"kmsRequestId": "r-1"}}),
+        ] {
+            for c in [p.h1(), p.h2()] {
+                let r = post(&c, "/health", body.to_string()).await;
+                assert_eq!(r.status, 400, "{body}");
+                assert_eq!(
+                    r.error_name().as_deref(),
+                    Some("ValidationException"),
+                    "{body}"
+                );
+            }
+        }
         let r = post(&p.h1(), "/health", "not json").await;
-        assert_eq!(r.status, 200);
+        assert_eq!(r.error_name().as_deref(), Some("ValidationException"));
     });
     // The probe created its own key, distinct from every customer key.
     let keys = p.cli(&["keys", "list"]);

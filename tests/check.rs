@@ -63,6 +63,9 @@ fn connected_with_a_usable_key_and_every_step_timed() {
         assert!(s["latency_ms"].as_f64().unwrap() < 250.0, "{s}");
     }
     assert_eq!(r["tls"]["version"], "TLSv1_3");
+    // KMS speaks HTTP/2, and so does check unless told otherwise.
+    assert_eq!(r["tls"]["protocol"], "HTTP/2");
+    assert_eq!(r["tls"]["alpn"], "h2");
     assert!(r["tls"]["cipher_suite"]
         .as_str()
         .unwrap()
@@ -73,7 +76,7 @@ fn connected_with_a_usable_key_and_every_step_timed() {
     assert!(warnings.contains("--ca"), "{warnings}");
 
     // The same from the KMS console JSON file that `credentials new` writes,
-    // in text form, over HTTP/2.
+    // in text form, over HTTP/1.1 on request.
     let console = p.dir.path().join("console.json");
     std::fs::write(
         &console,
@@ -90,12 +93,15 @@ fn connected_with_a_usable_key_and_every_step_timed() {
         console.to_str().unwrap(),
         "--ca",
         p.certs.ca.to_str().unwrap(),
-        "--http2",
+        "--http1",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("verdict: CONNECTED"), "{text}");
-    assert!(text.contains("ALPN h2"), "{text}");
+    assert!(
+        text.contains("protocol: HTTP/1.1 (ALPN http/1.1)"),
+        "{text}"
+    );
     // The secret never appears in check's output.
     assert!(!text.contains(&p.secret_a));
 }
@@ -191,7 +197,10 @@ fn fake_server(certs: &Certs, response: String) -> SocketAddr {
     })
     .unwrap();
     let resolver = xks_proxy::tls::CertResolver::new(cert);
-    let tls = xks_proxy::tls::server_config(resolver, None).unwrap();
+    // It speaks HTTP/1.1 only, and says so in ALPN (check offers h2 first).
+    let mut tls = (*xks_proxy::tls::server_config(resolver, None).unwrap()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = Arc::new(tls);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         created: None,
     }]);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    match verify(&creds, "POST", "/kms/xks/v1/health", None, &headers, body, now) {
+    match verify(&creds, None, "POST", "/kms/xks/v1/health", None, &headers, body, now) {
         Ok(_) => panic!("random input authenticated"),
         Err(XksError::AuthenticationFailed(_)) => {}
         Err(other) => panic!("unexpected error kind: {other:?}"),

@@ -17,6 +17,7 @@
 //! 8. secondary authorization (Cedar) → 403 (GetHealthStatus is exempt);
 //! 9. the HSM.
 
+pub mod body;
 pub mod types;
 
 use std::collections::HashMap;
@@ -27,13 +28,12 @@ use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::any;
 use axum::Router;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, StatusCode};
-use http_body_util::BodyExt;
-use zeroize::Zeroizing;
 
+use crate::aead::{decrypt_layouts, AadLayout, SampleCompat};
 use crate::auth::{self, CredentialSet};
 use crate::authz::{AuthzRequest, Policies};
 use crate::config::{AllowedKeys, Config, HealthConfig};
@@ -43,6 +43,7 @@ use crate::hsm::{DecryptInput, EncryptInput, KeyManagers};
 use crate::metrics::Metrics;
 use crate::server::ConnInfo;
 use crate::throttle::TokenBucket;
+use body::BodyLimits;
 use types::*;
 
 /// One key store at run time.
@@ -59,6 +60,10 @@ pub struct KeyStore {
     pub policies: Option<Arc<Policies>>,
     /// Request-rate quota, if configured.
     pub bucket: Option<Arc<TokenBucket>>,
+    /// Decrypt also accepts the AWS sample proxy's ciphertexts.
+    pub compat: Option<SampleCompat>,
+    /// The AWS Region requests must be signed for, when pinned.
+    pub region: Option<String>,
 }
 
 impl KeyStore {
@@ -111,6 +116,8 @@ impl Live {
                             .collect(),
                         policies: ks.authorization.clone(),
                         bucket,
+                        compat: ks.compat.clone(),
+                        region: ks.region.clone(),
                     },
                 )
             })
@@ -150,34 +157,64 @@ impl AppState {
 /// The router: `/ping` for load balancers, everything else is the XKS API.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/ping", get(ping).head(ping))
+        .route("/ping", any(ping))
         .fallback(xks)
         .with_state(state)
 }
 
 /// Router for the optional plain-HTTP health-check listener: `/ping` only.
 pub fn ping_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/ping", get(ping).head(ping))
-        .with_state(state)
+    Router::new().route("/ping", any(ping)).with_state(state)
 }
 
 /// Load-balancer check: no auth, 200 while this instance can serve (one of
 /// its key managers is not UNAVAILABLE), else 503 so the balancer routes
 /// elsewhere.
-async fn ping(State(app): State<Arc<AppState>>) -> Response {
-    let (status, _) = app.hsm.overall();
-    let code = if status == EkmStatus::Unavailable {
-        StatusCode::SERVICE_UNAVAILABLE
+async fn ping(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    // Like every answer, this one waits for the body (see `body`).
+    let limits = BodyLimits {
+        max: 0,
+        discard_max: body::DISCARD_MAX,
+        timeout: app.body_timeout,
+    };
+    let drained = body::discard(body, limits).await;
+    let mut response = if parts.method != Method::GET && parts.method != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+            "use GET or HEAD\n",
+        )
+            .into_response()
     } else {
-        StatusCode::OK
+        let (status, _) = app.hsm.overall();
+        let code = if status == EkmStatus::Unavailable {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let body = match status {
+            EkmStatus::Active => "ok\n",
+            EkmStatus::Degraded => "degraded\n",
+            EkmStatus::Unavailable => "unavailable\n",
+        };
+        (code, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
     };
-    let body = match status {
-        EkmStatus::Active => "ok\n",
-        EkmStatus::Degraded => "degraded\n",
-        EkmStatus::Unavailable => "unavailable\n",
-    };
-    (code, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+    if !drained {
+        close_after(&mut response, parts.version);
+    }
+    response
+}
+
+/// Asks hyper to close an HTTP/1 connection after this answer, because the
+/// client may still be sending the body. HTTP/2 ends just the stream by
+/// itself (and forbids the header).
+fn close_after(response: &mut Response, version: http::Version) {
+    if version < http::Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// The four XKS operations.
@@ -235,6 +272,9 @@ struct AccessLog {
     authz_decision: Option<&'static str>,
     /// ...and the ids of the policies that decided.
     authz_policies: Option<String>,
+    /// The client may still be sending: close the (HTTP/1) connection after
+    /// the answer rather than read the next request from the middle of a body.
+    close_connection: bool,
 }
 
 /// The connection's client and VPC endpoint (from a PROXY header) for the log.
@@ -264,13 +304,17 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
     let mut log = AccessLog::default();
     let (client_addr, proxy_vpce_id) = conn_fields(&req);
-    let response = match handle(&app, req, &mut log).await {
+    let version = req.version();
+    let mut response = match handle(&app, req, &mut log).await {
         Ok(r) => r,
         Err(e) => {
             log.error_message = Some(e.message().to_string());
             e.into_response()
         }
     };
+    if log.close_connection {
+        close_after(&mut response, version);
+    }
     let status = response.status().as_u16();
     let error_name = response.extensions().get::<ErrorName>().map(|e| e.0);
     let elapsed = started.elapsed();
@@ -317,16 +361,26 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
     response
 }
 
-async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Response, XksError> {
-    let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
+/// Where a request is going: its key store, operation and key id.
+struct Route<'l> {
+    store: &'l KeyStore,
+    op: Operation,
+    key_id: Option<&'l str>,
+}
+
+/// Path and method checks (404, 405), which need no body.
+fn route<'l>(
+    live: &'l Live,
+    path: &'l str,
+    method: &Method,
+    log: &mut AccessLog,
+) -> Result<Route<'l>, XksError> {
     let (base, op, key_id) = parse_path(path).ok_or_else(|| {
         XksError::InvalidUriPath(format!(
             "'{path}' is not an XKS API URI (expected <XksProxyUriPath>/health or \
              <XksProxyUriPath>/keys/<externalKeyId>/metadata|encrypt|decrypt)"
         ))
     })?;
-    let live = app.live.load_full();
     let store = live.stores.get(base).ok_or_else(|| {
         XksError::InvalidUriPath(format!(
             "no key store is configured with XksProxyUriPath '{base}'"
@@ -335,14 +389,38 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
     log.key_store = Some(store.name.clone());
     log.operation = Some(op.as_str());
     log.key_id = key_id.map(str::to_owned);
-    if parts.method != Method::POST {
+    if method != Method::POST {
         return Err(XksError::MethodNotAllowed(format!(
-            "{} is not allowed; XKS API calls use POST",
-            parts.method
+            "{method} is not allowed; XKS API calls use POST"
         )));
     }
+    Ok(Route { store, op, key_id })
+}
 
-    let body = read_body(body, &parts.headers, live.max_body_bytes, app.body_timeout).await?;
+async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Response, XksError> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let live = app.live.load_full();
+    let limits = BodyLimits {
+        max: live.max_body_bytes,
+        discard_max: body::DISCARD_MAX.max(live.max_body_bytes),
+        timeout: app.body_timeout,
+    };
+    // Every answer, errors included, goes out only after the whole body came
+    // in (see `body`): a refused request's body is read and dropped.
+    let Route { store, op, key_id } = match route(&live, path, &parts.method, log) {
+        Ok(r) => r,
+        Err(e) => {
+            log.close_connection = !body::discard(body, limits).await;
+            return Err(e);
+        }
+    };
+    let body = body::read(body, &parts.headers, limits)
+        .await
+        .map_err(|e| {
+            log.close_connection = e.must_close();
+            XksError::from(e)
+        })?;
 
     let path_and_query = parts
         .uri
@@ -351,6 +429,7 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
         .unwrap_or(path);
     let who = auth::verify(
         &store.credentials,
+        store.region.as_deref(),
         parts.method.as_str(),
         path_and_query,
         parts.uri.authority().map(|a| a.as_str()),
@@ -394,50 +473,6 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
     }
 }
 
-/// Reads the body into a buffer that is wiped on drop (it may hold plaintext),
-/// refusing early anything above the limit.
-async fn read_body(
-    body: Body,
-    headers: &http::HeaderMap,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Zeroizing<Vec<u8>>, XksError> {
-    let too_big = || {
-        XksError::UnsupportedOperation(format!(
-            "request body exceeds this proxy's limit of {limit} bytes"
-        ))
-    };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
-        let len: usize = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| XksError::Validation("Content-Length is not a number".into()))?;
-        if len > limit {
-            return Err(too_big());
-        }
-    }
-    let mut out = Zeroizing::new(Vec::new());
-    let mut body = body;
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            let frame =
-                frame.map_err(|_| XksError::Validation("request body could not be read".into()))?;
-            if let Ok(data) = frame.into_data() {
-                if out.len() + data.len() > limit {
-                    return Err(too_big());
-                }
-                out.extend_from_slice(&data);
-            }
-        }
-        Ok(())
-    };
-    tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| XksError::Validation("request body was not received in time".into()))??;
-    Ok(out)
-}
-
 fn json_response(status: StatusCode, body: Bytes) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
@@ -454,29 +489,26 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Response, XksError> {
     Ok(json_response(StatusCode::OK, Bytes::from(body)))
 }
 
-/// GetHealthStatus. The spec lists no ValidationException for it, so a body
-/// we cannot parse is logged and otherwise ignored: the caller authenticated,
-/// and the health answer does not depend on the body.
+/// GetHealthStatus. Its body must carry `requestMetadata` with `kmsRequestId`
+/// and `kmsOperation` (the spec marks both REQUIRED, KMS always sends them,
+/// and the official compliance client expects `400 ValidationException`
+/// without them, although the spec's error table lists ValidationException
+/// for every operation "except GetHealthStatus"). Any `kmsOperation` value
+/// is accepted: KMS adds new ones.
+///
+/// The answer is 200 with every key manager's true state, UNAVAILABLE
+/// included: KMS then reports the key managers as unavailable (its
+/// `XksExternalKeyManagerStates` metric) rather than the proxy as timing
+/// out, which a 503 `DependencyTimeoutException` would say.
 fn health(
     app: &AppState,
     live: &Live,
     body: &[u8],
     log: &mut AccessLog,
 ) -> Result<Response, XksError> {
-    match parse_json::<MetadataOnlyRequest>(body) {
-        Ok(r) => log.record_metadata(r.request_metadata.as_ref()),
-        Err(e) => tracing::warn!(
-            error = e.message(),
-            "GetHealthStatus body not understood; answering anyway"
-        ),
-    }
-    let (status, detail) = app.hsm.overall();
-    if status == EkmStatus::Unavailable {
-        return Err(XksError::DependencyTimeout(format!(
-            "no key manager can serve traffic: {}",
-            detail.unwrap_or_default()
-        )));
-    }
+    let req: MetadataOnlyRequest = parse_json(body)?;
+    log.record_metadata(req.request_metadata.as_ref());
+    require_health_metadata(req.request_metadata.as_ref())?;
     let details = app.hsm.details();
     to_json(&HealthResponse {
         xks_proxy_fleet_size: live.fleet_size,
@@ -558,7 +590,7 @@ async fn key_metadata(
     authorize(t, md, log)?;
     let key = app.hsm.key_info(t.key_id).await?;
     to_json(&KeyMetadataResponse {
-        key_spec: "AES_256",
+        key_spec: key.spec.to_string(),
         key_usage: key.usages.names(),
         key_status: if key.enabled { "ENABLED" } else { "DISABLED" },
     })
@@ -606,7 +638,8 @@ async fn decrypt(
         require_metadata(req.request_metadata.as_ref(), true)?,
         log,
     )?;
-    let plaintext = app
+    let layouts = decrypt_layouts(&v.metadata, v.aad_present, t.store.compat.as_ref());
+    let out = app
         .hsm
         .decrypt(
             t.key_id,
@@ -614,13 +647,20 @@ async fn decrypt(
                 ciphertext: v.ciphertext,
                 iv: v.iv,
                 tag: v.tag,
-                aad: v.aad,
+                aad: v.aad_present.then_some(v.aad),
                 metadata: v.metadata,
+                layouts,
             },
         )
         .await?;
+    if out.layout == AadLayout::AwsSample {
+        app.metrics
+            .compat_decrypts
+            .with_label_values(&[&t.store.name])
+            .inc();
+    }
     // The body owns a zeroizing buffer: wiped when hyper drops it after sending.
-    let body = Bytes::from_owner(decrypt_response(&plaintext));
+    let body = Bytes::from_owner(decrypt_response(&out.plaintext));
     Ok(json_response(StatusCode::OK, body))
 }
 

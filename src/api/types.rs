@@ -108,26 +108,44 @@ pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError>
     })
 }
 
-/// Which `requestMetadata` fields an operation requires.
+/// Checks that `requestMetadata` is there and has each named field.
+fn metadata_with<'m, 'a>(
+    md: Option<&'m RequestMetadata<'a>>,
+    fields: impl Fn(&RequestMetadata<'a>) -> Vec<(&'static str, bool)>,
+) -> Result<&'m RequestMetadata<'a>, XksError> {
+    let md = md.ok_or_else(|| XksError::Validation("requestMetadata is required".into()))?;
+    match fields(md).into_iter().find(|(_, present)| !present) {
+        Some((name, _)) => Err(XksError::Validation(format!(
+            "requestMetadata.{name} is required"
+        ))),
+        None => Ok(md),
+    }
+}
+
+/// Which `requestMetadata` fields a key operation requires.
 pub fn require_metadata<'m, 'a>(
     md: Option<&'m RequestMetadata<'a>>,
     need_key_arn: bool,
 ) -> Result<&'m RequestMetadata<'a>, XksError> {
-    let md = md.ok_or_else(|| XksError::Validation("requestMetadata is required".into()))?;
-    let missing = |name: &str| XksError::Validation(format!("requestMetadata.{name} is required"));
-    if md.aws_principal_arn.is_none() {
-        return Err(missing("awsPrincipalArn"));
-    }
-    if md.kms_operation.is_none() {
-        return Err(missing("kmsOperation"));
-    }
-    if md.kms_request_id.is_none() {
-        return Err(missing("kmsRequestId"));
-    }
-    if need_key_arn && md.kms_key_arn.is_none() {
-        return Err(missing("kmsKeyArn"));
-    }
-    Ok(md)
+    metadata_with(md, |md| {
+        vec![
+            ("awsPrincipalArn", md.aws_principal_arn.is_some()),
+            ("kmsOperation", md.kms_operation.is_some()),
+            ("kmsRequestId", md.kms_request_id.is_some()),
+            ("kmsKeyArn", !need_key_arn || md.kms_key_arn.is_some()),
+        ]
+    })
+}
+
+/// The `requestMetadata` fields GetHealthStatus requires.
+pub fn require_health_metadata(md: Option<&RequestMetadata<'_>>) -> Result<(), XksError> {
+    metadata_with(md, |md| {
+        vec![
+            ("kmsRequestId", md.kms_request_id.is_some()),
+            ("kmsOperation", md.kms_operation.is_some()),
+        ]
+    })
+    .map(|_| ())
 }
 
 fn required<'s>(v: &'s Option<Cow<'_, str>>, name: &str) -> Result<&'s str, XksError> {
@@ -202,6 +220,9 @@ pub struct ValidDecrypt {
     pub iv: Vec<u8>,
     pub tag: Vec<u8>,
     pub aad: Vec<u8>,
+    /// Whether the request had an `additionalAuthenticatedData` field (an
+    /// empty one counts): the AWS sample's construction tells them apart.
+    pub aad_present: bool,
     pub metadata: Vec<u8>,
 }
 
@@ -247,6 +268,7 @@ impl DecryptRequest<'_> {
             iv,
             tag,
             aad,
+            aad_present: self.additional_authenticated_data.is_some(),
             metadata,
         })
     }
@@ -256,7 +278,9 @@ impl DecryptRequest<'_> {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyMetadataResponse {
-    pub key_spec: &'static str,
+    /// `AES_256` for every key that can back a KMS key; any other spec makes
+    /// KMS's CreateKey fail with a message that names the problem.
+    pub key_spec: String,
     pub key_usage: Vec<&'static str>,
     pub key_status: &'static str,
 }

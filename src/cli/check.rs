@@ -52,9 +52,10 @@ pub struct CheckArgs {
     /// Per-step budget (KMS: 250 ms).
     #[arg(long, default_value_t = 250)]
     timeout_ms: u64,
-    /// Offer HTTP/2 as well as HTTP/1.1.
+    /// Offer only HTTP/1.1. By default check offers HTTP/2 first and
+    /// HTTP/1.1 second, as KMS does.
     #[arg(long)]
-    http2: bool,
+    http1: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -131,7 +132,7 @@ pub fn run(a: CheckArgs, runtime: tokio::runtime::Runtime) -> Result<(), ExitCod
         extra_ca: a.ca.clone(),
         client_identity: a.client_cert.clone().zip(a.client_key.clone()),
         timeout: Duration::from_millis(a.timeout_ms.max(1)),
-        http2: a.http2,
+        http2: !a.http1,
     };
     let report = runtime
         .block_on(check::run(&opts))

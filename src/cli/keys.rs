@@ -106,18 +106,10 @@ fn status(k: &KeyInfo) -> &'static str {
     }
 }
 
-fn spec(k: &KeyInfo) -> &'static str {
-    if k.aes256 {
-        "AES_256"
-    } else {
-        "other"
-    }
-}
-
 fn key_json(k: &KeyInfo) -> serde_json::Value {
     serde_json::json!({
         "id": k.label,
-        "keySpec": spec(k),
+        "keySpec": k.spec.to_string(),
         "keyUsage": k.usages.names(),
         "keyStatus": status(k),
     })
@@ -201,7 +193,7 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
                     println!(
                         "{:<40} {:<8} {:<9} v{:<4} {}",
                         k.label,
-                        spec(k),
+                        k.spec.to_string(),
                         status(k),
                         latest(&k.label),
                         k.usages.names().join(",")

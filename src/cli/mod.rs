@@ -1,11 +1,12 @@
 //! The `xks-proxy` command line: `serve`, `check-config`, `keys`,
-//! `credentials` and `check`.
+//! `credentials`, `check` and `import-sample-config`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage;
 //! `check` adds 3 (connected, but the key cannot serve KMS).
 
 mod check;
 mod credentials;
+mod import;
 mod keys;
 
 use std::net::SocketAddr;
@@ -64,6 +65,9 @@ enum Command {
     },
     /// Connect to an XKS proxy as KMS does and report what KMS would say.
     Check(Box<check::CheckArgs>),
+    /// Convert the AWS sample proxy's settings file into this proxy's
+    /// configuration (secrets into 0600 files), and list what did not map.
+    ImportSampleConfig(import::ImportArgs),
 }
 
 /// Loads a config, reporting a failure as exit code 2.
@@ -124,6 +128,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Keys { command } => keys::run(command),
         Command::Credentials { command } => credentials::run(command),
         Command::Check(args) => check::run(*args, runtime()?),
+        Command::ImportSampleConfig(args) => import::run(args),
     }
 }
 

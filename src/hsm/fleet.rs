@@ -21,11 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zeroize::Zeroizing;
-
 use super::module::{Module, ModuleSlot};
 use super::token::{load_module, EkmInfo, HsmError, KeyInfo, Token};
-use super::{DecryptInput, EncryptInput, EncryptOutput, Hsm};
+use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput, Hsm};
 use crate::config::{HealthConfig, HsmConfig, TokenSelector};
 use crate::error::XksError;
 use crate::health::{EkmStatus, HealthState};
@@ -254,7 +252,7 @@ impl KeyManagers {
         &self,
         label: &str,
         input: DecryptInput,
-    ) -> Result<Zeroizing<Vec<u8>>, XksError> {
+    ) -> Result<DecryptOutput, XksError> {
         let input = Arc::new(input);
         self.with_failover(|hsm, deadline| {
             let input = input.clone();

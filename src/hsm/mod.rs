@@ -15,6 +15,7 @@
 //! fast, bounded errors instead of unbounded memory and latency.
 
 pub mod fleet;
+pub mod key_spec;
 mod keys;
 mod module;
 mod state;
@@ -29,8 +30,10 @@ use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 pub use fleet::KeyManagers;
+pub use key_spec::KeySpec;
 pub use token::{EkmInfo, HsmError, KeyDetails, KeyInfo, Token, Usages};
 
+use crate::aead::AadLayout;
 use crate::config::HsmConfig;
 use crate::error::XksError;
 use crate::metrics::Metrics;
@@ -61,8 +64,18 @@ pub struct DecryptInput {
     pub ciphertext: Vec<u8>,
     pub iv: Vec<u8>,
     pub tag: Vec<u8>,
-    pub aad: Vec<u8>,
+    /// The request's AAD; `None` when it had no AAD field.
+    pub aad: Option<Vec<u8>>,
     pub metadata: Vec<u8>,
+    /// The AAD constructions to try, in order (see `aead::decrypt_layouts`).
+    pub layouts: &'static [AadLayout],
+}
+
+/// Output of one Decrypt: the plaintext, and the construction that
+/// authenticated (the AWS sample's counts toward the compat metric).
+pub struct DecryptOutput {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub layout: AadLayout,
 }
 
 struct Inner {
@@ -243,7 +256,7 @@ impl Hsm {
         label: &str,
         input: Arc<DecryptInput>,
         deadline: Instant,
-    ) -> Result<Zeroizing<Vec<u8>>, XksError> {
+    ) -> Result<DecryptOutput, XksError> {
         self.precheck(label, OpKind::Decrypt)?;
         let label = label.to_owned();
         self.run("decrypt", deadline, move |w| w.decrypt(&label, &input))

@@ -13,6 +13,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
+use super::key_spec::KeySpec;
 use crate::config::{BackendConfig, HsmConfig, TokenSelector};
 
 /// A failure to reach or use the token outside a request (startup, CLI).
@@ -80,8 +81,9 @@ impl Usages {
 pub struct KeyInfo {
     pub handle: ObjectHandle,
     pub label: String,
-    /// CKK_AES with CKA_VALUE_LEN 32. Any other key is never used for crypto.
-    pub aes256: bool,
+    /// What kind of key this is. Only an AES-256 secret key is ever used for
+    /// cryptography; GetKeyMetadata reports the others as they are.
+    pub spec: KeySpec,
     pub usages: Usages,
     /// False when the key is disabled for KMS: a marker object from
     /// `xks-proxy keys disable`, or a validity window (CKA_START_DATE /
@@ -164,7 +166,7 @@ impl Token {
     /// Creates an AES-256 key that is a token object, private, sensitive and
     /// non-extractable, with the given usages. Refuses a label that exists.
     pub fn create_aes_key(&self, label: &str, usages: Usages) -> Result<KeyInfo, HsmError> {
-        if !find_keys(&self.session, label)
+        if !find_secret_keys(&self.session, label)
             .map_err(p11("C_FindObjects"))?
             .is_empty()
         {
@@ -279,7 +281,7 @@ impl Token {
     /// The newest version of external key `id` (0 when never rotated).
     pub fn latest_version(&self, id: &str) -> Result<u32, HsmError> {
         let mut v = 0;
-        while !find_keys(&self.session, &crate::aead::version_label(id, v + 1))
+        while !find_secret_keys(&self.session, &crate::aead::version_label(id, v + 1))
             .map_err(p11("C_FindObjects"))?
             .is_empty()
         {
@@ -296,7 +298,7 @@ impl Token {
         let handle = self.find_one(id)?;
         let base = read_key_info(&self.session, handle, id, SystemTime::now())
             .map_err(p11("C_GetAttributeValue"))?;
-        if !base.aes256 {
+        if !base.spec.is_aes256() {
             return Err(HsmError::Key(format!(
                 "'{id}' is not an AES-256 key; only keys that can back KMS are rotated"
             )));
@@ -332,6 +334,20 @@ impl Token {
         keys.sort_by(|a, b| a.label.cmp(&b.label));
         Ok(keys)
     }
+}
+
+/// The label of the token in the first slot `module` lists (tokens present
+/// or not), which is the one the AWS sample proxy logs in to.
+pub fn first_slot_token_label(module: &Path) -> Result<String, HsmError> {
+    let ctx = load_module(module)?;
+    let slot = ctx
+        .get_all_slots()
+        .map_err(p11("C_GetSlotList"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| HsmError::NoToken("the module lists no slot".into()))?;
+    let info = ctx.get_token_info(slot).map_err(p11("C_GetTokenInfo"))?;
+    Ok(info.label().trim().to_string())
 }
 
 /// Loads a PKCS#11 module and initializes it for multi-threaded use.
@@ -390,9 +406,26 @@ pub(crate) fn login_raw(session: &Session, pin: &AuthPin) -> Result<(), P11Error
 }
 
 /// Secret keys carrying exactly this label.
-pub(crate) fn find_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, P11Error> {
+pub(crate) fn find_secret_keys(
+    session: &Session,
+    label: &str,
+) -> Result<Vec<ObjectHandle>, P11Error> {
     session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])
+}
+
+/// The key objects an external key id may name: its secret keys or, when it
+/// has none, its private keys (an RSA or EC key pair shares one label). The
+/// latter are only ever described, never used: see [`KeySpec`].
+pub(crate) fn find_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, P11Error> {
+    let secret = find_secret_keys(session, label)?;
+    if !secret.is_empty() {
+        return Ok(secret);
+    }
+    session.find_objects(&[
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::Label(label.as_bytes().to_vec()),
     ])
 }
@@ -408,8 +441,12 @@ pub(crate) fn read_key_info(
     let attrs = session.get_attributes(
         handle,
         &[
+            AttributeType::Class,
             AttributeType::KeyType,
             AttributeType::ValueLen,
+            AttributeType::ModulusBits,
+            AttributeType::Modulus,
+            AttributeType::EcParams,
             AttributeType::Encrypt,
             AttributeType::Decrypt,
             AttributeType::Wrap,
@@ -419,27 +456,23 @@ pub(crate) fn read_key_info(
             AttributeType::Derive,
         ],
     )?;
-    let mut is_aes = false;
-    let mut len = 0u64;
     let mut u = Usages::default();
-    for a in attrs {
+    for a in &attrs {
         match a {
-            Attribute::KeyType(t) => is_aes = t == KeyType::AES,
-            Attribute::ValueLen(l) => len = l.into(),
-            Attribute::Encrypt(b) => u.encrypt = b,
-            Attribute::Decrypt(b) => u.decrypt = b,
-            Attribute::Wrap(b) => u.wrap = b,
-            Attribute::Unwrap(b) => u.unwrap = b,
-            Attribute::Sign(b) => u.sign = b,
-            Attribute::Verify(b) => u.verify = b,
-            Attribute::Derive(b) => u.derive = b,
+            Attribute::Encrypt(b) => u.encrypt = *b,
+            Attribute::Decrypt(b) => u.decrypt = *b,
+            Attribute::Wrap(b) => u.wrap = *b,
+            Attribute::Unwrap(b) => u.unwrap = *b,
+            Attribute::Sign(b) => u.sign = *b,
+            Attribute::Verify(b) => u.verify = *b,
+            Attribute::Derive(b) => u.derive = *b,
             _ => {}
         }
     }
     Ok(KeyInfo {
         handle,
         label: label.to_string(),
-        aes256: is_aes && len == 32,
+        spec: KeySpec::from_attributes(&attrs),
         usages: u,
         enabled: super::state::is_enabled(session, handle, label, now)?,
     })

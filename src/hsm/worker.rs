@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 use super::keys::KeyCache;
 use super::module::{module_lost, ModuleSlot};
 use super::token::{find_keys, login_raw, read_key_info, KeyInfo};
-use super::{DecryptInput, EncryptInput, EncryptOutput};
+use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::aead::{
     cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
     TAG_LEN,
@@ -127,6 +127,23 @@ fn rv(e: &P11Error) -> Option<RvError> {
         P11Error::Pkcs11(rv, _) => Some(*rv),
         _ => None,
     }
+}
+
+/// A `C_Decrypt` failure that a tag mismatch can cause: the spec's codes,
+/// and the generic ones SoftHSM and others use for it.
+fn may_be_auth_failure(e: &P11Error) -> bool {
+    matches!(
+        rv(e),
+        Some(
+            RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid
+                | RvError::DataLenRange
+                | RvError::SignatureInvalid
+                | RvError::GeneralError
+                | RvError::FunctionFailed
+        )
+    )
 }
 
 impl Worker {
@@ -409,33 +426,41 @@ impl Worker {
         // Taken before the key lookup: an attempt that fails on a stale key
         // handle encrypts nothing, so its retry may use the same IV.
         let iv = match self.shared.iv_source {
-            IvSource::HsmRng => Some(self.next_iv()?),
-            IvSource::HsmGenerated => None,
+            IvSource::HsmRng => IvInput::Given(self.next_iv()?),
+            IvSource::HsmGenerated => IvInput::HsmIntoParameter,
+            IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
         };
         self.with_key(&version_label(id, version), OpKind::Encrypt, |s, key, _| {
             encrypt_once(s, key.handle, iv, &metadata, input)
         })
     }
 
-    /// Decrypts with the version of `id` that the ciphertext metadata names.
-    pub fn decrypt(
-        &mut self,
-        id: &str,
-        input: &DecryptInput,
-    ) -> Result<Zeroizing<Vec<u8>>, XksError> {
+    /// Decrypts with the version of `id` that the ciphertext metadata names,
+    /// trying the input's AAD layouts in order (see `aead::decrypt_layouts`):
+    /// a layout that does not authenticate moves on to the next, and only
+    /// the last one's failure is reported.
+    pub fn decrypt(&mut self, id: &str, input: &DecryptInput) -> Result<DecryptOutput, XksError> {
         let version = version_from_metadata(&input.metadata);
         self.check_family(id, version, OpKind::Decrypt)?;
         let label = version_label(id, version);
         let result = self.with_key(&label, OpKind::Decrypt, |s, key, _| {
-            let aad = hsm_aad(&input.aad, &input.metadata);
-            Ok(gcm_decrypt(
-                s,
-                key.handle,
-                &input.iv,
-                &aad,
-                &input.ciphertext,
-                &input.tag,
-            )?)
+            let mut layouts = input.layouts.iter().peekable();
+            while let Some(&layout) = layouts.next() {
+                let aad = layout.hsm_aad(input.aad.as_deref(), &input.metadata);
+                match gcm_decrypt(
+                    s,
+                    key.handle,
+                    &input.iv,
+                    &aad,
+                    &input.ciphertext,
+                    &input.tag,
+                ) {
+                    Ok(plaintext) => return Ok(DecryptOutput { plaintext, layout }),
+                    Err(e) if layouts.peek().is_some() && may_be_auth_failure(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(XksError::Internal("no AAD layout to decrypt with".into()).into())
         });
         match result {
             // The base key exists (checked above); a missing version means the
@@ -463,15 +488,15 @@ impl Worker {
 }
 
 /// Refuses a key that cannot serve the operation, before touching the HSM.
+/// A lookup (GetKeyMetadata) describes any key; only an AES-256 secret key
+/// is ever used for cryptography.
 pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), XksError> {
-    if !key.aes256 {
-        return Err(XksError::KeyNotFound(format!(
-            "key '{}' is not an AES-256 secret key and cannot back a KMS key",
-            key.label
-        )));
-    }
     match kind {
         OpKind::Lookup => Ok(()),
+        _ if !key.spec.is_aes256() => Err(XksError::InvalidKeyUsage(format!(
+            "key '{}' is {}, not an AES-256 secret key; only AES-256 keys back KMS keys",
+            key.label, key.spec
+        ))),
         _ if !key.enabled => Err(XksError::InvalidState(format!(
             "key '{}' is disabled in the key manager",
             key.label
@@ -488,24 +513,69 @@ pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), XksError> {
     }
 }
 
+/// Where the IV of one encryption comes from.
+#[derive(Clone, Copy)]
+enum IvInput {
+    /// From the HSM's RNG beforehand, passed in the GCM parameters.
+    Given([u8; IV_LEN]),
+    /// The HSM generates it and writes it into the parameters' IV buffer
+    /// (12 zero bytes going in), as AWS CloudHSM does.
+    HsmIntoParameter,
+    /// The HSM generates it for an empty IV and appends it to the output,
+    /// after the tag, as Thales Luna does.
+    HsmAppended,
+}
+
 /// Encrypt, then (when a CDIV is requested) compute the CDIV *first* and only
 /// then prove the output decrypts in the HSM, as Appendix C prescribes: a bit
 /// flip after the CDIV was computed is then caught by the verification decrypt.
 fn encrypt_once(
     s: &Session,
     key: ObjectHandle,
-    iv: Option<[u8; IV_LEN]>,
+    iv_input: IvInput,
     metadata: &[u8],
     input: &EncryptInput,
 ) -> Result<EncryptOutput, OpError> {
-    // Without an IV from the pool the HSM generates it into this buffer.
-    let mut iv = iv.unwrap_or([0u8; IV_LEN]).to_vec();
+    let mut iv = match iv_input {
+        IvInput::Given(iv) => iv.to_vec(),
+        IvInput::HsmIntoParameter => vec![0u8; IV_LEN],
+        IvInput::HsmAppended => Vec::new(),
+    };
     let aad = hsm_aad(&input.aad, metadata);
     let mut out = {
         let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
         s.encrypt(&Mechanism::AesGcm(params), key, &input.plaintext)?
     };
-    if out.len() != input.plaintext.len() + TAG_LEN {
+    let sealed_len = input.plaintext.len() + TAG_LEN;
+    match iv_input {
+        IvInput::Given(_) => {}
+        // An HSM that does not generate IVs leaves the zeros: GCM under a
+        // fixed IV gives the key away, so nothing made with it goes out.
+        IvInput::HsmIntoParameter if iv.iter().all(|b| *b == 0) => {
+            return Err(XksError::Internal(
+                "iv_source = \"hsm-generated\", but the key manager did not write a generated \
+                 IV into the GCM parameters; use \"hsm-rng\" or \"hsm-generated-appended\" for it"
+                    .into(),
+            )
+            .into())
+        }
+        IvInput::HsmIntoParameter => {}
+        IvInput::HsmAppended => {
+            let appended = out.len().saturating_sub(sealed_len);
+            if out.len() < sealed_len || (appended != 12 && appended != 16) {
+                return Err(XksError::Internal(format!(
+                    "iv_source = \"hsm-generated-appended\", but the key manager returned {} \
+                     bytes for {} bytes of plaintext (expected the ciphertext, a 16-byte tag and \
+                     a 12- or 16-byte IV); use \"hsm-rng\" or \"hsm-generated\" for it",
+                    out.len(),
+                    input.plaintext.len()
+                ))
+                .into());
+            }
+            iv = out.split_off(sealed_len);
+        }
+    }
+    if out.len() != sealed_len {
         return Err(XksError::Internal(format!(
             "key manager returned {} bytes for {} bytes of plaintext",
             out.len(),

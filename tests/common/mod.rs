@@ -133,6 +133,26 @@ impl SoftHsm {
     }
 }
 
+/// Builds the IV-generating PKCS#11 filter module (`tests/fixtures/
+/// ivgen-module.c`: SoftHSM, returning generated IVs the way CloudHSM or
+/// Luna do) into `dir`; returns its path.
+pub fn ivgen_module(dir: &Path) -> PathBuf {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = dir.join("ivgen-module.so");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(format!("{root}/tests/fixtures/ivgen-module.c"))
+        // pkcs11.h from p11-kit: the one scripts/p11-kit-rpc.sh built, or Debian's.
+        .arg(format!("-I{root}/target/p11-kit/include/p11-kit-1"))
+        .arg("-I/usr/include/p11-kit-1")
+        .args(["-ldl", "-lpthread"])
+        .status()
+        .expect("cc (gcc) must be installed");
+    assert!(status.success(), "building the IV filter module failed");
+    out
+}
+
 /// `softhsm2-util --init-token` in the first free slot.
 fn init_token(conf: &Path, label: &str, pin: &str) {
     let out = Command::new("softhsm2-util")
@@ -191,6 +211,8 @@ pub struct Options {
     pub setup: Option<Arc<SetupFn>>,
     pub create_keys: bool,
     pub health_interval_secs: u64,
+    /// The PKCS#11 module of `[hsm]` (default: SoftHSM).
+    pub module: String,
 }
 
 impl Default for Options {
@@ -206,6 +228,7 @@ impl Default for Options {
             setup: None,
             create_keys: true,
             health_interval_secs: 5,
+            module: SOFTHSM.to_string(),
         }
     }
 }
@@ -252,7 +275,7 @@ key = "{key}"
 {extra_tls}
 
 [hsm]
-module = "{SOFTHSM}"
+module = "{module}"
 {token_line}
 pin_file = "hsm-pin"
 sessions = {sessions}
@@ -304,6 +327,7 @@ secret_file = "secret-other"
             backends = opts.backends,
             extra_key_store = opts.extra_key_store,
             health_interval = opts.health_interval_secs,
+            module = opts.module,
         ),
     )
     .unwrap();
