@@ -165,6 +165,22 @@ pub fn parse_authorization(value: &str) -> Result<AuthorizationHeader<'_>, XksEr
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     pub access_key_id: String,
+    /// The request's signature and signing time (for the replay cache).
+    pub signature: [u8; 32],
+    pub request_time: SystemTime,
+}
+
+/// The 32 bytes of a signature already checked to be 64 lowercase hex digits.
+fn signature_bytes(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.as_bytes().chunks(2).take(32).enumerate() {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => c - b'0',
+            _ => c.wrapping_sub(b'a') + 10,
+        };
+        out[i] = digit(pair[0]) << 4 | digit(pair[1]);
+    }
+    out
 }
 
 /// Verifies one request.
@@ -298,6 +314,8 @@ pub fn verify(
     }
     Ok(Authenticated {
         access_key_id: auth.access_key_id.to_string(),
+        signature: signature_bytes(auth.signature),
+        request_time,
     })
 }
 
@@ -318,6 +336,13 @@ mod tests {
     use super::*;
 
     const HDR: &str = "AWS4-HMAC-SHA256 Credential=MUBSXM6K3KMXHN6RRCXI7TWQH4NU76HYFKRSESPMTSTIBADXQQXQ/20211009/us-west-2/kms-xks-proxy/aws4_request, SignedHeaders=host;x-amz-date, Signature=1164eaa8e79eacaa9c0df54aa42f3b300380d14bedfc08e3b319648d4abfff66";
+
+    #[test]
+    fn signature_hex_to_bytes() {
+        let b = signature_bytes(&"0f".repeat(32));
+        assert_eq!(b, [0x0f; 32]);
+        assert_eq!(signature_bytes(&"a9".repeat(32))[31], 0xa9);
+    }
 
     #[test]
     fn parses_the_spec_example() {

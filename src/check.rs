@@ -174,9 +174,16 @@ impl Report {
         }
     }
 
-    /// Human-readable rendering.
+    /// Human-readable rendering. Everything the server sent (error
+    /// messages, certificate names) is shown through [`printable`], so a
+    /// hostile server cannot paint lines of its own on the terminal.
     pub fn text(&self) -> String {
-        let mut out = format!("xks-proxy check {}{}\n", self.endpoint, self.uri_path);
+        let p = printable;
+        let mut out = format!(
+            "xks-proxy check {}{}\n",
+            p(&self.endpoint),
+            p(&self.uri_path)
+        );
         for s in &self.steps {
             out.push_str(&format!(
                 "  {:<9} {:<4} {:>4} {:>8.1} ms  {}\n",
@@ -184,38 +191,56 @@ impl Report {
                 if s.ok { "ok" } else { "FAIL" },
                 s.http_status.map(|c| c.to_string()).unwrap_or_default(),
                 s.latency_ms,
-                s.detail
+                p(&s.detail)
             ));
         }
         if let Some(t) = &self.tls {
             out.push_str(&format!(
                 "certificate: {} (issuer {}), expires {} ({} days)\nprotocol: {} (ALPN {})\n",
-                t.certificate_subject,
-                t.certificate_issuer,
-                t.certificate_not_after,
+                p(&t.certificate_subject),
+                p(&t.certificate_issuer),
+                p(&t.certificate_not_after),
                 t.certificate_days_left,
                 t.protocol,
-                t.alpn.as_deref().unwrap_or("-"),
+                p(t.alpn.as_deref().unwrap_or("-")),
             ));
         }
         for w in &self.warnings {
-            out.push_str(&format!("warning: {w}\n"));
+            out.push_str(&format!("warning: {}\n", p(w)));
         }
         out.push_str(&format!("verdict: {}\n", self.verdict.as_str()));
         if self.verdict != Verdict::Connected {
             out.push_str(&format!(
                 "  why: {}\n  fix: {}\n",
-                self.explanation, self.fix
+                p(&self.explanation),
+                self.fix
             ));
         }
         if let Some(k) = &self.key_verdict {
-            out.push_str(&format!("key: {k}\n"));
+            out.push_str(&format!("key: {}\n", p(k)));
             if k != "OK" {
-                out.push_str(&format!("  why: {}\n", self.explanation));
+                out.push_str(&format!("  why: {}\n", p(&self.explanation)));
             }
         }
         out
     }
+}
+
+/// Server-provided text made safe for a terminal: control characters, line
+/// and paragraph separators and bidirectional overrides are shown escaped
+/// (`\u{1b}`), so they cannot move the cursor, start a line or reorder text.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let hostile = c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if hostile {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A failed step: the verdict it implies and why.
@@ -839,12 +864,17 @@ async fn send(
     let r = match tokio::time::timeout(budget, wire.conn.send(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
+            // An answer too large to be XKS is the server's fault, not the network's.
+            let verdict = match e {
+                crate::client::ClientError::ResponseTooLarge => Verdict::XksProxyInvalidResponse,
+                _ => Verdict::XksProxyNotReachable,
+            };
             return Err(transport_failure(
                 report,
                 name,
                 started,
                 e.to_string(),
-                Verdict::XksProxyNotReachable,
+                verdict,
                 format!("the connection failed during {name}: {e}"),
             ));
         }
@@ -1088,6 +1118,22 @@ fn describe_tls(conn: &rustls::ClientConnection) -> TlsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_text_cannot_paint_the_terminal() {
+        let hostile = "ok\n\u{1b}[2Kverdict: CONNECTED\u{2028}\u{202e}x";
+        let shown = printable(hostile);
+        assert!(
+            !shown.contains('\n') && !shown.contains('\u{1b}'),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("\\u{a}") && shown.contains("\\u{1b}"),
+            "{shown}"
+        );
+        assert!(!shown.contains('\u{2028}') && !shown.contains('\u{202e}'));
+        assert_eq!(printable("plain text é"), "plain text é");
+    }
 
     #[test]
     fn endpoints() {

@@ -33,6 +33,25 @@ pub enum ClientError {
     Http(#[from] hyper::Error),
     #[error("request: {0}")]
     Request(String),
+    #[error("the response body is larger than {MAX_RESPONSE_BYTES} bytes; no XKS answer is")]
+    ResponseTooLarge,
+}
+
+/// The largest response body the client reads. XKS answers are a few hundred
+/// bytes; a server that streams more is not an XKS proxy, and must not be
+/// able to make the client (or `xks-proxy check`) hold it.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// Reads a response body, at most [`MAX_RESPONSE_BYTES`] of it.
+async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, ClientError> {
+    http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| match e.downcast::<hyper::Error>() {
+            Ok(e) => ClientError::Http(*e),
+            Err(_) => ClientError::ResponseTooLarge,
+        })
 }
 
 /// Which HTTP version to speak.
@@ -294,7 +313,7 @@ impl Connection {
                     s.ready().await?;
                     let resp = s.send_request(req).await?;
                     let status = resp.status();
-                    let body = resp.into_body().collect().await?.to_bytes();
+                    let body = read_body(resp.into_body()).await?;
                     Ok(XksResponse { status, body })
                 })
             }
@@ -318,7 +337,7 @@ impl Connection {
             }
         };
         let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
+        let body = read_body(resp.into_body()).await?;
         Ok(XksResponse { status, body })
     }
 }

@@ -86,6 +86,9 @@ struct RawServer {
     ping_listen: Option<String>,
     #[serde(default = "default_max_body")]
     max_body_bytes: usize,
+    /// Request-body bytes held at once, over all requests.
+    #[serde(default = "default_body_buffer_budget")]
+    body_buffer_budget_bytes: usize,
     #[serde(default = "default_fleet_size")]
     fleet_size: u32,
     #[serde(default = "default_vendor")]
@@ -99,6 +102,15 @@ struct RawServer {
     idle_timeout_secs: u64,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    /// Connections from one source address at once, per listener (0: no limit).
+    #[serde(default = "default_max_per_source")]
+    max_connections_per_source: usize,
+    /// Connections the plain `/ping` listener holds at once.
+    #[serde(default = "default_max_ping_connections")]
+    max_ping_connections: usize,
+    /// How long a connection may stay open before a request on it passes SigV4.
+    #[serde(default = "default_unauthenticated_timeout")]
+    unauthenticated_timeout_ms: u64,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace_secs: u64,
     #[serde(default = "default_reload_poll")]
@@ -205,6 +217,9 @@ struct RawKeyStore {
     /// The AWS Region of the KMS key store: requests signed for another
     /// region are refused.
     region: Option<String>,
+    /// Refuse a signed request seen before (see `replay`).
+    #[serde(default)]
+    replay_protection: bool,
     /// `"aws-sample"`: Decrypt also accepts what the AWS sample proxy wrote.
     compat: Option<Compat>,
     /// The sample's `server.ciphertext_metadata_b64`, when it had one.
@@ -273,6 +288,18 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_max_connections() -> usize {
     4_096
+}
+fn default_body_buffer_budget() -> usize {
+    32 * 1024 * 1024
+}
+fn default_max_per_source() -> usize {
+    256
+}
+fn default_max_ping_connections() -> usize {
+    256
+}
+fn default_unauthenticated_timeout() -> u64 {
+    10_000
 }
 fn default_shutdown_grace() -> u64 {
     10
@@ -396,13 +423,23 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub ping_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
+    /// Request-body bytes held at once, over all requests (they are read
+    /// before their signature can be checked); beyond it, 429.
+    pub body_buffer_budget: usize,
     pub fleet_size: u32,
     pub vendor: String,
     pub model: String,
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
+    /// An authenticated connection with no request for this long is closed.
     pub idle_timeout: Duration,
+    /// A connection on which no request passed SigV4 is closed this long
+    /// after it opened, busy or not: such a connection holds a slot that
+    /// KMS may need.
+    pub unauthenticated_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    pub max_ping_connections: usize,
     pub shutdown_grace: Duration,
     /// How often the config, secret and certificate files are checked for
     /// changes; `None` when file watching is off (SIGHUP still reloads).
@@ -516,6 +553,8 @@ pub struct KeyStoreConfig {
     pub compat: Option<crate::aead::SampleCompat>,
     /// The AWS Region KMS signs this key store's requests for, when pinned.
     pub region: Option<String>,
+    /// Refuse a signed request that was already received.
+    pub replay_protection: bool,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -532,6 +571,13 @@ pub enum AllowedKeys {
     All,
     /// Only these labels.
     Only(HashSet<String>),
+}
+
+impl AllowedKeys {
+    /// True when the list names `id` explicitly (`All` names nothing).
+    pub fn names(&self, id: &str) -> bool {
+        matches!(self, AllowedKeys::Only(set) if set.contains(id))
+    }
 }
 
 /// A SigV4 credential: access key id and secret.
@@ -621,7 +667,11 @@ impl Config {
                 a.header_read_timeout != b.header_read_timeout
                     || a.tls_handshake_timeout != b.tls_handshake_timeout
                     || a.idle_timeout != b.idle_timeout
+                    || a.unauthenticated_timeout != b.unauthenticated_timeout
                     || a.max_connections != b.max_connections
+                    || a.body_buffer_budget != b.body_buffer_budget
+                    || a.max_connections_per_source != b.max_connections_per_source
+                    || a.max_ping_connections != b.max_ping_connections
                     || a.shutdown_grace != b.shutdown_grace
                     || a.reload_poll != b.reload_poll
                     || a.proxy_protocol != b.proxy_protocol,
@@ -742,6 +792,12 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     if raw.max_body_bytes > 1024 * 1024 {
         return Err(invalid("server.max_body_bytes", "must be at most 1048576"));
     }
+    if raw.body_buffer_budget_bytes < raw.max_body_bytes {
+        return Err(invalid(
+            "server.body_buffer_budget_bytes",
+            "must be at least server.max_body_bytes (one largest request)",
+        ));
+    }
     if raw.fleet_size == 0 {
         return Err(invalid(
             "server.fleet_size",
@@ -751,10 +807,17 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
     if raw.vendor.trim().is_empty() {
         return Err(invalid("server.vendor", "must not be empty"));
     }
-    if raw.max_connections == 0 {
+    if raw.max_connections == 0 || raw.max_ping_connections == 0 {
         return Err(invalid(
-            "server.max_connections",
+            "server.max_connections / server.max_ping_connections",
             "must be greater than zero",
+        ));
+    }
+    if raw.unauthenticated_timeout_ms < raw.tls_handshake_timeout_ms {
+        return Err(invalid(
+            "server.unauthenticated_timeout_ms",
+            "must be at least server.tls_handshake_timeout_ms: a connection needs its \
+             handshake and one request to authenticate",
         ));
     }
     if raw.header_read_timeout_ms == 0 || raw.tls_handshake_timeout_ms == 0 {
@@ -767,6 +830,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         listen,
         ping_listen,
         max_body_bytes: raw.max_body_bytes,
+        body_buffer_budget: raw.body_buffer_budget_bytes,
         fleet_size: raw.fleet_size,
         vendor: raw.vendor,
         model: raw
@@ -775,7 +839,10 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         header_read_timeout: Duration::from_millis(raw.header_read_timeout_ms),
         tls_handshake_timeout: Duration::from_millis(raw.tls_handshake_timeout_ms),
         idle_timeout: Duration::from_secs(raw.idle_timeout_secs.max(1)),
+        unauthenticated_timeout: Duration::from_millis(raw.unauthenticated_timeout_ms),
         max_connections: raw.max_connections,
+        max_connections_per_source: raw.max_connections_per_source,
+        max_ping_connections: raw.max_ping_connections,
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
         reload_poll: (raw.reload_poll_ms > 0)
             .then(|| Duration::from_millis(raw.reload_poll_ms.max(100))),
@@ -1193,6 +1260,7 @@ fn validate_key_stores(
             rate_limit,
             compat,
             region: raw.region,
+            replay_protection: raw.replay_protection,
         });
     }
     Ok(out)
@@ -1324,9 +1392,12 @@ pub fn format_timestamp(t: SystemTime) -> String {
     )
 }
 
-/// `externalKeyId`: at most 128 characters of `[A-Za-z0-9._-]`.
+/// `externalKeyId`: at most 128 characters of `[A-Za-z0-9._-]`, and not
+/// `.` or `..` (path segments that a proxy or client may rewrite).
 pub fn is_valid_key_id(id: &str) -> bool {
     !id.is_empty()
+        && id != "."
+        && id != ".."
         && id.len() <= 128
         && id
             .bytes()
@@ -1435,6 +1506,9 @@ mod tests {
         assert!(is_valid_key_id("b42c7fbf-de61-441c-ae24-123456789012"));
         assert!(is_valid_key_id("a.b_c-D"));
         assert!(!is_valid_key_id(""));
+        assert!(!is_valid_key_id("."));
+        assert!(!is_valid_key_id(".."));
+        assert!(is_valid_key_id("..."));
         assert!(!is_valid_key_id("a/b"));
         assert!(!is_valid_key_id(&"a".repeat(129)));
     }

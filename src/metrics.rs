@@ -57,14 +57,21 @@ pub struct Metrics {
     pub credential_age_days: GaugeVec,
     /// Configuration reloads by trigger and result.
     pub reloads: IntCounterVec,
-    /// Open client connections on the XKS listener.
-    pub connections_open: IntGauge,
+    /// Open client connections, by listener (xks, ping, admin).
+    pub connections_open: IntGaugeVec,
+    /// Connections closed at once or evicted, by listener and reason
+    /// (capacity, per_source, evicted, accept_error).
+    pub connections_refused: IntCounterVec,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: IntCounterVec,
     /// Decrypts that authenticated only with the AWS sample proxy's AAD
     /// construction, by key store: when it stops growing, the sample's
     /// ciphertexts have stopped coming and compat can be switched off.
     pub compat_decrypts: IntCounterVec,
+    /// Access-log lines of unauthenticated requests held back by the limiter.
+    pub log_lines_suppressed: prometheus::IntCounter,
+    /// Log lines dropped because the log destination did not keep up.
+    pub log_lines_dropped: prometheus::IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -160,9 +167,18 @@ impl Metrics {
             "Configuration reloads by trigger (signal, file) and result (ok, rejected, unchanged).",
             &["trigger", "result"],
         );
-        let connections_open = int_gauge(
-            "xks_connections_open",
-            "Open client connections on the XKS listener.",
+        let connections_open = must(IntGaugeVec::new(
+            Opts::new(
+                "xks_connections_open",
+                "Open client connections, by listener (xks, ping, admin).",
+            ),
+            &["listener"],
+        ));
+        must(registry.register(Box::new(connections_open.clone())));
+        let connections_refused = counter_vec(
+            "xks_connections_refused_total",
+            "Connections refused or evicted, by listener and reason (capacity, per_source, evicted, accept_error).",
+            &["listener", "reason"],
         );
         let tls_handshake_failures = counter_vec(
             "xks_tls_handshake_failures_total",
@@ -174,6 +190,16 @@ impl Metrics {
             "Decrypts of ciphertexts written by the AWS sample proxy (compat = \"aws-sample\"), by key store.",
             &["key_store"],
         );
+        let log_lines_suppressed = must(prometheus::IntCounter::new(
+            "xks_log_lines_suppressed_total",
+            "Access-log lines of unauthenticated requests held back by the per-source limit.",
+        ));
+        must(registry.register(Box::new(log_lines_suppressed.clone())));
+        let log_lines_dropped = must(prometheus::IntCounter::new(
+            "xks_log_lines_dropped_total",
+            "Log lines dropped because the log destination did not keep up.",
+        ));
+        must(registry.register(Box::new(log_lines_dropped.clone())));
         let build = must(IntGaugeVec::new(
             Opts::new("xks_build_info", "Build information; always 1."),
             &["version"],
@@ -194,8 +220,11 @@ impl Metrics {
             credential_age_days,
             reloads,
             connections_open,
+            connections_refused,
             tls_handshake_failures,
             compat_decrypts,
+            log_lines_suppressed,
+            log_lines_dropped,
         }
     }
 

@@ -132,6 +132,20 @@ impl Reloader {
         let new = Config::load(&self.path)
             .map_err(|e| e.to_string())?
             .with_overrides(self.boot.overrides.clone());
+        // The health-check key of the running process (restart-only) must not
+        // become addressable either: KMS would see it answer.
+        let running_health = &self.boot.health.key_label;
+        if let Some(ks) = new
+            .key_stores
+            .iter()
+            .find(|ks| ks.keys.names(running_health))
+        {
+            return Err(format!(
+                "key store '{}' lists '{running_health}', the running health-check key; it must \
+                 never serve KMS",
+                ks.name
+            ));
+        }
         let cert = crate::tls::load_cert(&new.tls).map_err(|e| e.to_string())?;
         // Build the new client verifier before swapping anything in.
         let client_auth = match (&self.client_auth, &new.tls.client_auth) {

@@ -11,12 +11,42 @@ use std::time::Instant;
 
 use crate::config::RateLimit;
 
-/// A token bucket.
+/// The state of one token bucket: tokens left and when they were counted.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn full(limit: RateLimit, now: Instant) -> Self {
+        Bucket {
+            tokens: limit.burst,
+            at: now,
+        }
+    }
+
+    /// Refills for the time since the last call, then takes one token if
+    /// there is one.
+    pub fn take(&mut self, limit: RateLimit, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * limit.per_second).min(limit.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A token bucket shared by a key store's requests.
 #[derive(Debug)]
 pub struct TokenBucket {
     limit: RateLimit,
-    /// (tokens, last refill).
-    state: Mutex<(f64, Instant)>,
+    state: Mutex<Bucket>,
 }
 
 impl TokenBucket {
@@ -24,7 +54,7 @@ impl TokenBucket {
     pub fn new(limit: RateLimit) -> Self {
         TokenBucket {
             limit,
-            state: Mutex::new((limit.burst, Instant::now())),
+            state: Mutex::new(Bucket::full(limit, Instant::now())),
         }
     }
 
@@ -39,15 +69,7 @@ impl TokenBucket {
 
     fn try_acquire_at(&self, now: Instant) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = now.saturating_duration_since(s.1).as_secs_f64();
-        s.0 = (s.0 + elapsed * self.limit.per_second).min(self.limit.burst);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        s.take(self.limit, now)
     }
 }
 

@@ -187,8 +187,13 @@ fn each_broken_setting_gets_the_verdict_kms_would_give() {
 
 /// A TLS server that answers every request with `response`: for the
 /// verdicts our own proxy never provokes (403 without an authorization
-/// policy, a schema-violating answer).
+/// policy, a schema-violating answer). With `endless`, the answer's body
+/// never ends: the server keeps streaming bytes after `response`.
 fn fake_server(certs: &Certs, response: String) -> SocketAddr {
+    serve_fake(certs, response, false)
+}
+
+fn serve_fake(certs: &Certs, response: String, endless: bool) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cert = xks_proxy::tls::load_cert(&xks_proxy::config::TlsConfig {
         cert: certs.cert.clone(),
@@ -228,6 +233,13 @@ fn fake_server(certs: &Certs, response: String) -> SocketAddr {
                             seen.clear();
                             if s.write_all(response.as_bytes()).await.is_err() {
                                 return;
+                            }
+                            if endless {
+                                loop {
+                                    if s.write_all(&[b' '; 65536]).await.is_err() {
+                                        return;
+                                    }
+                                }
                             }
                         }
                     }
@@ -302,4 +314,59 @@ fn access_denied_and_invalid_responses_are_recognised() {
         let r = run(addr);
         assert_eq!(r["verdict"], verdict, "{response}: {r:#}");
     }
+}
+
+/// Before: a server that streamed its answer took `check` to 1.1 GB of
+/// memory within `--timeout-ms 2000`, and an `errorMessage` with escape
+/// sequences and newlines was printed raw, so a fake `verdict: CONNECTED`
+/// line could be painted on the terminal. Now the answer is read up to
+/// 1 MiB and server text is shown escaped.
+#[test]
+fn check_is_bounded_and_prints_server_text_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let secret = dir.path().join("secret");
+    write_private(&secret, &"B".repeat(44));
+    // An endless body, under a 1 GiB address-space limit.
+    let endless = serve_fake(
+        &certs,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000000000\r\n\r\n"
+            .into(),
+        true,
+    );
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new("prlimit")
+        .args(["--as=1073741824", "--"])
+        .arg(bin())
+        .args(["check", "--json", "--timeout-ms", "2000"])
+        .args(check_args(&endpoint(endless), &secret, &certs.ca))
+        .output()
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(r["verdict"], "XKS_PROXY_INVALID_RESPONSE", "{r:#}");
+    assert!(r.to_string().contains("larger than 1048576 bytes"), "{r:#}");
+
+    // A hostile errorMessage, in text mode.
+    let hostile = fake_server(
+        &certs,
+        http(
+            "401 Unauthorized",
+            r#"{"errorName":"AuthenticationFailedException","errorMessage":"bad\u001b[2K\r\nverdict: CONNECTED\u2028"}"#,
+        ),
+    );
+    let out = std::process::Command::new(bin())
+        .arg("check")
+        .args(check_args(&endpoint(hostile), &secret, &certs.ca))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{2028}'),
+        "{text:?}"
+    );
+    let verdicts: Vec<&str> = text.lines().filter(|l| l.starts_with("verdict:")).collect();
+    assert_eq!(verdicts, ["verdict: INVALID_CREDENTIALS"], "{text}");
+    assert!(text.contains("\\u{1b}"), "{text}");
 }

@@ -21,12 +21,21 @@
 //!   nothing unauthenticated may cost more than a bounded amount.
 //!
 //! Both are bounded in time by `timeout`, which starts when the handler does.
+//!
+//! Bodies are read before their signature can be checked, so what they may
+//! hold in memory is bounded twice: per request by `max`, and over all
+//! requests by a byte budget (a semaphore) from which each body buffer takes
+//! what it grows to, and gives it back when the request is done. When the
+//! budget is spent, the request is answered `429 ThrottlingException` (its
+//! body discarded, not kept) instead of waiting.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use http::{header, HeaderMap};
 use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::error::XksError;
@@ -58,13 +67,18 @@ pub enum BodyError {
     Timeout,
     /// The client reset the stream or the connection failed mid-body.
     Broken,
+    /// The proxy holds as many body bytes as its budget allows right now.
+    Busy { drained: bool },
 }
 
 impl BodyError {
     /// True when the connection must close after the answer: the client may
     /// still be sending, and the next request would start mid-body.
     pub fn must_close(&self) -> bool {
-        !matches!(self, BodyError::TooLarge { drained: true, .. })
+        !matches!(
+            self,
+            BodyError::TooLarge { drained: true, .. } | BodyError::Busy { drained: true }
+        )
     }
 }
 
@@ -79,6 +93,9 @@ impl From<BodyError> for XksError {
                 XksError::Validation("request body was not received in time".into())
             }
             BodyError::Broken => XksError::Validation("request body could not be read".into()),
+            BodyError::Busy { .. } => XksError::Throttling(
+                "the proxy is receiving too many request bodies at once; retry".into(),
+            ),
         }
     }
 }
@@ -117,14 +134,66 @@ async fn pump(
     Ok(true)
 }
 
+/// A received body: its bytes, wiped on drop (they may hold plaintext), and
+/// its share of the body budget, given back on drop.
+pub struct Received {
+    pub bytes: Zeroizing<Vec<u8>>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for Received {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A body buffer that takes its capacity from the budget as it grows.
+struct Buffer {
+    bytes: Zeroizing<Vec<u8>>,
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    max: usize,
+}
+
+impl Buffer {
+    /// Appends `data`, growing (doubling, at most to `max`) with capacity
+    /// taken from the budget first; false when the budget has none left.
+    fn push(&mut self, data: &[u8]) -> bool {
+        let need = self.bytes.len() + data.len();
+        let cap = self.bytes.capacity();
+        if need > cap {
+            let new_cap = need.max(cap * 2).max(1024).min(self.max.max(need));
+            let Ok(more) = self
+                .budget
+                .clone()
+                .try_acquire_many_owned(u32::try_from(new_cap - cap).unwrap_or(u32::MAX))
+            else {
+                return false;
+            };
+            match &mut self.held {
+                Some(p) => p.merge(more),
+                None => self.held = Some(more),
+            }
+            // The old buffer, if any, is wiped when the vector moves.
+            let mut grown = Zeroizing::new(Vec::with_capacity(new_cap));
+            grown.extend_from_slice(&self.bytes);
+            self.bytes = grown;
+        }
+        self.bytes.extend_from_slice(data);
+        true
+    }
+}
+
 /// Reads the whole body into a wiped-on-drop buffer, or refuses it (see the
-/// module docs). The buffer grows with what arrives; nothing is reserved
-/// from a declared length.
+/// module docs). The buffer grows with what arrives, paid for from `budget`;
+/// nothing is reserved from a declared length.
 pub async fn read(
     body: Body,
     headers: &HeaderMap,
     limits: BodyLimits,
-) -> Result<Zeroizing<Vec<u8>>, BodyError> {
+    budget: &Arc<Semaphore>,
+) -> Result<Received, BodyError> {
     let declared = declared_length(headers)?;
     let mut body = body;
     let mut seen = 0;
@@ -136,24 +205,39 @@ pub async fn read(
             drained,
         });
     }
-    let mut out = Zeroizing::new(Vec::new());
+    let mut out = Buffer {
+        bytes: Zeroizing::new(Vec::new()),
+        budget: budget.clone(),
+        held: None,
+        max: limits.max,
+    };
+    let mut busy = false;
     let read = pump(&mut body, &mut seen, limits.max, |data| {
-        out.extend_from_slice(data)
+        // Once the budget is spent, the rest is only counted, not kept.
+        busy = busy || !out.push(data);
     });
-    match tokio::time::timeout(limits.timeout, read).await {
-        Ok(Ok(true)) => Ok(out),
-        Ok(Ok(false)) => {
-            // Over the limit: drop what was kept, drain the rest (bounded).
-            drop(out);
-            let drained = discard_within(&mut body, &mut seen, limits).await;
-            Err(BodyError::TooLarge {
-                limit: limits.max,
-                drained,
-            })
-        }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(BodyError::Timeout),
+    let result = tokio::time::timeout(limits.timeout, read).await;
+    let complete = match result {
+        Ok(Ok(complete)) => complete,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(BodyError::Timeout),
+    };
+    if !complete {
+        // Over the limit: drop what was kept, drain the rest (bounded).
+        drop(out);
+        let drained = discard_within(&mut body, &mut seen, limits).await;
+        return Err(BodyError::TooLarge {
+            limit: limits.max,
+            drained,
+        });
     }
+    if busy {
+        return Err(BodyError::Busy { drained: true });
+    }
+    Ok(Received {
+        bytes: out.bytes,
+        _budget: out.held,
+    })
 }
 
 /// Reads the body to its end and drops it, within `discard_max` bytes and
@@ -214,25 +298,47 @@ mod tests {
         h
     }
 
+    fn budget() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(1 << 20))
+    }
+
     #[tokio::test]
     async fn within_the_limit_is_read_whole() {
-        let b = read(chunks(&[4, 6]), &HeaderMap::new(), limits()).await;
-        assert_eq!(b.unwrap().len(), 10);
+        let budget = budget();
+        let b = read(chunks(&[4, 6]), &HeaderMap::new(), limits(), &budget).await;
+        let b = b.unwrap();
+        assert_eq!(b.len(), 10);
+        assert!(
+            budget.available_permits() < 1 << 20,
+            "the buffer holds budget"
+        );
+        drop(b);
+        assert_eq!(budget.available_permits(), 1 << 20, "and gives it back");
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_is_a_429_and_keeps_nothing() {
+        let budget = Arc::new(Semaphore::new(4));
+        let e = read(chunks(&[4, 6]), &HeaderMap::new(), limits(), &budget).await;
+        let e = e.err().unwrap();
+        assert_eq!(e, BodyError::Busy { drained: true });
+        assert_eq!(XksError::from(e).error_name(), "ThrottlingException");
+        assert_eq!(budget.available_permits(), 4);
     }
 
     #[tokio::test]
     async fn over_the_limit_is_drained_then_refused() {
-        let e = read(chunks(&[8, 8, 8]), &HeaderMap::new(), limits()).await;
+        let e = read(chunks(&[8, 8, 8]), &HeaderMap::new(), limits(), &budget()).await;
         assert_eq!(
-            e.unwrap_err(),
+            e.err().unwrap(),
             BodyError::TooLarge {
                 limit: 10,
                 drained: true
             }
         );
-        let e = read(chunks(&[50, 50]), &len(100), limits()).await;
+        let e = read(chunks(&[50, 50]), &len(100), limits(), &budget()).await;
         assert_eq!(
-            e.unwrap_err(),
+            e.err().unwrap(),
             BodyError::TooLarge {
                 limit: 10,
                 drained: true
@@ -242,13 +348,13 @@ mod tests {
 
     #[tokio::test]
     async fn far_over_the_limit_is_cut_off() {
-        let e = read(chunks(&[60, 60]), &HeaderMap::new(), limits()).await;
-        let e = e.unwrap_err();
+        let e = read(chunks(&[60, 60]), &HeaderMap::new(), limits(), &budget()).await;
+        let e = e.err().unwrap();
         assert!(e.must_close(), "{e:?}");
         // A declared length beyond the discard bound is not read at all.
-        let e = read(chunks(&[500]), &len(500), limits()).await;
+        let e = read(chunks(&[500]), &len(500), limits(), &budget()).await;
         assert_eq!(
-            e.unwrap_err(),
+            e.err().unwrap(),
             BodyError::TooLarge {
                 limit: 10,
                 drained: false

@@ -18,6 +18,7 @@
 //! 9. the HSM.
 
 pub mod body;
+pub mod log_limit;
 pub mod types;
 
 use std::collections::HashMap;
@@ -37,13 +38,17 @@ use crate::aead::{decrypt_layouts, AadLayout, SampleCompat};
 use crate::auth::{self, CredentialSet};
 use crate::authz::{AuthzRequest, Policies};
 use crate::config::{AllowedKeys, Config, HealthConfig};
-use crate::error::{ErrorName, XksError};
+use crate::error::{sanitize_message, ErrorName, XksError};
 use crate::health::EkmStatus;
 use crate::hsm::{DecryptInput, EncryptInput, KeyManagers};
+use crate::logging::clip;
 use crate::metrics::Metrics;
+use crate::net::limits::Registry;
+use crate::replay::ReplayCache;
 use crate::server::ConnInfo;
 use crate::throttle::TokenBucket;
 use body::BodyLimits;
+use tokio::sync::Semaphore;
 use types::*;
 
 /// One key store at run time.
@@ -64,12 +69,20 @@ pub struct KeyStore {
     pub compat: Option<SampleCompat>,
     /// The AWS Region requests must be signed for, when pinned.
     pub region: Option<String>,
+    /// Signatures already used, when replay protection is on.
+    pub replay: Option<Arc<ReplayCache>>,
 }
 
 impl KeyStore {
-    fn allows(&self, key_id: &str, health_key: &str) -> bool {
+    /// Whether this key store may use `key_id`. The health-check keys (the
+    /// running one and the configured one, which differ after a reload until
+    /// the next restart) never serve KMS, whatever a list says.
+    fn allows(&self, key_id: &str, health_keys: [&str; 2]) -> bool {
+        if health_keys.contains(&key_id) {
+            return false;
+        }
         match &self.keys {
-            AllowedKeys::All => key_id != health_key,
+            AllowedKeys::All => true,
             AllowedKeys::Only(set) => set.contains(key_id),
         }
     }
@@ -84,6 +97,9 @@ pub struct Live {
     pub fleet_size: u32,
     pub vendor: String,
     pub model: String,
+    /// The configured health-check key label (the running one is in
+    /// [`AppState::health_cfg`]).
+    pub health_key: String,
 }
 
 impl Live {
@@ -118,6 +134,12 @@ impl Live {
                         bucket,
                         compat: ks.compat.clone(),
                         region: ks.region.clone(),
+                        replay: ks.replay_protection.then(|| {
+                            previous
+                                .and_then(|p| p.stores.get(&ks.uri_path))
+                                .and_then(|old| old.replay.clone())
+                                .unwrap_or_else(|| Arc::new(ReplayCache::new(auth::MAX_CLOCK_SKEW)))
+                        }),
                     },
                 )
             })
@@ -128,6 +150,7 @@ impl Live {
             fleet_size: cfg.server.fleet_size,
             vendor: cfg.server.vendor.clone(),
             model: cfg.server.model.clone(),
+            health_key: cfg.health.key_label.clone(),
         }
     }
 }
@@ -139,17 +162,33 @@ pub struct AppState {
     pub hsm: KeyManagers,
     pub health_cfg: HealthConfig,
     pub body_timeout: Duration,
+    /// Bytes of request bodies held at once, across all requests: bodies are
+    /// read before SigV4 can be checked, so this bounds what unauthenticated
+    /// clients can make the proxy hold.
+    pub body_budget: Arc<Semaphore>,
     pub metrics: Metrics,
+    /// The XKS listener's connections: `/ping` fails while it cannot accept.
+    pub xks_conns: Arc<Registry>,
+    /// Bounds the access lines of requests that did not authenticate.
+    pub log_limiter: log_limit::LogLimiter,
 }
 
 impl AppState {
-    pub fn new(cfg: &Config, hsm: KeyManagers, metrics: Metrics) -> AppState {
+    pub fn new(
+        cfg: &Config,
+        hsm: KeyManagers,
+        metrics: Metrics,
+        xks_conns: Arc<Registry>,
+    ) -> AppState {
         AppState {
             live: ArcSwap::from_pointee(Live::from_config(cfg, None)),
             hsm,
             health_cfg: cfg.health.clone(),
             body_timeout: cfg.server.header_read_timeout,
+            body_budget: Arc::new(Semaphore::new(cfg.server.body_buffer_budget)),
             metrics,
+            xks_conns,
+            log_limiter: log_limit::LogLimiter::default(),
         }
     }
 }
@@ -168,8 +207,8 @@ pub fn ping_router(state: Arc<AppState>) -> Router {
 }
 
 /// Load-balancer check: no auth, 200 while this instance can serve (one of
-/// its key managers is not UNAVAILABLE), else 503 so the balancer routes
-/// elsewhere.
+/// its key managers is not UNAVAILABLE and the XKS listener can take a
+/// connection), else 503 so the balancer routes elsewhere.
 async fn ping(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     // Like every answer, this one waits for the body (see `body`).
@@ -188,15 +227,17 @@ async fn ping(State(app): State<Arc<AppState>>, req: Request) -> Response {
             .into_response()
     } else {
         let (status, _) = app.hsm.overall();
-        let code = if status == EkmStatus::Unavailable {
+        let saturated = app.xks_conns.saturated();
+        let code = if status == EkmStatus::Unavailable || saturated {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
             StatusCode::OK
         };
         let body = match status {
+            EkmStatus::Unavailable => "unavailable\n",
+            _ if saturated => "saturated: the XKS listener cannot accept connections\n",
             EkmStatus::Active => "ok\n",
             EkmStatus::Degraded => "degraded\n",
-            EkmStatus::Unavailable => "unavailable\n",
         };
         (code, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
     };
@@ -278,23 +319,32 @@ struct AccessLog {
 }
 
 /// The connection's client and VPC endpoint (from a PROXY header) for the log.
-fn conn_fields(req: &Request) -> (Option<String>, Option<Arc<str>>) {
+fn conn_fields(req: &Request) -> (Option<std::net::SocketAddr>, Option<Arc<str>>) {
     match req.extensions().get::<ConnInfo>() {
-        Some(c) => (Some(c.client.to_string()), c.vpce_id.clone()),
+        Some(c) => (Some(c.client), c.vpce_id.clone()),
         None => (None, None),
     }
 }
 
+/// Longest value of a client-supplied access-log field, in bytes.
+const FIELD_MAX: usize = 256;
+/// ARNs may be long; KMS's are well under this.
+const ARN_MAX: usize = 512;
+
 impl AccessLog {
+    /// Copies `requestMetadata` into the log line, each field cut to a
+    /// bounded length (the body is the client's to fill).
     fn record_metadata(&mut self, md: Option<&RequestMetadata<'_>>) {
         if let Some(md) = md {
-            let own = |v: &Option<std::borrow::Cow<'_, str>>| v.as_deref().map(str::to_owned);
-            self.kms_request_id = own(&md.kms_request_id);
-            self.kms_operation = own(&md.kms_operation);
-            self.aws_principal_arn = own(&md.aws_principal_arn);
-            self.kms_key_arn = own(&md.kms_key_arn);
-            self.kms_via_service = own(&md.kms_via_service);
-            self.aws_source_vpce = own(&md.aws_source_vpce);
+            let own = |v: &Option<std::borrow::Cow<'_, str>>, max| {
+                v.as_deref().map(|v| clip(v, max).into_owned())
+            };
+            self.kms_request_id = own(&md.kms_request_id, FIELD_MAX);
+            self.kms_operation = own(&md.kms_operation, FIELD_MAX);
+            self.aws_principal_arn = own(&md.aws_principal_arn, ARN_MAX);
+            self.kms_key_arn = own(&md.kms_key_arn, ARN_MAX);
+            self.kms_via_service = own(&md.kms_via_service, FIELD_MAX);
+            self.aws_source_vpce = own(&md.aws_source_vpce, FIELD_MAX);
         }
     }
 }
@@ -308,7 +358,8 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let mut response = match handle(&app, req, &mut log).await {
         Ok(r) => r,
         Err(e) => {
-            log.error_message = Some(e.message().to_string());
+            // The same text the client gets: printable ASCII, < 512 bytes.
+            log.error_message = Some(sanitize_message(e.message()));
             e.into_response()
         }
     };
@@ -326,6 +377,18 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
         error_name.unwrap_or(""),
         elapsed,
     );
+    // Requests that never authenticated may not flood the log (see `log_limit`).
+    let suppressed = match (log.access_key_id.is_some(), client_addr) {
+        (false, Some(addr)) => match app.log_limiter.admit(addr.ip()) {
+            Some(n) => n,
+            None => {
+                app.metrics.log_lines_suppressed.inc();
+                return response;
+            }
+        },
+        _ => 0,
+    };
+    let client_addr = client_addr.map(|a| a.to_string());
     let level_warn = status >= 500;
     macro_rules! access {
         ($lvl:ident) => {
@@ -349,6 +412,7 @@ async fn xks(State(app): State<Arc<AppState>>, req: Request) -> Response {
                 authz_decision = log.authz_decision,
                 authz_policies = log.authz_policies.as_deref(),
                 micros,
+                suppressed = (suppressed > 0).then_some(suppressed),
                 "request"
             )
         };
@@ -377,18 +441,20 @@ fn route<'l>(
 ) -> Result<Route<'l>, XksError> {
     let (base, op, key_id) = parse_path(path).ok_or_else(|| {
         XksError::InvalidUriPath(format!(
-            "'{path}' is not an XKS API URI (expected <XksProxyUriPath>/health or \
-             <XksProxyUriPath>/keys/<externalKeyId>/metadata|encrypt|decrypt)"
+            "'{}' is not an XKS API URI (expected <XksProxyUriPath>/health or \
+             <XksProxyUriPath>/keys/<externalKeyId>/metadata|encrypt|decrypt)",
+            clip(path, 128)
         ))
     })?;
     let store = live.stores.get(base).ok_or_else(|| {
         XksError::InvalidUriPath(format!(
-            "no key store is configured with XksProxyUriPath '{base}'"
+            "no key store is configured with XksProxyUriPath '{}'",
+            clip(base, 128)
         ))
     })?;
     log.key_store = Some(store.name.clone());
     log.operation = Some(op.as_str());
-    log.key_id = key_id.map(str::to_owned);
+    log.key_id = key_id.map(|k| clip(k, FIELD_MAX).into_owned());
     if method != Method::POST {
         return Err(XksError::MethodNotAllowed(format!(
             "{method} is not allowed; XKS API calls use POST"
@@ -415,7 +481,7 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
             return Err(e);
         }
     };
-    let body = body::read(body, &parts.headers, limits)
+    let body = body::read(body, &parts.headers, limits, &app.body_budget)
         .await
         .map_err(|e| {
             log.close_connection = e.must_close();
@@ -437,7 +503,20 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
         &body,
         SystemTime::now(),
     )?;
+    if let Some(replay) = &store.replay {
+        if !replay.first_use(who.signature, who.request_time, SystemTime::now()) {
+            return Err(XksError::AuthenticationFailed(
+                "this signed request was received before (replay protection is on for this \
+                 key store); sign every request anew"
+                    .into(),
+            ));
+        }
+    }
     log.access_key_id = Some(who.access_key_id);
+    // The connection belongs to a key store's holder now: never evicted.
+    if let Some(c) = parts.extensions.get::<ConnInfo>() {
+        c.conn.mark_authenticated();
+    }
 
     if op == Operation::GetHealthStatus {
         // Never throttled or authorized: KMS's health checks are few, and a
@@ -455,13 +534,15 @@ async fn handle(app: &AppState, req: Request, log: &mut AccessLog) -> Result<Res
     }
     let key_id =
         key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
-    if !crate::config::is_valid_key_id(key_id) || !store.allows(key_id, &app.health_cfg.key_label) {
+    let health_keys = [app.health_cfg.key_label.as_str(), live.health_key.as_str()];
+    if !crate::config::is_valid_key_id(key_id) || !store.allows(key_id, health_keys) {
         // Parse first so the log still carries kmsRequestId.
         if let Ok(r) = parse_json::<MetadataOnlyRequest>(&body) {
             log.record_metadata(r.request_metadata.as_ref());
         }
         return Err(XksError::KeyNotFound(format!(
-            "external key id '{key_id}' is not a key of key store '{}'",
+            "external key id '{}' is not a key of key store '{}'",
+            clip(key_id, 128),
             store.name
         )));
     }

@@ -134,8 +134,18 @@ pub fn run(a: CheckArgs, runtime: tokio::runtime::Runtime) -> Result<(), ExitCod
         timeout: Duration::from_millis(a.timeout_ms.max(1)),
         http2: !a.http1,
     };
+    // Each step has its own budget; this bounds the whole run as well (at
+    // most eight steps, plus DNS), whatever the server does.
+    let total = opts.timeout * 8 + Duration::from_secs(2);
     let report = runtime
-        .block_on(check::run(&opts))
+        .block_on(async { tokio::time::timeout(total, check::run(&opts)).await })
+        .map_err(|_| {
+            eprintln!(
+                "xks-proxy: check did not finish within {} ms",
+                total.as_millis()
+            );
+            ExitCode::from(1)
+        })?
         .map_err(|e| usage_error(&e))?;
     if a.json {
         println!(

@@ -145,10 +145,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     let cfg = load(path)?.with_overrides(overrides);
-    let _log = crate::logging::init(&cfg.logging);
+    let log = crate::logging::init(&cfg.logging);
     let result = runtime()?.block_on(crate::server::run(
         cfg,
         Some(path.to_path_buf()),
+        log.drops(),
         shutdown_signal(),
     ));
     match result {

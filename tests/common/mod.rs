@@ -213,6 +213,10 @@ pub struct Options {
     pub health_interval_secs: u64,
     /// The PKCS#11 module of `[hsm]` (default: SoftHSM).
     pub module: String,
+    /// A command the proxy runs under (e.g. `prlimit --nofile=300:300 --`).
+    pub wrapper: Vec<String>,
+    /// While set, the proxy's stderr is not read: its log sink stalls.
+    pub log_paused: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for Options {
@@ -229,6 +233,8 @@ impl Default for Options {
             create_keys: true,
             health_interval_secs: 5,
             module: SOFTHSM.to_string(),
+            wrapper: Vec::new(),
+            log_paused: None,
         }
     }
 }
@@ -250,6 +256,8 @@ pub struct Proxy {
     log: Arc<Mutex<String>>,
     /// Extra environment for the proxy process (from [`Options::setup`]).
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
+    log_paused: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 pub fn write_config(dir: &Path, certs: &Certs, opts: &Options) -> PathBuf {
@@ -367,6 +375,8 @@ impl Proxy {
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             env: Vec::new(),
+            wrapper: opts.wrapper.clone(),
+            log_paused: opts.log_paused.clone(),
         };
         if let Some(setup) = &opts.setup {
             proxy.env = setup(proxy.dir.path(), &proxy.hsm);
@@ -434,6 +444,8 @@ impl Proxy {
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             env: self.env.clone(),
+            wrapper: self.wrapper.clone(),
+            log_paused: None,
         };
         p.spawn();
         p
@@ -496,7 +508,15 @@ impl Proxy {
     }
 
     fn spawn_with(&mut self, extra: &[String]) {
-        let mut child = Command::new(bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&self.config)
             .args(extra)
@@ -510,9 +530,18 @@ impl Proxy {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = self.log.clone();
+        let paused = self.log_paused.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+            loop {
+                while paused
+                    .as_ref()
+                    .is_some_and(|p| p.load(std::sync::atomic::Ordering::Relaxed))
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let Some(line) = lines.next() else { break };
                 if line.contains("\"message\":\"listening\"") {
                     let _ = tx.send(line.clone());
                 }
@@ -715,4 +744,80 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// The resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A blocking TLS connection to the proxy (HTTP/1.1 in ALPN), handshake not
+/// yet done: tests drive raw bytes over it.
+pub fn tls_stream(p: &Proxy) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let tls = tls_config(&p.certs.ca, HttpVersion::Http1).unwrap();
+    let tcp = std::net::TcpStream::connect(p.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(tls, "localhost".try_into().unwrap()).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// How long until the server closes this connection (EOF or reset).
+pub fn time_to_close(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+) -> Duration {
+    use std::io::Read;
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return t.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// `GET /ping` on the plain listener: (status, body).
+pub fn ping_status(p: &Proxy) -> (u16, String) {
+    ping_at(p.ping_addr)
+}
+
+/// `GET /ping` at `addr`: (status, body), status 0 when nothing answered.
+pub fn ping_at(addr: SocketAddr) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(
+        s,
+        "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A metric's value from the admin listener (0 when absent).
+pub fn metric(p: &Proxy, series: &str) -> f64 {
+    let (_, text) = p.admin_get("/metrics");
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
