@@ -13,7 +13,7 @@ use axum::Router;
 use http::header;
 
 use crate::api::AppState;
-use crate::health::EkmStatus;
+use crate::hsm::EkmStatus;
 use crate::tls::CertResolver;
 
 /// What the admin endpoints read.

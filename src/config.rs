@@ -180,6 +180,9 @@ struct RawHealth {
     interval_secs: u64,
     #[serde(default = "default_degraded_ms")]
     degraded_latency_ms: u64,
+    /// A key manager that has not answered for this long is UNAVAILABLE.
+    #[serde(default = "default_unresponsive_ms")]
+    unresponsive_after_ms: u64,
 }
 
 impl Default for RawHealth {
@@ -188,6 +191,7 @@ impl Default for RawHealth {
             key_label: default_health_key(),
             interval_secs: default_health_interval(),
             degraded_latency_ms: default_degraded_ms(),
+            unresponsive_after_ms: default_unresponsive_ms(),
         }
     }
 }
@@ -331,6 +335,9 @@ fn default_health_interval() -> u64 {
 fn default_degraded_ms() -> u64 {
     100
 }
+fn default_unresponsive_ms() -> u64 {
+    2_000
+}
 
 // ---------------------------------------------------------------------------
 // The validated configuration
@@ -464,6 +471,7 @@ pub struct ClientAuthConfig {
     pub allowed_names: Vec<String>,
 }
 
+#[derive(Clone)]
 pub struct HsmConfig {
     /// The key managers, 1 to 10. Requests go to healthy ones and fail over.
     pub backends: Vec<BackendConfig>,
@@ -526,8 +534,13 @@ impl std::fmt::Debug for BackendConfig {
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
     pub key_label: String,
+    /// Between probes of an ACTIVE key manager (others: every second).
     pub interval: Duration,
+    /// Probes slower than this make a key manager DEGRADED.
     pub degraded_latency: Duration,
+    /// A probe or a session with no answer for this long makes a key manager
+    /// UNAVAILABLE: a hung HSM is not merely slow.
+    pub unresponsive_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -691,7 +704,8 @@ impl Config {
                 "health",
                 self.health.key_label != other.health.key_label
                     || self.health.interval != other.health.interval
-                    || self.health.degraded_latency != other.health.degraded_latency,
+                    || self.health.degraded_latency != other.health.degraded_latency
+                    || self.health.unresponsive_after != other.health.unresponsive_after,
             ),
             (
                 "logging",
@@ -1081,16 +1095,24 @@ fn validate_health(raw: RawHealth) -> Result<HealthConfig, ConfigError> {
             "must be 1 to 128 characters of A-Z a-z 0-9 . _ -",
         ));
     }
-    if raw.interval_secs == 0 || raw.interval_secs > 60 {
+    if raw.interval_secs == 0 || raw.interval_secs > 30 {
         return Err(invalid(
             "health.interval_secs",
-            "must be between 1 and 60: the spec allows a cached health result of at most one minute",
+            "must be between 1 and 30: the spec allows a health result of at most one minute, \
+             and a result must be renewed well before it gets that old",
+        ));
+    }
+    if !(250..=10_000).contains(&raw.unresponsive_after_ms) {
+        return Err(invalid(
+            "health.unresponsive_after_ms",
+            "must be between 250 (KMS's own budget) and 10000",
         ));
     }
     Ok(HealthConfig {
         key_label: raw.key_label,
         interval: Duration::from_secs(raw.interval_secs),
         degraded_latency: Duration::from_millis(raw.degraded_latency_ms.max(1)),
+        unresponsive_after: Duration::from_millis(raw.unresponsive_after_ms),
     })
 }
 

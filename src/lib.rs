@@ -12,8 +12,7 @@
 //! - [`throttle`]: per-key-store request-rate quotas;
 //! - [`api`]: routing, the four XKS operations, errors as JSON, the access log;
 //! - [`aead`]: the spec's AAD construction, ciphertext metadata, CDIV;
-//! - [`hsm`]: the PKCS#11 token, its session pool and key cache;
-//! - [`health`]: the background deep health probe;
+//! - [`hsm`]: the key managers through PKCS#11: pools, health, failover, recovery;
 //! - [`server`]: listeners, connections, graceful shutdown;
 //! - [`proxy_protocol`]: PROXY protocol v2 from a load balancer (NLB);
 //! - [`net`]: connection caps, eviction, idle tracking, the open-files budget;
@@ -35,7 +34,6 @@ pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod error;
-pub mod health;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;

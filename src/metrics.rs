@@ -47,6 +47,9 @@ pub struct Metrics {
     pub hsm_sessions_busy: IntGauge,
     /// Pool sessions configured.
     pub hsm_sessions: IntGauge,
+    /// Sessions opened (and logged in) by pool threads, by key manager: it
+    /// grows when sessions are lost and reopened (session churn).
+    pub hsm_sessions_opened: IntCounterVec,
     /// Jobs waiting for a session (sampled at scrape time).
     pub hsm_queue_waiting: IntGauge,
     /// 1 for the current health status of each key manager, 0 for the others.
@@ -137,6 +140,11 @@ impl Metrics {
             "HSM pool sessions busy with a job.",
         );
         let hsm_sessions = int_gauge("xks_hsm_sessions", "HSM pool sessions configured.");
+        let hsm_sessions_opened = counter_vec(
+            "xks_hsm_sessions_opened_total",
+            "Sessions opened and logged in by the pool threads, by key manager.",
+            &["ekm_id"],
+        );
         let hsm_queue_waiting = int_gauge(
             "xks_hsm_queue_waiting",
             "Jobs waiting for a free HSM session.",
@@ -214,6 +222,7 @@ impl Metrics {
             hsm_queue_wait_seconds,
             hsm_sessions_busy,
             hsm_sessions,
+            hsm_sessions_opened,
             hsm_queue_waiting,
             ekm_health,
             cert_expiry_days,

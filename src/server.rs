@@ -25,7 +25,7 @@ use tower_service::Service;
 use crate::admin::AdminState;
 use crate::api::{self, AppState};
 use crate::config::{Config, ServerConfig};
-use crate::hsm::{HsmError, KeyManagers, Usages};
+use crate::hsm::{HsmError, KeyManagers};
 use crate::logging::LogDrops;
 use crate::metrics::Metrics;
 use crate::mtls::ClientVerifier;
@@ -66,28 +66,13 @@ pub struct ConnInfo {
 /// Connections the admin listener holds at once (Prometheus scrapes).
 const ADMIN_MAX_CONNECTIONS: usize = 32;
 
-/// Opens the key managers and makes sure each has the health-check key.
-/// Blocking work runs on the blocking pool.
+/// Opens the key managers (each with its health-check key). Blocking work
+/// runs on the blocking pool.
 async fn open_hsm(cfg: Arc<Config>, metrics: Metrics) -> Result<KeyManagers, ServeError> {
-    tokio::task::spawn_blocking(move || -> Result<KeyManagers, HsmError> {
-        let label = &cfg.health.key_label;
-        let (fleet, tokens) = KeyManagers::open(&cfg.hsm, label, &metrics)?;
-        for token in tokens {
-            if !token.list_keys()?.iter().any(|k| &k.label == label) {
-                let usages = Usages {
-                    encrypt: true,
-                    decrypt: true,
-                    ..Usages::default()
-                };
-                token.create_aes_key(label, usages)?;
-                tracing::info!(key = %label, ekm = %token.ekm_info().id, "created the health-check key");
-            }
-        }
-        Ok(fleet)
-    })
-    .await
-    .map_err(|e| ServeError::Join(e.to_string()))?
-    .map_err(ServeError::from)
+    tokio::task::spawn_blocking(move || KeyManagers::open(&cfg.hsm, &cfg.health, &metrics))
+        .await
+        .map_err(|e| ServeError::Join(e.to_string()))?
+        .map_err(ServeError::from)
 }
 
 /// Runs the proxy until `shutdown` resolves, then drains connections.
@@ -112,11 +97,11 @@ pub async fn run(
     let metrics = Metrics::new();
     let hsm = open_hsm(cfg.clone(), metrics.clone()).await?;
 
-    hsm.probe_all(&cfg.health).await;
-    for b in hsm.backends() {
-        tracing::info!(status = ?b.health.current().0, ekm = %b.hsm.ekm_info().id, "first health probe done");
+    hsm.probe_all().await;
+    for (ekm, status) in hsm.details() {
+        tracing::info!(status = status.as_str(), ekm = %ekm.id, "first health probe done");
     }
-    let mut tasks = hsm.spawn_health(&cfg.health);
+    let mut tasks = hsm.spawn_supervisors();
 
     // Connection caps that leave file descriptors for the HSM module.
     let sessions: usize = cfg

@@ -531,3 +531,65 @@ fn sigterm_finishes_in_flight_requests_and_logs_out() {
     assert!(p.wait_for_log("logged out of the HSM"));
     assert!(p.wait_for_log("stopped"));
 }
+
+/// `keys disable` / `enable` reach every key manager by default and report
+/// each; `rotate` creates the version once and checks that the others hold
+/// it (replication); any key manager that fails makes the command exit 1.
+#[test]
+fn keys_commands_reach_every_key_manager_and_report_each() {
+    use common::network_hsm::{two_tokens, SHARED_KEY};
+    let p = Proxy::start_with(two_tokens());
+    let out = p.cli(&["keys", "disable", SHARED_KEY]);
+    assert!(
+        out.contains(&format!("token-a: {SHARED_KEY}: DISABLED")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("token-b: {SHARED_KEY}: DISABLED")),
+        "{out}"
+    );
+    for backend in ["token-a", "token-b"] {
+        let shown = p.cli(&["keys", "show", SHARED_KEY, "--backend", backend, "--json"]);
+        assert!(
+            shown.contains("\"keyStatus\":\"DISABLED\""),
+            "{backend}: {shown}"
+        );
+    }
+    assert_eq!(metadata_status(&p.h1(), SHARED_KEY), "DISABLED");
+    let out = p.cli(&["keys", "enable", SHARED_KEY]);
+    assert_eq!(out.matches(": ENABLED").count(), 2, "{out}");
+    // Limited to one key manager with --backend.
+    let out = p.cli(&["keys", "disable", SHARED_KEY, "--backend", "token-b"]);
+    assert!(
+        !out.contains("token-a") && out.contains("DISABLED"),
+        "{out}"
+    );
+    p.cli(&["keys", "enable", SHARED_KEY, "--backend", "token-b"]);
+
+    // Two separate tokens do not replicate: rotate says so and fails.
+    let out = p.cli_raw(&["keys", "rotate", SHARED_KEY]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("token-a: shared-key: version 1 created"),
+        "{text}"
+    );
+    assert!(
+        text.contains("token-b: FAILED") && text.contains("missing here"),
+        "{text}"
+    );
+
+    // A key manager that cannot be reached fails the command, after the
+    // others were done.
+    let dir = p.hsm.token_dir("second-hsm");
+    std::fs::rename(&dir, p.dir.path().join("away")).unwrap();
+    let out = p.cli_raw(&["keys", "disable", SHARED_KEY]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("token-a: {SHARED_KEY}: DISABLED")),
+        "{text}"
+    );
+    assert!(text.contains("token-b: FAILED"), "{text}");
+    std::fs::rename(p.dir.path().join("away"), &dir).unwrap();
+}

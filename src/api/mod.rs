@@ -39,8 +39,7 @@ use crate::auth::{self, CredentialSet};
 use crate::authz::{AuthzRequest, Policies};
 use crate::config::{AllowedKeys, Config, HealthConfig};
 use crate::error::{sanitize_message, ErrorName, XksError};
-use crate::health::EkmStatus;
-use crate::hsm::{DecryptInput, EncryptInput, KeyManagers};
+use crate::hsm::{DecryptInput, EkmStatus, EncryptInput, Fault, KeyManagers};
 use crate::logging::clip;
 use crate::metrics::Metrics;
 use crate::net::limits::Registry;
@@ -189,6 +188,25 @@ impl AppState {
             metrics,
             xks_conns,
             log_limiter: log_limit::LogLimiter::default(),
+        }
+    }
+}
+
+/// The spec's answer for each fault of the key manager layer: the only
+/// place where what went wrong there becomes an HTTP status.
+impl From<Fault> for XksError {
+    fn from(f: Fault) -> Self {
+        let message = f.to_string();
+        match f {
+            Fault::KeyNotFound { .. } => XksError::KeyNotFound(message),
+            Fault::KeyDisabled { .. } => XksError::InvalidState(message),
+            Fault::WrongUsage(_) => XksError::InvalidKeyUsage(message),
+            Fault::BadCiphertext | Fault::UnknownVersion { .. } => {
+                XksError::InvalidCiphertext(message)
+            }
+            Fault::Busy { .. } => XksError::Throttling(message),
+            Fault::NoSession { .. } | Fault::Timeout { .. } => XksError::DependencyTimeout(message),
+            Fault::Unavailable { .. } | Fault::Failed { .. } => XksError::Internal(message),
         }
     }
 }

@@ -327,7 +327,7 @@ pub fn decrypt_response(plaintext: &[u8]) -> Zeroizing<Vec<u8>> {
 pub struct EkmDetail {
     pub id: String,
     pub model: String,
-    pub health_status: crate::health::EkmStatus,
+    pub health_status: crate::hsm::EkmStatus,
 }
 
 /// GetHealthStatus response.

@@ -6,16 +6,17 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::{load, usage_error};
+use crate::config::{BackendConfig, TokenSelector};
 use crate::hsm::{HsmError, KeyInfo, Token, Usages};
 
-/// The config and which key manager of it to work on.
+/// The config and which key manager(s) of it to work on.
 #[derive(Debug, Args)]
 pub struct Target {
     #[arg(long, short)]
     config: PathBuf,
-    /// The key manager (`[[hsm.backends]]` name or token label); default the
-    /// first. HSM clusters replicate keys themselves; separate tokens need the
-    /// command run against each.
+    /// The key manager (`[[hsm.backends]]` name or token label). Without it,
+    /// disable, enable and rotate act on every configured key manager, and
+    /// the other commands on the first.
     #[arg(long)]
     backend: Option<String>,
 }
@@ -53,9 +54,10 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Disable a key: GetKeyMetadata answers DISABLED, Encrypt and Decrypt
-    /// answer InvalidStateException. Recorded in the token (a marker object),
-    /// so it holds for every proxy instance and survives restarts.
+    /// Disable a key in every key manager (or --backend): GetKeyMetadata
+    /// answers DISABLED, Encrypt and Decrypt answer InvalidStateException.
+    /// Recorded in each token (a marker object), so it holds for every proxy
+    /// instance and survives restarts. Exits 1 if any key manager failed.
     Disable {
         #[command(flatten)]
         target: Target,
@@ -63,13 +65,16 @@ pub enum KeysCommand {
     },
     /// Create a new version of a key: Encrypt switches to it (within the key
     /// cache TTL) and records the version in the ciphertext metadata; earlier
-    /// ciphertexts keep decrypting with the version they name.
+    /// ciphertexts keep decrypting with the version they name. Created in the
+    /// first key manager (or --backend); every other one is checked to hold
+    /// it (replication), and the command exits 1 if one does not.
     Rotate {
         #[command(flatten)]
         target: Target,
         id: String,
     },
-    /// Enable a key again (removes the marker object).
+    /// Enable a key again in every key manager (or --backend): removes the
+    /// marker objects. Exits 1 if any key manager failed.
     Enable {
         #[command(flatten)]
         target: Target,
@@ -115,17 +120,80 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
     })
 }
 
-fn open(target: &Target) -> Result<Token, ExitCode> {
+/// The key managers `target` names: the one given by `--backend`, else all.
+fn selected(target: &Target) -> Result<(crate::config::HsmConfig, Vec<BackendConfig>), ExitCode> {
     let cfg = load(&target.config)?;
-    let backend = match &target.backend {
-        None => cfg.hsm.backends.first(),
-        Some(name) => cfg.hsm.backends.iter().find(|b| {
-            b.name.as_deref() == Some(name.as_str())
-                || matches!(&b.token, crate::config::TokenSelector::Label(l) if l == name)
-        }),
+    let chosen: Vec<BackendConfig> = match &target.backend {
+        None => cfg.hsm.backends.clone(),
+        Some(name) => cfg
+            .hsm
+            .backends
+            .iter()
+            .filter(|b| {
+                b.name.as_deref() == Some(name.as_str())
+                    || matches!(&b.token, TokenSelector::Label(l) if l == name)
+            })
+            .cloned()
+            .collect(),
+    };
+    if chosen.is_empty() {
+        return Err(usage_error(
+            "no such key manager in [hsm] / [[hsm.backends]]",
+        ));
     }
-    .ok_or_else(|| usage_error("no such key manager in [hsm] / [[hsm.backends]]"))?;
-    Token::open(&cfg.hsm, backend).map_err(fail)
+    Ok((cfg.hsm, chosen))
+}
+
+/// The name a key manager goes by in reports.
+fn name_of(b: &BackendConfig) -> String {
+    b.name.clone().unwrap_or_else(|| match &b.token {
+        TokenSelector::Label(l) => l.clone(),
+        TokenSelector::Slot(n) => format!("slot {n}"),
+    })
+}
+
+/// The one key manager a read or a create works on: `--backend`, else the
+/// first.
+fn open(target: &Target) -> Result<Token, ExitCode> {
+    let (hsm, chosen) = selected(target)?;
+    Token::open(&hsm, &chosen[0]).map_err(fail)
+}
+
+/// Runs `act` on each of `backends`, prints one line each (named when there
+/// are several), and fails (exit 1) if any failed.
+fn on_each(
+    hsm: &crate::config::HsmConfig,
+    backends: &[BackendConfig],
+    named: bool,
+    mut act: impl FnMut(&Token) -> Result<String, String>,
+) -> Result<(), ExitCode> {
+    let mut failed = false;
+    for b in backends {
+        let outcome = Token::open(hsm, b)
+            .map_err(|e| e.to_string())
+            .and_then(|token| act(&token));
+        let prefix = if named {
+            format!("{}: ", name_of(b))
+        } else {
+            String::new()
+        };
+        match outcome {
+            Ok(line) => println!("{prefix}{line}"),
+            Err(why) if named => {
+                failed = true;
+                println!("{prefix}FAILED: {why}");
+            }
+            Err(why) => {
+                failed = true;
+                eprintln!("xks-proxy: {why}");
+            }
+        }
+    }
+    if failed {
+        Err(ExitCode::from(1))
+    } else {
+        Ok(())
+    }
 }
 
 fn fail(e: HsmError) -> ExitCode {
@@ -204,12 +272,25 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
         }
         KeysCommand::Rotate { target, id } => {
             check_id(&id)?;
-            let (version, key) = open(&target)?.rotate(&id).map_err(fail)?;
-            println!(
-                "{id}: version {version} created ({}); Encrypt uses it within hsm.key_cache_ttl_ms",
-                key.label
-            );
-            Ok(())
+            // Rotated once: a new version is new key material, which only
+            // replication can give the other key managers (rotating each would
+            // give each different material, or a replicated cluster two keys
+            // with one label). The others are checked to hold it.
+            let (hsm, chosen) = selected(&target)?;
+            let named = chosen.len() > 1;
+            let (first, others) = chosen.split_first().ok_or(ExitCode::from(2))?;
+            let mut version = 0;
+            on_each(&hsm, std::slice::from_ref(first), named, |token| {
+                let (v, key) = token.rotate(&id).map_err(|e| e.to_string())?;
+                version = v;
+                Ok(format!(
+                    "{id}: version {v} created ({}); Encrypt uses it within hsm.key_cache_ttl_ms",
+                    key.label
+                ))
+            })?;
+            on_each(&hsm, others, named, |token| {
+                wait_for_version(token, &id, version)
+            })
         }
         KeysCommand::Show { target, id, json } => {
             check_id(&id)?;
@@ -243,22 +324,44 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
     }
 }
 
-/// Disables or enables a key. Running proxies see the change at their next
-/// key lookup: at once for GetKeyMetadata, within `hsm.key_cache_ttl_ms` for
-/// Encrypt and Decrypt.
+/// Waits (a few seconds, for replication) until `token` holds `version` of
+/// `id`.
+fn wait_for_version(token: &Token, id: &str, version: u32) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let have = token.latest_version(id).map_err(|e| e.to_string())?;
+        if have >= version {
+            return Ok(format!("{id}: version {version} present (replicated)"));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{id}: version {version} is missing here (newest: {have}); this key manager does \
+                 not receive the other's keys, so ciphertexts of the new version cannot be \
+                 decrypted here. Rotation needs key managers that replicate keys (an HSM \
+                 cluster); see the README"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Disables or enables a key in every selected key manager. Running proxies
+/// see the change at their next key lookup: at once for GetKeyMetadata,
+/// within `hsm.key_cache_ttl_ms` for Encrypt and Decrypt.
 fn set_enabled(target: &Target, id: &str, enabled: bool) -> Result<(), ExitCode> {
     check_id(id)?;
-    let key = open(target)?.set_enabled(id, enabled).map_err(fail)?;
-    if enabled && !key.enabled {
-        println!(
-            "{}: DISABLED: the key's own CKA_START_DATE/CKA_END_DATE window excludes today; \
-             change it with the HSM's tools",
-            key.label
-        );
-        return Err(ExitCode::from(1));
-    }
-    println!("{}: {}", key.label, status(&key));
-    Ok(())
+    let (hsm, chosen) = selected(target)?;
+    on_each(&hsm, &chosen, chosen.len() > 1, |token| {
+        let key = token.set_enabled(id, enabled).map_err(|e| e.to_string())?;
+        if enabled && !key.enabled {
+            return Err(format!(
+                "{}: DISABLED: the key's own CKA_START_DATE/CKA_END_DATE window excludes today; \
+                 change it with the HSM's tools",
+                key.label
+            ));
+        }
+        Ok(format!("{}: {}", key.label, status(&key)))
+    })
 }
 
 #[cfg(test)]

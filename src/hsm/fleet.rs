@@ -1,51 +1,79 @@
-//! Several key managers: the HSMs of a cluster that hold the same keys.
+//! Several key managers: the HSMs (or partitions) that hold the same keys.
 //!
-//! Each backend has its own session pool ([`Hsm`]) and its own deep health
-//! state. A request goes to the least-loaded backend that is not UNAVAILABLE
-//! (round robin among equals) and, if that backend fails with a fault of its
-//! own (an HSM error, no session in time, a full queue), to the next one,
-//! all within one deadline: the request's HSM budget is shared by its
-//! attempts, so failover never makes an answer late. Errors about the request
-//! itself (a bad ciphertext, a disabled key, a wrong usage) are answers, not
-//! faults, and are returned as they are.
+//! Each configured key manager is a [`Backend`]: its session pool once it is
+//! open, and what the proxy knows of its health. A request goes to the best
+//! key manager that can serve (ACTIVE before DEGRADED, the least loaded among
+//! equals, round robin among ties; an UNAVAILABLE one only when nothing else
+//! is left) and, if that one fails with a fault of its own (busy, hung, gone,
+//! failing), to the next, all within one deadline: the request's HSM budget
+//! is shared by its attempts (each but the last gets half of what is left),
+//! so failover never makes an answer late. A key (or key version) one key
+//! manager does not have is looked for in the others too. Answers about the
+//! request itself (a bad ciphertext, a disabled key, a wrong usage) are
+//! returned as they are.
 //!
-//! GetHealthStatus lists every backend in `ekmFleetDetails`; the proxy is
-//! healthy while at least one backend can serve.
-//!
-//! A key manager that cannot be opened at startup while others can does not
-//! stop the proxy (a restart during a partial HSM outage must not turn it into
-//! a full one): the proxy serves without it, logs why, and lists it as
-//! UNAVAILABLE until a restart brings it in.
+//! One supervisor task per key manager keeps it honest: it probes the key
+//! manager (see [`super::health`]), and opens it when it is not open yet —
+//! a key manager that could not be opened at startup (a network HSM that
+//! was down, a token not yet created) joins by itself when it answers,
+//! without a restart. The proxy starts when at least one key manager opens.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use super::fault::Fault;
+use super::health::{classify, EkmStatus, HealthState, RETRY_INTERVAL};
 use super::module::{Module, ModuleSlot};
-use super::token::{load_module, EkmInfo, HsmError, KeyInfo, Token};
-use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput, Hsm};
-use crate::config::{HealthConfig, HsmConfig, TokenSelector};
-use crate::error::XksError;
-use crate::health::{EkmStatus, HealthState};
+use super::objects::{KeyInfo, Usages};
+use super::pool::Pool;
+use super::token::{load_module, EkmInfo, HsmError, Token};
+use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use crate::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use crate::metrics::Metrics;
 
-/// One key manager and what the proxy knows of its health.
+/// Longest wait between attempts to open a key manager that is not open.
+const OPEN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// One key manager.
 pub struct Backend {
-    pub hsm: Hsm,
+    index: usize,
+    cfg: BackendConfig,
+    /// From the configuration until the token is open, then the token's own.
+    info: ArcSwap<EkmInfo>,
+    /// The session pool, once the key manager is open.
+    pool: ArcSwapOption<Pool>,
     pub health: HealthState,
 }
 
-/// A configured key manager that could not be opened at startup.
-struct Absent {
-    info: EkmInfo,
-    reason: String,
+impl Backend {
+    pub fn info(&self) -> Arc<EkmInfo> {
+        self.info.load_full()
+    }
+
+    fn pool(&self) -> Option<Arc<Pool>> {
+        self.pool.load_full()
+    }
+
+    /// Status now (see [`HealthState::current`]).
+    pub fn status(&self, cfg: &HealthConfig) -> (EkmStatus, Option<String>) {
+        let pool = self.pool();
+        self.health.current(pool.as_deref(), cfg)
+    }
 }
 
 struct Inner {
     backends: Vec<Backend>,
-    absent: Vec<Absent>,
+    /// Loaded PKCS#11 libraries: one per path, shared by the key managers
+    /// that use it (a library is initialized once per process).
+    modules: Mutex<Vec<(PathBuf, Arc<Module>)>>,
     next: AtomicUsize,
-    operation_timeout: Duration,
+    hsm: HsmConfig,
+    health: HealthConfig,
+    metrics: Metrics,
 }
 
 /// All key managers; cheap to clone.
@@ -54,234 +82,412 @@ pub struct KeyManagers {
     inner: Arc<Inner>,
 }
 
-/// A failure of the backend rather than of the request: try another one.
-fn is_backend_fault(e: &XksError) -> bool {
-    matches!(
-        e,
-        XksError::Internal(_) | XksError::DependencyTimeout(_) | XksError::Throttling(_)
-    )
+/// The routing preference of a key manager: its status first (ACTIVE, then
+/// DEGRADED, then UNAVAILABLE), then its queue, then its turn in the round
+/// robin. Smaller sorts first.
+fn route_key(
+    status: EkmStatus,
+    queued: usize,
+    turn: usize,
+) -> (std::cmp::Reverse<u8>, usize, usize) {
+    (std::cmp::Reverse(status.rank()), queued, turn)
+}
+
+/// The name a key manager goes by before its token says more.
+fn configured_id(b: &BackendConfig) -> String {
+    b.name.clone().unwrap_or_else(|| match &b.token {
+        TokenSelector::Label(l) => l.clone(),
+        TokenSelector::Slot(n) => format!("slot {n}"),
+    })
 }
 
 impl KeyManagers {
-    /// Opens every configured key manager and starts its session pool; returns
-    /// the opened tokens too (startup creates the health-check key in each).
-    /// Blocking. Backends that share a PKCS#11 module share one loaded copy of
-    /// it (a module is initialized once per process).
+    /// Opens every configured key manager that can be opened now, creating
+    /// the health-check key in its token when missing, and starts its session
+    /// pool. Fails only when none opens. Blocking: call it off the runtime.
     pub fn open(
-        cfg: &HsmConfig,
-        health_key: &str,
+        hsm: &HsmConfig,
+        health: &HealthConfig,
         metrics: &Metrics,
-    ) -> Result<(KeyManagers, Vec<Token>), HsmError> {
-        let mut modules: Vec<(std::path::PathBuf, Arc<Module>)> = Vec::new();
-        let mut backends = Vec::with_capacity(cfg.backends.len());
-        let mut tokens = Vec::with_capacity(cfg.backends.len());
-        let mut absent = Vec::new();
-        let mut last_error = None;
-        for (i, b) in cfg.backends.iter().enumerate() {
-            let opened = (|| -> Result<(Backend, Token), HsmError> {
-                let module = match modules.iter().find(|(p, _)| *p == b.module) {
-                    Some((_, m)) => m.clone(),
-                    None => {
-                        let m = Module::new(load_module(&b.module)?);
-                        modules.push((b.module.clone(), m.clone()));
-                        m
-                    }
-                };
-                let token = Token::open_in(module.ctx.clone(), b, cfg.ekm_vendor.as_deref())?;
-                let slot = ModuleSlot::new(module, b.token.clone(), token.slot);
-                let sessions = b.sessions.unwrap_or(cfg.sessions);
-                let hsm = Hsm::start(cfg, sessions, slot, &token, i, health_key, metrics)?;
-                let backend = Backend {
-                    hsm,
-                    health: HealthState::default(),
-                };
-                Ok((backend, token))
-            })();
-            match opened {
-                Ok((backend, token)) => {
-                    backends.push(backend);
-                    tokens.push(token);
-                }
-                Err(e) if cfg.backends.len() > 1 => {
-                    let id = b.name.clone().unwrap_or_else(|| match &b.token {
-                        TokenSelector::Label(l) => l.clone(),
-                        TokenSelector::Slot(n) => format!("slot {n}"),
-                    });
-                    tracing::error!(ekm = %id, error = %e, "key manager not available at startup; serving without it until the next restart");
-                    absent.push(Absent {
-                        info: EkmInfo {
-                            vendor: cfg.ekm_vendor.clone().unwrap_or_else(|| "unknown".into()),
-                            id,
-                            model: "unknown".into(),
-                        },
-                        reason: format!(
-                            "not available at startup ({e}); restart the proxy to bring it in"
-                        ),
-                    });
-                    last_error = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if backends.is_empty() {
-            if let Some(e) = last_error {
-                return Err(e);
-            }
-        }
+    ) -> Result<KeyManagers, HsmError> {
+        let backends = hsm
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(index, cfg)| Backend {
+                index,
+                cfg: cfg.clone(),
+                info: ArcSwap::from_pointee(EkmInfo {
+                    vendor: hsm.ekm_vendor.clone().unwrap_or_else(|| "unknown".into()),
+                    id: configured_id(cfg),
+                    model: "unknown".into(),
+                }),
+                pool: ArcSwapOption::empty(),
+                health: HealthState::default(),
+            })
+            .collect();
         let fleet = KeyManagers {
             inner: Arc::new(Inner {
                 backends,
-                absent,
+                modules: Mutex::new(Vec::new()),
                 next: AtomicUsize::new(0),
-                operation_timeout: cfg.operation_timeout,
+                hsm: hsm.clone(),
+                health: health.clone(),
+                metrics: metrics.clone(),
             }),
         };
-        Ok((fleet, tokens))
+        let mut first_error = None;
+        for b in fleet.backends() {
+            match fleet.open_backend(b) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(
+                        ekm = %b.info().id,
+                        error = %e,
+                        "key manager not available at startup; serving without it, retrying in the background"
+                    );
+                    b.health.record(
+                        &b.info().id,
+                        EkmStatus::Unavailable,
+                        Some(format!("not open: {e}")),
+                    );
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if fleet.backends().iter().all(|b| b.pool().is_none()) => Err(e),
+            _ => Ok(fleet),
+        }
     }
 
     pub fn backends(&self) -> &[Backend] {
         &self.inner.backends
     }
 
-    /// The best status of any backend (the proxy can serve if one can), with
-    /// the reasons of the others when none is ACTIVE.
+    /// The library at `path`, loaded once.
+    fn module(&self, path: &PathBuf) -> Result<Arc<Module>, HsmError> {
+        let mut modules = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, m)) = modules.iter().find(|(p, _)| p == path) {
+            return Ok(m.clone());
+        }
+        let m = Module::new(load_module(path)?);
+        modules.push((path.clone(), m.clone()));
+        Ok(m)
+    }
+
+    /// Opens one key manager: its token (re-initializing the module when the
+    /// token is not found and no other key manager serves from it), the
+    /// health-check key, the session pool. Blocking.
+    fn open_backend(&self, b: &Backend) -> Result<(), HsmError> {
+        let inner = &self.inner;
+        let module = self.module(&b.cfg.module)?;
+        let vendor = inner.hsm.ekm_vendor.as_deref();
+        let token = match Token::open_in(module.ctx.clone(), &b.cfg, vendor) {
+            Ok(t) => t,
+            Err(HsmError::NoToken(_)) => {
+                module.reinitialize_for(b.index, &b.info().id);
+                Token::open_in(module.ctx.clone(), &b.cfg, vendor)?
+            }
+            Err(e) => return Err(e),
+        };
+        let label = &inner.health.key_label;
+        if !token.list_keys()?.iter().any(|k| &k.label == label) {
+            let usages = Usages {
+                encrypt: true,
+                decrypt: true,
+                ..Usages::default()
+            };
+            token.create_aes_key(label, usages)?;
+            tracing::info!(key = %label, ekm = %token.ekm_info().id, "created the health-check key");
+        }
+        let slot = ModuleSlot::new(module, b.index, b.cfg.token.clone(), token.slot);
+        let sessions = b.cfg.sessions.unwrap_or(inner.hsm.sessions);
+        let pool = Pool::start(
+            &inner.hsm,
+            sessions,
+            slot,
+            &token,
+            b.index,
+            label,
+            &inner.metrics,
+        )?;
+        b.info.store(Arc::new(token.ekm_info().clone()));
+        b.pool.store(Some(Arc::new(pool)));
+        Ok(())
+    }
+
+    /// The best status of any key manager (the proxy can serve if one can),
+    /// with the reasons of the others when none is ACTIVE.
     pub fn overall(&self) -> (EkmStatus, Option<String>) {
         let mut best = EkmStatus::Unavailable;
         let mut details = Vec::new();
         for b in self.backends() {
-            let (status, detail) = b.health.current();
-            if rank(status) > rank(best) {
+            let (status, detail) = b.status(&self.inner.health);
+            if status.rank() > best.rank() {
                 best = status;
             }
             if let Some(d) = detail {
-                details.push(format!("{}: {d}", b.hsm.ekm_info().id));
+                details.push(format!("{}: {d}", b.info().id));
             }
-        }
-        for a in &self.inner.absent {
-            details.push(format!("{}: {}", a.info.id, a.reason));
         }
         let detail = (best != EkmStatus::Active && !details.is_empty()).then(|| details.join("; "));
         (best, detail)
     }
 
-    /// Vendor, id, model and status of each backend, for GetHealthStatus.
-    pub fn details(&self) -> Vec<(&EkmInfo, EkmStatus)> {
+    /// Vendor, id, model and status of each key manager, for GetHealthStatus.
+    pub fn details(&self) -> Vec<(Arc<EkmInfo>, EkmStatus)> {
         self.backends()
             .iter()
-            .map(|b| (b.hsm.ekm_info(), b.health.current().0))
-            .chain(
-                self.inner
-                    .absent
-                    .iter()
-                    .map(|a| (&a.info, EkmStatus::Unavailable)),
-            )
+            .map(|b| (b.info(), b.status(&self.inner.health).0))
             .collect()
     }
 
-    /// Jobs waiting for a session, over all backends.
+    /// Jobs waiting for a session, over all key managers.
     pub fn queue_len(&self) -> usize {
-        self.backends().iter().map(|b| b.hsm.queue_len()).sum()
+        self.backends()
+            .iter()
+            .filter_map(Backend::pool)
+            .map(|p| p.queue_len())
+            .sum()
     }
 
-    /// Backends in the order to try: usable ones by load (round robin among
-    /// equals), UNAVAILABLE ones last (still worth a try when nothing else is).
-    fn order(&self) -> Vec<&Backend> {
+    /// Open key managers in the order to try: by status (ACTIVE, DEGRADED,
+    /// then UNAVAILABLE), by queue length, round robin among equals.
+    fn order(&self) -> Vec<(EkmStatus, Arc<Pool>)> {
         let backends = self.backends();
-        if backends.len() == 1 {
-            return vec![&backends[0]];
-        }
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<(usize, &Backend)> = (0..backends.len())
-            .map(|i| {
+        let mut order: Vec<(usize, EkmStatus, Arc<Pool>)> = (0..backends.len())
+            .filter_map(|i| {
                 let b = &backends[(start + i) % backends.len()];
-                (i, b)
+                let pool = b.pool()?;
+                let status = b.health.current(Some(&pool), &self.inner.health).0;
+                Some((i, status, pool))
             })
             .collect();
-        order.sort_by_key(|(i, b)| {
-            let unavailable = b.health.current().0 == EkmStatus::Unavailable;
-            (unavailable, b.hsm.queue_len(), *i)
-        });
-        order.into_iter().map(|(_, b)| b).collect()
+        order.sort_by_cached_key(|(i, status, pool)| route_key(*status, pool.queue_len(), *i));
+        order.into_iter().map(|(_, s, p)| (s, p)).collect()
     }
 
-    /// Runs `op` on backends in [`Self::order`] until one answers with
-    /// something other than a backend fault, or the deadline passes.
-    async fn with_failover<T, F, Fut>(&self, op: F) -> Result<T, XksError>
+    /// Runs `op` on key managers in [`Self::order`] until one answers with
+    /// something other than a key manager fault, or the deadline passes. An
+    /// UNAVAILABLE one is tried only when no other could answer.
+    async fn with_failover<T, F, Fut>(&self, op: F) -> Result<T, Fault>
     where
-        F: Fn(Hsm, Instant) -> Fut,
-        Fut: std::future::Future<Output = Result<T, XksError>>,
+        F: Fn(Arc<Pool>, Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Fault>>,
     {
-        let deadline = Instant::now() + self.inner.operation_timeout;
-        let mut last = None;
-        for b in self.order() {
-            if Instant::now() >= deadline {
+        let deadline = Instant::now() + self.inner.hsm.operation_timeout;
+        let mut last: Option<Vec<Fault>> = None;
+        let mut answer = None;
+        let order = self.order();
+        let candidates = order.len();
+        for (n, (status, pool)) in order.into_iter().enumerate() {
+            let now = Instant::now();
+            if now >= deadline {
                 break;
             }
-            match op(b.hsm.clone(), deadline).await {
-                Err(e) if is_backend_fault(&e) => {
-                    tracing::debug!(ekm = %b.hsm.ekm_info().id, error = e.message(), "key manager failed; trying the next");
-                    last = Some(e);
+            if status == EkmStatus::Unavailable && (last.is_some() || answer.is_some()) {
+                break;
+            }
+            // With another key manager to try, this one gets half of what is
+            // left: one that hangs mid-call leaves time to fail over.
+            let attempt_deadline = if n + 1 < candidates {
+                now + (deadline - now) / 2
+            } else {
+                deadline
+            };
+            let result = match op(pool.clone(), attempt_deadline).await {
+                // A key manager known to be down whose queue is full: its
+                // queue holds requests it will not answer, which is not the
+                // request rate's fault (429) but the key manager's.
+                Err(Fault::Busy { ekm }) if status == EkmStatus::Unavailable => {
+                    Err(Fault::Unavailable {
+                        ekm,
+                        why: "it is not answering, and its queue is full".into(),
+                    })
+                }
+                other => other,
+            };
+            match result {
+                Err(e) if e.is_key_manager_fault() => {
+                    tracing::debug!(ekm = %pool.ekm_info().id, error = %e, "key manager failed; trying the next");
+                    last.get_or_insert(Vec::new()).push(e);
+                }
+                // Key managers hold the same keys: one that lacks the key (or
+                // the version) is out of step or has lost its objects, and
+                // another may have it. Only if none does is it the answer.
+                Err(e @ (Fault::KeyNotFound { .. } | Fault::UnknownVersion { .. }))
+                    if n + 1 < candidates =>
+                {
+                    tracing::debug!(ekm = %pool.ekm_info().id, error = %e, "key not found here; trying the next key manager");
+                    answer.get_or_insert(e);
                 }
                 other => return other,
             }
         }
-        Err(last.unwrap_or_else(|| {
-            XksError::DependencyTimeout("no key manager answered in time".into())
-        }))
-    }
-
-    pub async fn key_info(&self, label: &str) -> Result<KeyInfo, XksError> {
-        self.with_failover(|hsm, deadline| async move { hsm.key_info(label, deadline).await })
-            .await
-    }
-
-    pub async fn encrypt(
-        &self,
-        label: &str,
-        input: EncryptInput,
-    ) -> Result<EncryptOutput, XksError> {
-        let input = Arc::new(input);
-        self.with_failover(|hsm, deadline| {
-            let input = input.clone();
-            async move { hsm.encrypt(label, input, deadline).await }
-        })
-        .await
-    }
-
-    pub async fn decrypt(
-        &self,
-        label: &str,
-        input: DecryptInput,
-    ) -> Result<DecryptOutput, XksError> {
-        let input = Arc::new(input);
-        self.with_failover(|hsm, deadline| {
-            let input = input.clone();
-            async move { hsm.decrypt(label, input, deadline).await }
-        })
-        .await
-    }
-
-    /// Probes every backend once (at startup, before serving).
-    pub async fn probe_all(&self, cfg: &HealthConfig) {
-        for b in self.backends() {
-            b.health.probe_once(&b.hsm, cfg).await;
+        // An answer (the key is missing) beats a fault; else the first fault.
+        match (answer, last) {
+            (Some(a), _) => Err(a),
+            (None, Some(mut faults)) => Err(faults.swap_remove(0)),
+            (None, None) => Err(Fault::Unavailable {
+                ekm: "all".into(),
+                why: "no key manager is open".into(),
+            }),
         }
     }
 
-    /// Starts one background probe loop per backend.
-    pub fn spawn_health(&self, cfg: &HealthConfig) -> Vec<tokio::task::JoinHandle<()>> {
-        self.backends()
-            .iter()
-            .map(|b| tokio::spawn(b.health.clone().run(b.hsm.clone(), cfg.clone())))
+    pub async fn key_info(&self, label: &str) -> Result<KeyInfo, Fault> {
+        self.with_failover(|pool, deadline| async move { pool.key_info(label, deadline).await })
+            .await
+    }
+
+    pub async fn encrypt(&self, label: &str, input: EncryptInput) -> Result<EncryptOutput, Fault> {
+        let input = Arc::new(input);
+        self.with_failover(|pool, deadline| {
+            let input = input.clone();
+            async move { pool.encrypt(label, input, deadline).await }
+        })
+        .await
+    }
+
+    pub async fn decrypt(&self, label: &str, input: DecryptInput) -> Result<DecryptOutput, Fault> {
+        let input = Arc::new(input);
+        self.with_failover(|pool, deadline| {
+            let input = input.clone();
+            async move { pool.decrypt(label, input, deadline).await }
+        })
+        .await
+    }
+
+    /// One round of health work for key manager `b`: open it if it is not
+    /// open; else, when `deep`, probe it with the health-check key, or else
+    /// check that it answers at all (a heartbeat). Returns when the next deep
+    /// probe is due.
+    async fn supervise_once(&self, b: &Backend, deep: bool, open_retry: &mut Duration) -> Duration {
+        let cfg = &self.inner.health;
+        let Some(pool) = b.pool() else {
+            let fleet = self.clone();
+            let index = b.index;
+            let opened =
+                tokio::task::spawn_blocking(move || fleet.open_backend(&fleet.backends()[index]))
+                    .await;
+            return match opened {
+                Ok(Ok(())) => {
+                    tracing::warn!(ekm = %b.info().id, "key manager opened; it joins the fleet");
+                    *open_retry = RETRY_INTERVAL;
+                    Duration::ZERO
+                }
+                Ok(Err(e)) => {
+                    b.health.record(
+                        &b.info().id,
+                        EkmStatus::Unavailable,
+                        Some(format!("not open: {e}")),
+                    );
+                    let wait = *open_retry;
+                    *open_retry = (*open_retry * 2).min(OPEN_RETRY_MAX);
+                    wait
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "opening a key manager panicked");
+                    OPEN_RETRY_MAX
+                }
+            };
+        };
+        let started = Instant::now();
+        let deadline = started + cfg.unresponsive_after;
+        let result = if deep {
+            pool.probe(deadline).await
+        } else {
+            match pool.heartbeat(deadline).await {
+                // Alive: the last deep result stands until the next probe.
+                Ok(()) => return cfg.interval,
+                // Not answering: find out properly, now.
+                Err(e) => Err(e),
+            }
+        };
+        let (status, detail) = classify(
+            &result,
+            started.elapsed(),
+            cfg,
+            pool.stalled(cfg.unresponsive_after),
+        );
+        b.health.record(&pool.ekm_info().id, status, detail);
+        pool.set_usable(status != EkmStatus::Unavailable);
+        if status == EkmStatus::Active {
+            cfg.interval
+        } else {
+            RETRY_INTERVAL
+        }
+    }
+
+    /// Probes every open key manager once (at startup, before serving).
+    pub async fn probe_all(&self) {
+        let mut retry = RETRY_INTERVAL;
+        for b in self.backends() {
+            if b.pool().is_some() {
+                self.supervise_once(b, true, &mut retry).await;
+            }
+        }
+    }
+
+    /// Starts one supervisor per key manager. Every second it checks that
+    /// the key manager answers (a heartbeat, or an attempt to open it when
+    /// it is not open); when the deep probe is due (`interval_secs` while
+    /// ACTIVE, every second otherwise, and at once when a heartbeat fails)
+    /// it probes with the health-check key. So a key manager that hangs is
+    /// found out within about `unresponsive_after` plus a second, even with
+    /// no traffic. They run until aborted.
+    pub fn spawn_supervisors(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.backends().len())
+            .map(|index| {
+                let fleet = self.clone();
+                tokio::spawn(async move {
+                    let b = &fleet.backends()[index];
+                    let mut open_retry = RETRY_INTERVAL;
+                    let mut next_deep = Instant::now()
+                        + if b.health.last() == EkmStatus::Active {
+                            fleet.inner.health.interval
+                        } else {
+                            RETRY_INTERVAL
+                        };
+                    let mut pause = RETRY_INTERVAL;
+                    loop {
+                        tokio::time::sleep(pause).await;
+                        let deep = Instant::now() >= next_deep;
+                        let wait = fleet.supervise_once(b, deep, &mut open_retry).await;
+                        if b.pool().is_none() {
+                            // Not open: the next attempt backs off.
+                            pause = wait;
+                            continue;
+                        }
+                        if deep || wait < fleet.inner.health.interval {
+                            next_deep = Instant::now() + wait;
+                        }
+                        pause = RETRY_INTERVAL;
+                    }
+                })
+            })
             .collect()
     }
 }
 
-/// ACTIVE > DEGRADED > UNAVAILABLE.
-fn rank(s: EkmStatus) -> u8 {
-    match s {
-        EkmStatus::Active => 2,
-        EkmStatus::Degraded => 1,
-        EkmStatus::Unavailable => 0,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_prefers_active_then_degraded_and_unavailable_last() {
+        use EkmStatus::*;
+        let mut candidates = [
+            (Unavailable, 0, 0),
+            (Degraded, 0, 1),
+            (Active, 50, 2),
+            (Active, 3, 3),
+            (Degraded, 1, 4),
+        ];
+        candidates.sort_by_key(|(s, q, t)| route_key(*s, *q, *t));
+        let turns: Vec<usize> = candidates.iter().map(|c| c.2).collect();
+        assert_eq!(turns, [3, 2, 1, 4, 0]);
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use super::token::KeyInfo;
+use super::objects::KeyInfo;
 
 pub(crate) struct KeyCache {
     ttl: Duration,

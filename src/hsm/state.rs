@@ -23,8 +23,6 @@ use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::token::date_bytes;
-
 /// Label prefix of the marker objects.
 pub const MARKER_PREFIX: &str = "xks-proxy-disabled:";
 
@@ -106,4 +104,13 @@ pub(crate) fn enable(session: &Session, label: &str) -> Result<(), P11Error> {
         session.destroy_object(m)?;
     }
     Ok(())
+}
+
+/// A `CK_DATE` as its eight ASCII digits.
+pub(crate) fn date_bytes(d: &cryptoki::types::Date) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&d.year);
+    out[4..6].copy_from_slice(&d.month);
+    out[6..].copy_from_slice(&d.day);
+    out
 }

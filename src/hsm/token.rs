@@ -13,7 +13,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::key_spec::KeySpec;
+use super::objects::{find_keys, find_secret_keys, read_key_info, KeyDetails, KeyInfo, Usages};
 use crate::config::{BackendConfig, HsmConfig, TokenSelector};
 
 /// A failure to reach or use the token outside a request (startup, CLI).
@@ -44,65 +44,6 @@ pub struct EkmInfo {
     pub vendor: String,
     pub id: String,
     pub model: String,
-}
-
-/// Key usages as PKCS#11 attributes; the XKS `keyUsage` list is derived from them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usages {
-    pub encrypt: bool,
-    pub decrypt: bool,
-    pub wrap: bool,
-    pub unwrap: bool,
-    pub sign: bool,
-    pub verify: bool,
-    pub derive: bool,
-}
-
-impl Usages {
-    /// The spec's `keyUsage` strings, ENCRYPT and DECRYPT first (at most 7 < 10).
-    pub fn names(&self) -> Vec<&'static str> {
-        [
-            (self.encrypt, "ENCRYPT"),
-            (self.decrypt, "DECRYPT"),
-            (self.wrap, "WRAP"),
-            (self.unwrap, "UNWRAP"),
-            (self.sign, "SIGN"),
-            (self.verify, "VERIFY"),
-            (self.derive, "DERIVE"),
-        ]
-        .into_iter()
-        .filter_map(|(on, name)| on.then_some(name))
-        .collect()
-    }
-}
-
-/// What the proxy needs to know about one key.
-#[derive(Debug, Clone)]
-pub struct KeyInfo {
-    pub handle: ObjectHandle,
-    pub label: String,
-    /// What kind of key this is. Only an AES-256 secret key is ever used for
-    /// cryptography; GetKeyMetadata reports the others as they are.
-    pub spec: KeySpec,
-    pub usages: Usages,
-    /// False when the key is disabled for KMS: a marker object from
-    /// `xks-proxy keys disable`, or a validity window (CKA_START_DATE /
-    /// CKA_END_DATE) that excludes today. See [`super::state`].
-    pub enabled: bool,
-}
-
-/// [`KeyInfo`] plus the attributes `xks-proxy keys show` reports.
-#[derive(Debug, Clone)]
-pub struct KeyDetails {
-    pub info: KeyInfo,
-    pub start_date: Option<String>,
-    pub end_date: Option<String>,
-    pub sensitive: bool,
-    pub extractable: bool,
-    pub always_sensitive: bool,
-    pub never_extractable: bool,
-    /// Generated inside the token (not imported).
-    pub local: bool,
 }
 
 /// An opened token: the loaded module, the slot and a logged-in R/W session.
@@ -280,14 +221,7 @@ impl Token {
 
     /// The newest version of external key `id` (0 when never rotated).
     pub fn latest_version(&self, id: &str) -> Result<u32, HsmError> {
-        let mut v = 0;
-        while !find_secret_keys(&self.session, &crate::aead::version_label(id, v + 1))
-            .map_err(p11("C_FindObjects"))?
-            .is_empty()
-        {
-            v += 1;
-        }
-        Ok(v)
+        super::objects::latest_version(&self.session, id).map_err(p11("C_FindObjects"))
     }
 
     /// Creates the next version of external key `id`: a new AES-256 key
@@ -365,30 +299,35 @@ pub(crate) fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
     }
 }
 
+/// Finds the slot of a key manager's token. A slot whose token cannot
+/// describe itself (a lost token in SoftHSM answers `CKR_GENERAL_ERROR`) is
+/// skipped, not fatal: it must not hide another key manager's token.
 pub(crate) fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
-    let slots = ctx
-        .get_slots_with_initialized_token()
-        .map_err(p11("C_GetSlotList"))?;
-    match selector {
-        TokenSelector::Slot(id) => slots
-            .into_iter()
-            .find(|s| s.id() == *id)
-            .ok_or_else(|| HsmError::NoToken(format!("no initialized token in slot {id}"))),
-        TokenSelector::Label(label) => {
-            let mut labels = Vec::new();
-            for s in slots {
-                let ti = ctx.get_token_info(s).map_err(p11("C_GetTokenInfo"))?;
-                if ti.label().trim() == label {
-                    return Ok(s);
-                }
-                labels.push(ti.label().trim().to_string());
-            }
-            Err(HsmError::NoToken(format!(
-                "no initialized token labelled '{label}' (tokens seen: {labels:?}); for SoftHSM \
-                 check that SOFTHSM2_CONF points at the right token directory"
-            )))
+    let slots = ctx.get_slots_with_token().map_err(p11("C_GetSlotList"))?;
+    let initialized = slots
+        .into_iter()
+        .filter_map(|s| match ctx.get_token_info(s) {
+            Ok(ti) if ti.token_initialized() => Some((s, ti.label().trim().to_string())),
+            _ => None,
+        });
+    let mut labels = Vec::new();
+    for (slot, token_label) in initialized {
+        let found = match selector {
+            TokenSelector::Slot(id) => slot.id() == *id,
+            TokenSelector::Label(label) => token_label == *label,
+        };
+        if found {
+            return Ok(slot);
         }
+        labels.push(token_label);
     }
+    Err(HsmError::NoToken(match selector {
+        TokenSelector::Slot(id) => format!("no initialized token in slot {id}"),
+        TokenSelector::Label(label) => format!(
+            "no initialized token labelled '{label}' (tokens seen: {labels:?}); for SoftHSM \
+             check that SOFTHSM2_CONF points at the right token directory"
+        ),
+    }))
 }
 
 /// Logs the user in; "already logged in" is success (login state is per
@@ -403,85 +342,4 @@ pub(crate) fn login_raw(session: &Session, pin: &AuthPin) -> Result<(), P11Error
         Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// Secret keys carrying exactly this label.
-pub(crate) fn find_secret_keys(
-    session: &Session,
-    label: &str,
-) -> Result<Vec<ObjectHandle>, P11Error> {
-    session.find_objects(&[
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ])
-}
-
-/// The key objects an external key id may name: its secret keys or, when it
-/// has none, its private keys (an RSA or EC key pair shares one label). The
-/// latter are only ever described, never used: see [`KeySpec`].
-pub(crate) fn find_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, P11Error> {
-    let secret = find_secret_keys(session, label)?;
-    if !secret.is_empty() {
-        return Ok(secret);
-    }
-    session.find_objects(&[
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ])
-}
-
-/// Reads the attributes that make up [`KeyInfo`]. Attributes the token does not
-/// report are treated as false/absent, which errs on the side of refusing.
-pub(crate) fn read_key_info(
-    session: &Session,
-    handle: ObjectHandle,
-    label: &str,
-    now: SystemTime,
-) -> Result<KeyInfo, P11Error> {
-    let attrs = session.get_attributes(
-        handle,
-        &[
-            AttributeType::Class,
-            AttributeType::KeyType,
-            AttributeType::ValueLen,
-            AttributeType::ModulusBits,
-            AttributeType::Modulus,
-            AttributeType::EcParams,
-            AttributeType::Encrypt,
-            AttributeType::Decrypt,
-            AttributeType::Wrap,
-            AttributeType::Unwrap,
-            AttributeType::Sign,
-            AttributeType::Verify,
-            AttributeType::Derive,
-        ],
-    )?;
-    let mut u = Usages::default();
-    for a in &attrs {
-        match a {
-            Attribute::Encrypt(b) => u.encrypt = *b,
-            Attribute::Decrypt(b) => u.decrypt = *b,
-            Attribute::Wrap(b) => u.wrap = *b,
-            Attribute::Unwrap(b) => u.unwrap = *b,
-            Attribute::Sign(b) => u.sign = *b,
-            Attribute::Verify(b) => u.verify = *b,
-            Attribute::Derive(b) => u.derive = *b,
-            _ => {}
-        }
-    }
-    Ok(KeyInfo {
-        handle,
-        label: label.to_string(),
-        spec: KeySpec::from_attributes(&attrs),
-        usages: u,
-        enabled: super::state::is_enabled(session, handle, label, now)?,
-    })
-}
-
-pub(crate) fn date_bytes(d: &cryptoki::types::Date) -> [u8; 8] {
-    let mut out = [0u8; 8];
-    out[..4].copy_from_slice(&d.year);
-    out[4..6].copy_from_slice(&d.month);
-    out[6..].copy_from_slice(&d.day);
-    out
 }

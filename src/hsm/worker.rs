@@ -19,16 +19,18 @@ use cryptoki::session::Session;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::fault::Fault;
 use super::keys::KeyCache;
 use super::module::{module_lost, ModuleSlot};
-use super::token::{find_keys, login_raw, read_key_info, KeyInfo};
+use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
+use super::pool::Busy;
+use super::token::login_raw;
 use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::aead::{
     cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
     TAG_LEN,
 };
 use crate::config::IvSource;
-use crate::error::XksError;
 use crate::metrics::Metrics;
 
 /// Work for a pool thread.
@@ -37,6 +39,9 @@ pub(crate) struct Job {
     pub kind: &'static str,
     pub enqueued: Instant,
     pub start_by: Instant,
+    /// Set when a thread takes the job: a caller that times out can tell
+    /// "never started" (no free session) from "no answer" (a hung HSM).
+    pub started: Arc<std::sync::atomic::AtomicBool>,
     pub work: Box<dyn FnOnce(&mut Worker) + Send>,
 }
 
@@ -61,6 +66,9 @@ pub(crate) struct Worker {
     /// The module generation the session belongs to (see [`super::module`]).
     session_generation: u64,
     ivs: IvPool,
+    /// Where this thread records how long it has been inside a job.
+    busy: Arc<Busy>,
+    index: usize,
 }
 
 /// GCM IVs from the HSM's random generator, fetched in batches: one
@@ -96,16 +104,18 @@ impl IvPool {
     }
 }
 
-/// Failure inside an operation: either already an XKS error, or a raw PKCS#11
+/// Failure inside an operation: either already a fault, or a raw PKCS#11
 /// error whose meaning depends on the operation.
 enum OpError {
-    Xks(XksError),
+    Fault(Fault),
     P11(P11Error),
+    /// The key manager answered, but not as the configuration says it would.
+    Misconfigured(String),
 }
 
-impl From<XksError> for OpError {
-    fn from(e: XksError) -> Self {
-        OpError::Xks(e)
+impl From<Fault> for OpError {
+    fn from(e: Fault) -> Self {
+        OpError::Fault(e)
     }
 }
 impl From<P11Error> for OpError {
@@ -147,12 +157,25 @@ fn may_be_auth_failure(e: &P11Error) -> bool {
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, busy: Arc<Busy>, index: usize) -> Self {
         Worker {
             shared,
             session: None,
             session_generation: 0,
             ivs: IvPool::new(),
+            busy,
+            index,
+        }
+    }
+
+    fn ekm(&self) -> String {
+        self.shared.ekm_id.clone()
+    }
+
+    fn failed(&self, why: impl std::fmt::Display) -> Fault {
+        Fault::Failed {
+            ekm: self.ekm(),
+            why: why.to_string(),
         }
     }
 
@@ -167,13 +190,17 @@ impl Worker {
                 // Dropping the job drops its reply channel: the caller sees 503.
                 continue;
             }
+            job.started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             m.hsm_sessions_busy.inc();
+            self.busy.enter(self.index);
             {
                 // In the module's gate for the whole job (see `super::module`).
                 let module = self.shared.module.module.clone();
                 let _inside = module.enter();
                 (job.work)(&mut self);
             }
+            self.busy.leave(self.index);
             m.hsm_sessions_busy.dec();
             m.hsm_seconds
                 .with_label_values(&[self.shared.ekm_id.as_str(), job.kind])
@@ -211,7 +238,7 @@ impl Worker {
         Ok(s)
     }
 
-    fn session(&mut self) -> Result<&Session, XksError> {
+    fn session(&mut self) -> Result<&Session, Fault> {
         let generation = self.shared.module.module.generation();
         if self.session.is_some() && self.session_generation != generation {
             self.discard_session();
@@ -219,41 +246,40 @@ impl Worker {
         if self.session.is_none() {
             let opened = match self.open_session() {
                 Ok(s) => Ok(s),
-                // The device is gone: re-initialize the module (rate-limited)
+                // The device or token is gone: recover (see `super::module`)
                 // and try once more; meanwhile requests fail fast.
-                Err(e)
-                    if module_lost(&e) && self.shared.module.reinitialize(&self.shared.ekm_id) =>
-                {
+                Err(e) if module_lost(&e) && self.shared.module.recover(&self.shared.ekm_id) => {
                     self.open_session()
                 }
                 Err(e) => Err(e),
             };
-            let s = opened.map_err(|e| {
-                XksError::Internal(format!("cannot open a session on the key manager: {e}"))
+            let s = opened.map_err(|e| Fault::Unavailable {
+                ekm: self.ekm(),
+                why: format!("cannot open a session: {e}"),
             })?;
             self.session_generation = self.shared.module.module.generation();
             self.session = Some(s);
+            self.shared
+                .metrics
+                .hsm_sessions_opened
+                .with_label_values(&[self.shared.ekm_id.as_str()])
+                .inc();
         }
         self.shared.keys.sync_generation(self.session_generation);
-        self.session
-            .as_ref()
-            .ok_or_else(|| XksError::Internal("no HSM session".into()))
+        let ekm = self.ekm();
+        self.session.as_ref().ok_or(Fault::Unavailable {
+            ekm,
+            why: "no session".into(),
+        })
     }
 
-    /// Maps a PKCS#11 error to the XKS error the spec expects, and drops the
-    /// session when the error says it is no longer usable.
-    fn map_p11(&mut self, e: P11Error, kind: OpKind) -> XksError {
+    /// Maps a PKCS#11 error to a fault, and drops the session when the
+    /// error says it is no longer usable.
+    fn map_p11(&mut self, e: P11Error, kind: OpKind) -> Fault {
         use RvError::*;
-        let invalid_ciphertext = || {
-            XksError::InvalidCiphertext(
-                "the ciphertext, IV, authentication tag, AAD or ciphertextMetadata do not \
-                 authenticate under this key"
-                    .into(),
-            )
-        };
         match (rv(&e), &e) {
             (Some(KeyFunctionNotPermitted), _) => {
-                XksError::InvalidKeyUsage("the key does not permit this operation".into())
+                Fault::WrongUsage("the key does not permit this operation".into())
             }
             (
                 Some(
@@ -264,7 +290,7 @@ impl Worker {
                     | SignatureInvalid,
                 ),
                 _,
-            ) if kind == OpKind::Decrypt => invalid_ciphertext(),
+            ) if kind == OpKind::Decrypt => Fault::BadCiphertext,
             // Some modules (SoftHSM among them) report a GCM tag mismatch as a
             // generic failure of C_Decrypt. Rather than guess, ask the HSM: if a
             // known-good operation on the same session succeeds, the HSM is fine
@@ -272,13 +298,22 @@ impl Worker {
             (Some(GeneralError | FunctionFailed), P11Error::Pkcs11(_, Function::Decrypt))
                 if kind == OpKind::Decrypt =>
             {
-                let health_key = self.shared.health_key.clone();
-                match self.probe(&health_key) {
-                    Ok(()) => invalid_ciphertext(),
+                match self.probe() {
+                    Ok(()) => Fault::BadCiphertext,
                     Err(_) => {
                         self.discard_session();
-                        XksError::Internal(format!("key manager error: {e}"))
+                        self.failed(&e)
                     }
+                }
+            }
+            (
+                Some(r @ (DeviceRemoved | DeviceError | TokenNotPresent | CryptokiNotInitialized)),
+                _,
+            ) => {
+                self.discard_session();
+                Fault::Unavailable {
+                    ekm: self.ekm(),
+                    why: format!("{r}"),
                 }
             }
             (Some(r), _) => {
@@ -286,33 +321,29 @@ impl Worker {
                     r,
                     SessionHandleInvalid
                         | SessionClosed
-                        | DeviceRemoved
-                        | DeviceError
-                        | TokenNotPresent
                         | UserNotLoggedIn
                         | OperationActive
-                        | CryptokiNotInitialized
                         | GeneralError
                 ) {
                     self.discard_session();
                 }
-                XksError::Internal(format!("key manager error: {e}"))
+                self.failed(&e)
             }
-            (None, _) => XksError::Internal(format!("key manager error: {e}")),
+            (None, _) => self.failed(&e),
         }
     }
 
-    fn next_iv(&mut self) -> Result<[u8; IV_LEN], XksError> {
+    fn next_iv(&mut self) -> Result<[u8; IV_LEN], Fault> {
         self.session()?;
         let result = match self.session.as_ref() {
             Some(s) => self.ivs.next(s),
-            None => return Err(XksError::Internal("no HSM session".into())),
+            None => return Err(self.failed("no HSM session")),
         };
         result.map_err(|e| self.map_p11(e, OpKind::Encrypt))
     }
 
     /// Looks a key up by label, from the cache unless `fresh`.
-    pub fn resolve(&mut self, label: &str, fresh: bool) -> Result<KeyInfo, XksError> {
+    pub fn resolve(&mut self, label: &str, fresh: bool) -> Result<KeyInfo, Fault> {
         // First the session: opening it may re-initialize the module, which
         // empties the cache of handles from the old instance.
         self.session()?;
@@ -321,16 +352,19 @@ impl Worker {
                 return Ok(k);
             }
         }
-        let ekm = self.shared.ekm_id.clone();
+        let ekm = self.ekm();
         let result = (|| -> Result<KeyInfo, OpError> {
             let session = self.session()?;
             let handles = find_keys(session, label)?;
             match handles.len() {
-                0 => Err(XksError::KeyNotFound(format!("no key with id '{label}' in key manager '{ekm}'")).into()),
+                0 => Err(Fault::KeyNotFound { key: label.to_string(), ekm }.into()),
                 1 => Ok(read_key_info(session, handles[0], label, SystemTime::now())?),
-                n => Err(XksError::Internal(format!(
-                    "{n} secret keys carry the label '{label}' in key manager '{ekm}'; an external key id must name exactly one key"
-                ))
+                n => Err(Fault::Failed {
+                    ekm,
+                    why: format!(
+                        "{n} keys carry the label '{label}'; an external key id must name exactly one key"
+                    ),
+                }
                 .into()),
             }
         })();
@@ -339,13 +373,14 @@ impl Worker {
                 self.shared.keys.insert(info.clone());
                 Ok(info)
             }
-            Err(OpError::Xks(e)) => {
-                if matches!(e, XksError::KeyNotFound(_)) {
+            Err(OpError::Fault(e)) => {
+                if matches!(e, Fault::KeyNotFound { .. }) {
                     self.shared.keys.remove(label);
                 }
                 Err(e)
             }
             Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
+            Err(OpError::Misconfigured(why)) => Err(self.failed(why)),
         }
     }
 
@@ -356,7 +391,7 @@ impl Worker {
         label: &str,
         kind: OpKind,
         op: impl Fn(&Session, &KeyInfo, &Shared) -> Result<T, OpError>,
-    ) -> Result<T, XksError> {
+    ) -> Result<T, Fault> {
         let mut key = self.resolve(label, false)?;
         for attempt in 0..2 {
             check_key(&key, kind)?;
@@ -364,7 +399,7 @@ impl Worker {
             let session = self.session()?;
             match op(session, &key, &shared) {
                 Ok(v) => return Ok(v),
-                Err(OpError::Xks(e)) => return Err(e),
+                Err(OpError::Fault(e)) => return Err(e),
                 Err(OpError::P11(e))
                     if attempt == 0
                         && matches!(
@@ -376,29 +411,20 @@ impl Worker {
                     key = self.resolve(label, true)?;
                 }
                 Err(OpError::P11(e)) => return Err(self.map_p11(e, kind)),
+                Err(OpError::Misconfigured(why)) => return Err(self.failed(why)),
             }
         }
-        Err(XksError::Internal(
-            "key handle stayed invalid after a fresh lookup".into(),
-        ))
+        Err(self.failed("key handle stayed invalid after a fresh lookup"))
     }
 
-    /// The newest version of external key `id`: the highest N for which a key
-    /// labelled `id#N` exists (0 when never rotated). Cached for the key cache
-    /// TTL; a refresh probes `id#1`, `id#2`, … (one `C_FindObjects` each).
-    fn latest_version(&mut self, id: &str) -> Result<u32, XksError> {
+    /// The newest version of external key `id` (0 when never rotated),
+    /// cached for the key cache TTL: a rotation reaches every instance
+    /// within it.
+    fn latest_version(&mut self, id: &str) -> Result<u32, Fault> {
         if let Some(v) = self.shared.keys.fresh_version(id) {
             return Ok(v);
         }
-        let session = self.session()?;
-        let mut v = 0;
-        let probed = loop {
-            match find_keys(session, &version_label(id, v + 1)) {
-                Ok(found) if found.is_empty() => break Ok(v),
-                Ok(_) => v += 1,
-                Err(e) => break Err(e),
-            }
-        };
+        let probed = latest_version(self.session()?, id);
         match probed {
             Ok(v) => {
                 self.shared.keys.set_version(id, v);
@@ -410,7 +436,7 @@ impl Worker {
 
     /// For a version other than 0, the base key (the external key id itself)
     /// must allow the operation too: disabling a key disables all its versions.
-    fn check_family(&mut self, id: &str, version: u32, kind: OpKind) -> Result<(), XksError> {
+    fn check_family(&mut self, id: &str, version: u32, kind: OpKind) -> Result<(), Fault> {
         if version > 0 {
             let base = self.resolve(id, false)?;
             check_key(&base, kind)?;
@@ -419,7 +445,7 @@ impl Worker {
     }
 
     /// Encrypts under the newest version of `id`, recording it in the metadata.
-    pub fn encrypt(&mut self, id: &str, input: &EncryptInput) -> Result<EncryptOutput, XksError> {
+    pub fn encrypt(&mut self, id: &str, input: &EncryptInput) -> Result<EncryptOutput, Fault> {
         let version = self.latest_version(id)?;
         self.check_family(id, version, OpKind::Encrypt)?;
         let metadata = metadata_for_version(version);
@@ -439,7 +465,7 @@ impl Worker {
     /// trying the input's AAD layouts in order (see `aead::decrypt_layouts`):
     /// a layout that does not authenticate moves on to the next, and only
     /// the last one's failure is reported.
-    pub fn decrypt(&mut self, id: &str, input: &DecryptInput) -> Result<DecryptOutput, XksError> {
+    pub fn decrypt(&mut self, id: &str, input: &DecryptInput) -> Result<DecryptOutput, Fault> {
         let version = version_from_metadata(&input.metadata);
         self.check_family(id, version, OpKind::Decrypt)?;
         let label = version_label(id, version);
@@ -460,52 +486,90 @@ impl Worker {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Err(XksError::Internal("no AAD layout to decrypt with".into()).into())
+            Err(OpError::P11(P11Error::Pkcs11(
+                RvError::ArgumentsBad,
+                Function::Decrypt,
+            )))
         });
         match result {
             // The base key exists (checked above); a missing version means the
             // metadata does not describe a ciphertext of this key.
-            Err(XksError::KeyNotFound(_)) if version > 0 => Err(XksError::InvalidCiphertext(
-                format!("the ciphertext metadata names version {version} of key '{id}', which does not exist"),
-            )),
+            Err(Fault::KeyNotFound { .. }) if version > 0 => Err(Fault::UnknownVersion {
+                key: id.to_string(),
+                version,
+            }),
             other => other,
         }
     }
 
+    /// A cheap sign of life between deep probes: one `C_GetSessionInfo`. It
+    /// touches no key, so it leaves nothing in the HSM's audit log, but a
+    /// hung HSM does not answer it either.
+    pub fn heartbeat(&mut self) -> Result<(), Fault> {
+        let result = self.session()?.get_session_info();
+        result
+            .map(|_| ())
+            .map_err(|e| self.map_p11(e, OpKind::Lookup))
+    }
+
     /// Deep health probe: a real encrypt and decrypt with the health-check key.
-    pub fn probe(&mut self, label: &str) -> Result<(), XksError> {
+    ///
+    /// The proxy made that key itself at startup, so when it is not found the
+    /// token has most likely lost its objects (SoftHSM forgets them when it
+    /// runs out of file descriptors, or its token directory went away): that
+    /// is recovered like a lost device (see `super::module`), and the probe
+    /// tried once more.
+    pub fn probe(&mut self) -> Result<(), Fault> {
+        let label = self.shared.health_key.clone();
         let mut plaintext = Zeroizing::new(vec![0u8; 32]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut plaintext)
-            .map_err(|_| XksError::Internal("system RNG failed".into()))?;
+            .map_err(|_| self.failed("the system RNG failed"))?;
         let input = EncryptInput {
             plaintext,
             aad: b"xks-proxy health probe".to_vec(),
             cdiv: true,
         };
         // `cdiv: true` makes encrypt do its verification decrypt in the HSM.
-        self.encrypt(label, &input).map(|_| ())
+        match self.encrypt(&label, &input) {
+            Err(Fault::KeyNotFound { .. }) => {
+                if self.shared.module.recover(&self.shared.ekm_id) {
+                    self.discard_session();
+                    if self.encrypt(&label, &input).is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(Fault::Unavailable {
+                    ekm: self.ekm(),
+                    why: format!(
+                        "its health-check key '{label}' is missing from the token (the token lost \
+                         its objects, or the key was deleted: then re-create it with \
+                         `xks-proxy keys create --label {label}`)"
+                    ),
+                })
+            }
+            other => other.map(|_| ()),
+        }
     }
 }
 
 /// Refuses a key that cannot serve the operation, before touching the HSM.
 /// A lookup (GetKeyMetadata) describes any key; only an AES-256 secret key
 /// is ever used for cryptography.
-pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), XksError> {
+pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), Fault> {
     match kind {
         OpKind::Lookup => Ok(()),
-        _ if !key.spec.is_aes256() => Err(XksError::InvalidKeyUsage(format!(
+        _ if !key.spec.is_aes256() => Err(Fault::WrongUsage(format!(
             "key '{}' is {}, not an AES-256 secret key; only AES-256 keys back KMS keys",
             key.label, key.spec
         ))),
-        _ if !key.enabled => Err(XksError::InvalidState(format!(
-            "key '{}' is disabled in the key manager",
-            key.label
-        ))),
-        OpKind::Encrypt if !key.usages.encrypt => Err(XksError::InvalidKeyUsage(format!(
+        _ if !key.enabled => Err(Fault::KeyDisabled {
+            key: key.label.clone(),
+        }),
+        OpKind::Encrypt if !key.usages.encrypt => Err(Fault::WrongUsage(format!(
             "key '{}' does not allow ENCRYPT (CKA_ENCRYPT is false)",
             key.label
         ))),
-        OpKind::Decrypt if !key.usages.decrypt => Err(XksError::InvalidKeyUsage(format!(
+        OpKind::Decrypt if !key.usages.decrypt => Err(Fault::WrongUsage(format!(
             "key '{}' does not allow DECRYPT (CKA_DECRYPT is false)",
             key.label
         ))),
@@ -552,36 +616,33 @@ fn encrypt_once(
         // An HSM that does not generate IVs leaves the zeros: GCM under a
         // fixed IV gives the key away, so nothing made with it goes out.
         IvInput::HsmIntoParameter if iv.iter().all(|b| *b == 0) => {
-            return Err(XksError::Internal(
+            return Err(OpError::Misconfigured(
                 "iv_source = \"hsm-generated\", but the key manager did not write a generated \
                  IV into the GCM parameters; use \"hsm-rng\" or \"hsm-generated-appended\" for it"
                     .into(),
-            )
-            .into())
+            ))
         }
         IvInput::HsmIntoParameter => {}
         IvInput::HsmAppended => {
             let appended = out.len().saturating_sub(sealed_len);
             if out.len() < sealed_len || (appended != 12 && appended != 16) {
-                return Err(XksError::Internal(format!(
+                return Err(OpError::Misconfigured(format!(
                     "iv_source = \"hsm-generated-appended\", but the key manager returned {} \
                      bytes for {} bytes of plaintext (expected the ciphertext, a 16-byte tag and \
                      a 12- or 16-byte IV); use \"hsm-rng\" or \"hsm-generated\" for it",
                     out.len(),
                     input.plaintext.len()
-                ))
-                .into());
+                )));
             }
             iv = out.split_off(sealed_len);
         }
     }
     if out.len() != sealed_len {
-        return Err(XksError::Internal(format!(
-            "key manager returned {} bytes for {} bytes of plaintext",
+        return Err(OpError::Misconfigured(format!(
+            "the key manager returned {} bytes for {} bytes of plaintext",
             out.len(),
             input.plaintext.len()
-        ))
-        .into());
+        )));
     }
     let tag = out.split_off(input.plaintext.len());
     let ciphertext = out;
@@ -591,10 +652,10 @@ fn encrypt_once(
     if input.cdiv {
         let check = gcm_decrypt(s, key, &iv, &aad, &ciphertext, &tag)?;
         if !bool::from(check.as_slice().ct_eq(input.plaintext.as_slice())) {
-            return Err(XksError::Internal(
-                "verification decrypt of the fresh ciphertext did not return the plaintext".into(),
-            )
-            .into());
+            return Err(OpError::Misconfigured(
+                "the verification decrypt of the fresh ciphertext did not return the plaintext"
+                    .into(),
+            ));
         }
     }
     Ok(EncryptOutput {

@@ -3,6 +3,9 @@
 //! (own token, certificates, secrets, port), so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod load;
+pub mod network_hsm;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -88,6 +91,25 @@ pub struct SoftHsm {
 }
 
 impl SoftHsm {
+    /// The directory that holds the token labelled `label`.
+    pub fn token_dir(&self, label: &str) -> PathBuf {
+        let conf = std::fs::read_to_string(&self.conf).unwrap();
+        let tokens = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("directories.tokendir = "))
+            .unwrap()
+            .trim()
+            .to_string();
+        for entry in std::fs::read_dir(&tokens).unwrap() {
+            let dir = entry.unwrap().path();
+            let object = std::fs::read(dir.join("token.object")).unwrap_or_default();
+            if object.windows(label.len()).any(|w| w == label.as_bytes()) {
+                return dir;
+            }
+        }
+        panic!("no token directory for {label}");
+    }
+
     /// Another token in the same SoftHSM directory, with the same PIN.
     pub fn add_token(&self, label: &str) {
         init_token(&self.conf, label, &self.pin);
@@ -213,6 +235,8 @@ pub struct Options {
     pub health_interval_secs: u64,
     /// The PKCS#11 module of `[hsm]` (default: SoftHSM).
     pub module: String,
+    /// Lines added to `[health]`.
+    pub extra_health: String,
     /// A command the proxy runs under (e.g. `prlimit --nofile=300:300 --`).
     pub wrapper: Vec<String>,
     /// While set, the proxy's stderr is not read: its log sink stalls.
@@ -233,6 +257,7 @@ impl Default for Options {
             create_keys: true,
             health_interval_secs: 5,
             module: SOFTHSM.to_string(),
+            extra_health: String::new(),
             wrapper: Vec::new(),
             log_paused: None,
         }
@@ -293,6 +318,7 @@ sessions = {sessions}
 [health]
 key_label = "{HEALTH_KEY}"
 interval_secs = {health_interval}
+{extra_health}
 
 [logging]
 format = "json"
@@ -336,6 +362,7 @@ secret_file = "secret-other"
             extra_key_store = opts.extra_key_store,
             health_interval = opts.health_interval_secs,
             module = opts.module,
+            extra_health = opts.extra_health,
         ),
     )
     .unwrap();

@@ -1,0 +1,291 @@
+//! One key manager's session pool: the async face of its worker threads.
+//!
+//! A fixed pool of OS threads each owns one logged-in session and takes jobs
+//! from a bounded queue (see [`super::worker`]). The async side only enqueues
+//! and awaits a reply, with two deadlines:
+//!
+//! - `queue_timeout`: a job not started by then is dropped unrun, and the
+//!   caller learns that no session became free ([`Fault::NoSession`]);
+//! - the request's deadline: the caller stops waiting even if the HSM is
+//!   still busy ([`Fault::Timeout`]: KMS would have given up at 250 ms).
+//!
+//! A full queue is [`Fault::Busy`] at once. So overload becomes fast, bounded
+//! errors instead of unbounded memory and latency.
+//!
+//! The pool also knows how long each thread has been inside its current job:
+//! a key manager whose threads all sit in one call for seconds is hung (a
+//! network HSM whose packets vanish), not merely slow, and health reports it
+//! so within that time (see [`Pool::stalled`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::fault::Fault;
+use super::keys::KeyCache;
+use super::module::ModuleSlot;
+use super::objects::KeyInfo;
+use super::token::{EkmInfo, HsmError, Token};
+use super::worker::{check_key, Job, OpKind, Shared, Worker};
+use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use crate::config::HsmConfig;
+use crate::metrics::Metrics;
+
+/// When each pool thread started its current job (ms since the pool
+/// started, plus one; 0 while idle).
+pub(crate) struct Busy {
+    epoch: Instant,
+    since: Vec<AtomicU64>,
+}
+
+impl Busy {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn enter(&self, thread: usize) {
+        self.since[thread].store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn leave(&self, thread: usize) {
+        self.since[thread].store(0, Ordering::Relaxed);
+    }
+
+    /// Threads that have been inside one job for longer than `after`.
+    fn stuck(&self, after: Duration) -> usize {
+        let now = self.now_ms();
+        let limit = after.as_millis() as u64;
+        self.since
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&t| t != 0 && now.saturating_sub(t) > limit)
+            .count()
+    }
+}
+
+struct Inner {
+    tx: Option<crossbeam_channel::Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    ekm: EkmInfo,
+    queue_timeout: Duration,
+    busy: Arc<Busy>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers; joining them closes their sessions
+        // before the module is finalized. A worker stuck in a call that never
+        // returns (a hung network HSM) is not waited for.
+        self.tx.take();
+        let mut hung = false;
+        for (i, w) in self.workers.drain(..).enumerate() {
+            if self.busy.since[i].load(Ordering::Relaxed) == 0 {
+                let _ = w.join();
+            } else {
+                hung = true;
+            }
+        }
+        if hung {
+            tracing::warn!(ekm = %self.ekm.id, "a pool thread is still inside the HSM; not logging out");
+            return;
+        }
+        // Log out explicitly rather than relying on the last session closing:
+        // some HSMs keep a login alive per client until told otherwise.
+        let m = &self.shared.module;
+        let Some(slot) = m.slot() else { return };
+        match m
+            .ctx()
+            .open_ro_session(slot)
+            .and_then(|session| session.logout())
+        {
+            Ok(()) => tracing::info!(ekm = %self.ekm.id, "logged out of the HSM"),
+            Err(e) => tracing::warn!(ekm = %self.ekm.id, error = %e, "HSM logout failed"),
+        }
+    }
+}
+
+/// Handle to one key manager's pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    /// Starts the session pool of one key manager on its opened token.
+    /// Blocking: call it from `spawn_blocking` or before the runtime serves.
+    /// `index` names the pool's threads (`hsm-<index>-<n>`).
+    pub(crate) fn start(
+        cfg: &HsmConfig,
+        sessions: usize,
+        module: ModuleSlot,
+        token: &Token,
+        index: usize,
+        health_key: &str,
+        metrics: &Metrics,
+    ) -> Result<Pool, HsmError> {
+        metrics.hsm_sessions.add(sessions as i64);
+        let shared = Arc::new(Shared {
+            module,
+            ekm_id: token.ekm_info().id.clone(),
+            pin: token.pin.clone(),
+            keys: KeyCache::new(cfg.key_cache_ttl),
+            iv_source: cfg.iv_source,
+            health_key: health_key.to_string(),
+            metrics: metrics.clone(),
+        });
+        let busy = Arc::new(Busy {
+            epoch: Instant::now(),
+            since: (0..sessions).map(|_| AtomicU64::new(0)).collect(),
+        });
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
+        let mut workers = Vec::with_capacity(sessions);
+        for i in 0..sessions {
+            let rx = rx.clone();
+            let worker = Worker::new(shared.clone(), busy.clone(), i);
+            let handle = std::thread::Builder::new()
+                .name(format!("hsm-{index}-{i}"))
+                .spawn(move || worker.run(rx))
+                .map_err(|e| HsmError::Key(format!("cannot start HSM worker thread: {e}")))?;
+            workers.push(handle);
+        }
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                workers,
+                shared,
+                ekm: token.ekm_info().clone(),
+                queue_timeout: cfg.queue_timeout,
+                busy,
+            }),
+        })
+    }
+
+    /// Vendor, id and model of the token, for GetHealthStatus.
+    pub fn ekm_info(&self) -> &EkmInfo {
+        &self.inner.ekm
+    }
+
+    /// Jobs waiting for a free session right now.
+    pub fn queue_len(&self) -> usize {
+        self.inner.tx.as_ref().map_or(0, |tx| tx.len())
+    }
+
+    /// How many of the pool's threads have been inside one job for longer
+    /// than `after`, and how many threads there are.
+    pub fn stalled(&self, after: Duration) -> (usize, usize) {
+        (self.inner.busy.stuck(after), self.inner.busy.since.len())
+    }
+
+    /// Records whether this key manager can serve, for the module it shares
+    /// with others (see `super::module`).
+    pub(crate) fn set_usable(&self, usable: bool) {
+        let slot = &self.inner.shared.module;
+        slot.module.set_usable(slot.backend(), usable);
+    }
+
+    fn fault_timeout(&self, started: bool) -> Fault {
+        let ekm = self.inner.ekm.id.clone();
+        if started {
+            Fault::Timeout { ekm }
+        } else {
+            Fault::NoSession { ekm }
+        }
+    }
+
+    /// Runs `f` on a pool thread. It must start within the queue timeout and
+    /// answer by `deadline` (the request's whole HSM budget, shared with any
+    /// failover attempts); `kind` labels the job in the latency metric.
+    async fn run<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        let (reply, rx) = oneshot::channel();
+        let started = Arc::new(AtomicBool::new(false));
+        let now = Instant::now();
+        let job = Job {
+            kind,
+            enqueued: now,
+            start_by: (now + self.inner.queue_timeout).min(deadline),
+            started: started.clone(),
+            work: Box::new(move |w| {
+                let _ = reply.send(f(w));
+            }),
+        };
+        let unavailable = || Fault::Unavailable {
+            ekm: self.inner.ekm.id.clone(),
+            why: "its session pool is shut down".into(),
+        };
+        let tx = self.inner.tx.as_ref().ok_or_else(unavailable)?;
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                return Err(Fault::Busy {
+                    ekm: self.inner.ekm.id.clone(),
+                })
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(unavailable()),
+        }
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(result)) => result,
+            // Dropped unrun: it waited past its start deadline.
+            Ok(Err(_)) => Err(self.fault_timeout(false)),
+            Err(_) => Err(self.fault_timeout(started.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Checks a cached key before queueing, so a request that must fail
+    /// (wrong usage, disabled) costs no HSM session.
+    fn precheck(&self, label: &str, kind: OpKind) -> Result<(), Fault> {
+        match self.inner.shared.keys.get_fresh(label) {
+            Some(key) => check_key(&key, kind),
+            None => Ok(()),
+        }
+    }
+
+    /// Fresh attributes of a key (never from the cache).
+    pub async fn key_info(&self, label: &str, deadline: Instant) -> Result<KeyInfo, Fault> {
+        let label = label.to_owned();
+        self.run("metadata", deadline, move |w| w.resolve(&label, true))
+            .await
+    }
+
+    pub async fn encrypt(
+        &self,
+        label: &str,
+        input: Arc<EncryptInput>,
+        deadline: Instant,
+    ) -> Result<EncryptOutput, Fault> {
+        self.precheck(label, OpKind::Encrypt)?;
+        let label = label.to_owned();
+        self.run("encrypt", deadline, move |w| w.encrypt(&label, &input))
+            .await
+    }
+
+    pub async fn decrypt(
+        &self,
+        label: &str,
+        input: Arc<DecryptInput>,
+        deadline: Instant,
+    ) -> Result<DecryptOutput, Fault> {
+        self.precheck(label, OpKind::Decrypt)?;
+        let label = label.to_owned();
+        self.run("decrypt", deadline, move |w| w.decrypt(&label, &input))
+            .await
+    }
+
+    /// A sign of life (see `Worker::heartbeat`).
+    pub async fn heartbeat(&self, deadline: Instant) -> Result<(), Fault> {
+        self.run("heartbeat", deadline, |w| w.heartbeat()).await
+    }
+
+    /// One deep health probe with the health-check key.
+    pub async fn probe(&self, deadline: Instant) -> Result<(), Fault> {
+        self.run("health_probe", deadline, |w| w.probe()).await
+    }
+}
