@@ -4,7 +4,7 @@
 #   scripts/bench.sh [OUT_DIR]      (default docs/bench)
 #
 # Starts the dev proxy (scripts/dev-up.sh must have run once: token, keys,
-# certs) from the release build, runs xks-bench for each target of the
+# certs) from the dist build (fat LTO), runs xks-bench for each target of the
 # performance issue and for a latency-versus-offered-load curve, and writes
 # one JSON object per run to OUT_DIR/results.jsonl, then OUT_DIR/curve.png
 # (when matplotlib is available). Needs an otherwise idle machine.
@@ -15,13 +15,13 @@ mkdir -p "$out"
 results=$out/results.jsonl
 : > "$results"
 
-cargo build --release --bins
+cargo build --profile dist --bins
 export SOFTHSM2_CONF=$PWD/.dev/softhsm2.conf
 [ -f .dev/softhsm2.conf ] || { echo "run scripts/dev-up.sh once first" >&2; exit 2; }
 
 pkill -f 'xks-proxy serve --config config/dev.toml' 2>/dev/null || true
 sleep 0.5
-./target/release/xks-proxy serve --config config/dev.toml 2>/tmp/xks-bench-proxy.log &
+./target/dist/xks-proxy serve --config config/dev.toml 2>/tmp/xks-bench-proxy.log &
 proxy=$!
 trap 'kill $proxy 2>/dev/null || true' EXIT
 for _ in $(seq 50); do
@@ -32,7 +32,7 @@ done
 bench() {
   local label=$1; shift
   echo "== $label: xks-bench $*" >&2
-  ./target/release/xks-bench --server-pid "$proxy" --json "$@" \
+  ./target/dist/xks-bench --server-pid "$proxy" --json "$@" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); r["label"]=sys.argv[1]; print(json.dumps(r))' "$label" \
     | tee -a "$results" >&2
 }

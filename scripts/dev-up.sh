@@ -8,7 +8,7 @@ root=$PWD
 . scripts/lib.sh
 ensure_packages
 
-cargo build --release --bins
+cargo build --release --bin xks-proxy
 bin=$root/target/release/xks-proxy
 
 umask 077

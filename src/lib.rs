@@ -2,50 +2,53 @@
 //!
 //! KMS calls the proxy over HTTPS, signed with SigV4, for every use of a key in
 //! an external key store; the proxy does the AES-256-GCM work in the customer's
-//! HSM through PKCS#11. Modules, one concept each:
+//! HSM through PKCS#11.
 //!
-//! - [`config`]: the TOML file, validated at startup;
-//! - [`tls`]: the listener's TLS configuration (spec cipher suites only);
-//! - [`mtls`]: mutual TLS, the client certificate and name rules;
-//! - [`auth`]: SigV4 verification;
-//! - [`authz`]: secondary authorization with Cedar policies;
-//! - [`throttle`]: per-key-store request-rate quotas;
-//! - [`api`]: routing, the four XKS operations, errors as JSON, the access log;
-//! - [`aead`]: the spec's AAD construction, ciphertext metadata, CDIV;
-//! - [`hsm`]: the key managers through PKCS#11: pools, health, failover, recovery;
-//! - [`server`]: listeners, connections, graceful shutdown;
-//! - [`proxy_protocol`]: PROXY protocol v2 from a load balancer (NLB);
-//! - [`net`]: connection caps, eviction, idle tracking, the open-files budget;
-//! - [`reload`]: hot reload of key stores, credentials and the certificate;
-//! - [`replay`]: the optional cache that refuses a signed request seen before;
-//! - [`metrics`] and [`admin`]: Prometheus metrics on the admin listener;
-//! - [`client`]: a SigV4-signing XKS client (tests, benchmark, tooling);
-//! - [`migrate`]: the AWS sample proxy's settings, converted to our config;
-//! - [`cli`]: the `xks-proxy` command line.
+//! # The layers
+//!
+//! Each module may use only those listed below it; nothing reaches up.
+//! `tests/layers.rs` reads the source and fails on an import that points up,
+//! or on any circle of imports between files.
+//!
+//! | layer | what it is | uses |
+//! |---|---|---|
+//! | [`cli`] | the `xks-proxy` command line (`main.rs` only calls it) | everything below |
+//! | [`serve`] | the composition root: config in, a running proxy out | everything below |
+//! | [`ops`] | what an operator does to a running proxy or its files: hot reload, the admin listener, credentials, migration from the AWS sample | config, api, net, state, hsm |
+//! | [`config`] | reads the TOML file, resolves paths, validates; each section becomes the type of the subsystem that owns it | the section types below |
+//! | [`client`] | a SigV4-signing XKS client, and `check` (a KMS simulator that tells whether a proxy will work with KMS) | net (PEM), guard (the service name), spec |
+//! | [`api`] | the XKS API over HTTP: the request pipeline, one module per operation, the access log, faults → spec errors | net (connection info), state, guard, hsm (through a narrow trait), spec |
+//! | [`net`] | listeners, connection caps, TLS, mutual TLS, PROXY protocol v2 | telemetry |
+//! | [`state`] | the live key stores: the one place configuration becomes runtime objects (credential sets, compiled policies, buckets, replay caches) | guard, spec |
+//! | [`guard`] | who may do what: SigV4, Cedar authorization, quotas, replay protection | spec |
+//! | [`hsm`] | the key managers through PKCS#11, with their own fault type; knows nothing of HTTP | telemetry, spec |
+//! | [`telemetry`] | logging and Prometheus metrics | — |
+//! | [`spec`] | the XKS API itself as pure data and functions: wire types, the error table, AAD and CDIV, name rules | — |
+//!
+//! Why this order: the spec is the contract everything else serves, so it
+//! depends on nothing. The HSM layer answers in its own terms ([`hsm::Fault`]),
+//! and only `api` decides what a fault means to KMS, so failover and health
+//! are decided on what the key manager did, not on an HTTP status. `state`
+//! owns the runtime objects so that `config` stays a pure reader and a
+//! reload is "read, validate, build, swap". `api` is generic over the key
+//! service, so the pipeline and its order of checks are tested in-process.
+//!
+//! The PKCS#11 foreign-function calls stay inside the `cryptoki` crate: this
+//! library has no `unsafe` code.
 
-pub mod admin;
-pub mod aead;
+#![forbid(unsafe_code)]
+
 pub mod api;
-pub mod auth;
-pub mod authz;
-pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod credentials;
-pub mod error;
+pub mod guard;
 pub mod hsm;
-pub mod logging;
-pub mod metrics;
-pub mod migrate;
-pub mod mtls;
 pub mod net;
-pub mod proxy_protocol;
-pub mod reload;
-pub mod replay;
-pub mod server;
-pub mod throttle;
-pub mod time;
-pub mod tls;
+pub mod ops;
+pub mod serve;
+pub mod spec;
+pub mod state;
+pub mod telemetry;
 
-pub use error::XksError;
+pub use spec::error::XksError;

@@ -144,10 +144,11 @@ fn tampered_or_malformed_requests_are_refused() {
                 "date changed",
                 Box::new(|h| {
                     let d = h["x-amz-date"].to_str().unwrap().to_string();
-                    let t = xks_proxy::time::parse_amz_date(&d).unwrap() + Duration::from_secs(1);
+                    let t =
+                        xks_proxy::spec::time::parse_amz_date(&d).unwrap() + Duration::from_secs(1);
                     h.insert(
                         "x-amz-date",
-                        xks_proxy::time::format_amz_date(t).parse().unwrap(),
+                        xks_proxy::spec::time::format_amz_date(t).parse().unwrap(),
                     );
                 }),
             ),

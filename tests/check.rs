@@ -195,15 +195,15 @@ fn fake_server(certs: &Certs, response: String) -> SocketAddr {
 
 fn serve_fake(certs: &Certs, response: String, endless: bool) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cert = xks_proxy::tls::load_cert(&xks_proxy::config::TlsConfig {
+    let cert = xks_proxy::net::tls::load_cert(&xks_proxy::net::tls::TlsConfig {
         cert: certs.cert.clone(),
         key: certs.key.clone(),
         client_auth: None,
     })
     .unwrap();
-    let resolver = xks_proxy::tls::CertResolver::new(cert);
+    let resolver = xks_proxy::net::tls::CertResolver::new(cert);
     // It speaks HTTP/1.1 only, and says so in ALPN (check offers h2 first).
-    let mut tls = (*xks_proxy::tls::server_config(resolver, None).unwrap()).clone();
+    let mut tls = (*xks_proxy::net::tls::server_config(resolver, None).unwrap()).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tls = Arc::new(tls);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

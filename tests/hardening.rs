@@ -304,13 +304,7 @@ fn connections_that_never_authenticate_cannot_lock_kms_out() {
     // HTTP/2 PING frames are not activity: a connection that only pings is
     // closed when its unauthenticated time (5 s) is up.
     let closed_after = block_on(async {
-        let tls = tls_config(&p.certs.ca, HttpVersion::Http2).unwrap();
-        let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let stream = tls_connect(p.addr, &p.certs.ca, HttpVersion::Http2).await;
         let (_sender, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())

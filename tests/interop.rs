@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use xks_proxy::client::{bodies, tls_config, HttpVersion};
+use xks_proxy::client::{bodies, HttpVersion};
 
 /// One kind of early answer: where to send, what, with which secret, and
 /// the status that must come back.
@@ -229,13 +229,7 @@ impl hyper::body::Body for Late {
 fn an_http2_client_that_sends_headers_first_and_data_later_gets_every_answer() {
     let p = Proxy::start();
     block_on(async {
-        let tls = tls_config(&p.certs.ca, HttpVersion::Http2).unwrap();
-        let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let stream = tls_connect(p.addr, &p.certs.ca, HttpVersion::Http2).await;
         let (sender, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(stream),

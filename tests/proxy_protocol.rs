@@ -29,10 +29,7 @@ fn health_through(p: &Proxy, preamble: Option<Vec<u8>>) -> String {
         };
         let body = bodies::health("KmsHealthCheck");
         let req = signed(&client, "/health", body.clone());
-        let mut head = format!("POST {} HTTP/1.1\r\n", req.uri());
-        for (name, value) in req.headers() {
-            head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
-        }
+        let mut head = raw_head(&req);
         head.push_str(&format!(
             "content-length: {}\r\nconnection: close\r\n\r\n",
             body.len()
@@ -53,7 +50,7 @@ fn proxy_v2_headers_name_the_client_and_vpc_endpoint() {
         ..Options::default()
     });
     let client: SocketAddr = "10.1.2.3:45678".parse().unwrap();
-    let header = xks_proxy::proxy_protocol::encode(
+    let header = xks_proxy::net::proxy_protocol::encode(
         client,
         "10.0.0.9:443".parse().unwrap(),
         Some("vpce-0a1b2c3d4e5f67890"),
@@ -77,7 +74,11 @@ fn proxy_v2_headers_name_the_client_and_vpc_endpoint() {
     );
     // The plain-HTTP /ping listener takes health checks with or without a header.
     for pre in [
-        Some(xks_proxy::proxy_protocol::encode(client, p.ping_addr, None)),
+        Some(xks_proxy::net::proxy_protocol::encode(
+            client,
+            p.ping_addr,
+            None,
+        )),
         None,
     ] {
         use std::io::{Read, Write};
@@ -92,6 +93,7 @@ fn proxy_v2_headers_name_the_client_and_vpc_endpoint() {
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     }
     // The proxy still serves well-formed connections.
-    let header = xks_proxy::proxy_protocol::encode(client, "10.0.0.9:443".parse().unwrap(), None);
+    let header =
+        xks_proxy::net::proxy_protocol::encode(client, "10.0.0.9:443".parse().unwrap(), None);
     assert!(health_through(&p, Some(header)).starts_with("HTTP/1.1 200"));
 }

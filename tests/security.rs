@@ -323,47 +323,26 @@ fn silent_slow_and_excess_connections_are_closed() {
             .into(),
         ..Options::default()
     });
-    let tls = xks_proxy::client::tls_config(&p.certs.ca, HttpVersion::Http1).unwrap();
-    let open = || {
-        let tcp = std::net::TcpStream::connect(p.addr).unwrap();
-        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        let conn =
-            rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
-        rustls::StreamOwned::new(conn, tcp)
-    };
-    // Time until the server closes the connection (EOF or reset).
-    let closed_after =
-        |s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
-            let t = std::time::Instant::now();
-            let mut buf = [0u8; 256];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => return t.elapsed(),
-                    Ok(_) => {}
-                }
-            }
-        };
     // 1. Handshake, then silence: closed after the idle timeout.
-    let mut s = open();
+    let mut s = tls_stream(&p);
     s.flush().unwrap();
     let _ = s.conn.complete_io(&mut s.sock);
-    let t = closed_after(&mut s);
+    let t = time_to_close(&mut s);
     assert!(
         t < std::time::Duration::from_secs(3),
         "silent connection lived {t:?}"
     );
     // 2. Headers trickling in: closed after the header-read timeout.
-    let mut s = open();
+    let mut s = tls_stream(&p);
     s.write_all(b"POST /test/kms/xks/v1/health HTTP/1.1\r\nHost: loc")
         .unwrap();
-    let t = closed_after(&mut s);
+    let t = time_to_close(&mut s);
     assert!(
         t < std::time::Duration::from_secs(2),
         "slow headers lived {t:?}"
     );
     // 3. Oversized headers: refused, not buffered.
-    let mut s = open();
+    let mut s = tls_stream(&p);
     let big = format!(
         "POST /test/kms/xks/v1/health HTTP/1.1\r\nHost: localhost\r\nx-pad: {}\r\n\r\n",
         "a".repeat(100 * 1024)
@@ -379,7 +358,7 @@ fn silent_slow_and_excess_connections_are_closed() {
     // the place of the oldest of them instead of being refused.
     let mut held: Vec<_> = (0..4)
         .map(|_| {
-            let mut s = open();
+            let mut s = tls_stream(&p);
             let _ = s.conn.complete_io(&mut s.sock);
             s
         })
@@ -387,9 +366,9 @@ fn silent_slow_and_excess_connections_are_closed() {
     let t = std::time::Instant::now();
     assert_eq!(health(&p, None), Ok(200));
     assert!(t.elapsed() < std::time::Duration::from_secs(1));
-    assert!(closed_after(&mut held[0]) < std::time::Duration::from_millis(500));
+    assert!(time_to_close(&mut held[0]) < std::time::Duration::from_millis(500));
     for s in &mut held {
-        closed_after(s);
+        time_to_close(s);
     }
     assert!(eventually(5, || health(&p, None) == Ok(200)));
 }

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use xks_proxy::proxy_protocol::parse;
+use xks_proxy::net::proxy_protocol::parse;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = parse(data) {

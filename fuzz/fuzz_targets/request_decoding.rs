@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use xks_proxy::api::types::{
+use xks_proxy::spec::wire::{
     parse_json, require_metadata, DecryptRequest, EncryptRequest, MetadataOnlyRequest,
 };
 use xks_proxy::XksError;
@@ -28,16 +28,16 @@ fuzz_target!(|body: &[u8]| {
         let _ = only_validation(require_metadata(r.request_metadata.as_ref(), false));
     }
     if let Some(r) = only_validation(parse_json::<EncryptRequest>(body)) {
-        if let Some(v) = only_validation(r.validate()) {
+        if let Some((_, v)) = only_validation(r.validate()) {
             assert!(v.aad.len() <= u16::MAX as usize);
         }
     }
     if let Some(r) = only_validation(parse_json::<DecryptRequest>(body)) {
-        if let Some(v) = only_validation(r.validate()) {
+        if let Some((_, v)) = only_validation(r.validate()) {
             assert_eq!(v.tag.len(), 16);
             assert!(v.iv.len() == 12 || v.iv.len() == 16);
             assert!(v.metadata.len() <= 20);
-            assert!(v.aad.len() <= u16::MAX as usize);
+            assert!(v.aad.as_ref().map_or(0, Vec::len) <= u16::MAX as usize);
         }
     }
 });

@@ -7,8 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
-use xks_proxy::auth::{parse_authorization, verify, CredentialSet};
-use xks_proxy::config::Credential;
+use xks_proxy::guard::sigv4::{parse_authorization, verify, Credential, CredentialSet};
 use xks_proxy::XksError;
 
 fuzz_target!(|data: &[u8]| {

@@ -38,7 +38,7 @@ use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
-use crate::error::XksError;
+use crate::spec::error::XksError;
 
 /// How much a request may send, and for how long.
 #[derive(Debug, Clone, Copy)]

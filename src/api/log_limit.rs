@@ -13,8 +13,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::config::RateLimit;
-use crate::throttle::Bucket;
+use crate::guard::throttle::{Bucket, RateLimit};
 
 /// Per source: 10 lines a second, 20 at once.
 const PER_SOURCE: RateLimit = RateLimit {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::Args;
 use zeroize::Zeroizing;
 
-use super::usage_error;
-use crate::check::{self, CheckOptions};
+use super::exit::usage_error;
+use crate::client::check::{self, CheckOptions};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -146,7 +146,7 @@ pub fn run(a: CheckArgs, runtime: tokio::runtime::Runtime) -> Result<(), ExitCod
             );
             ExitCode::from(1)
         })?
-        .map_err(|e| usage_error(&e))?;
+        .map_err(|e| usage_error(&e.to_string()))?;
     if a.json {
         println!(
             "{}",

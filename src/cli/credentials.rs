@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::credentials::{self, CredentialError};
+use crate::ops::credentials::{self, CredentialError};
 
 #[derive(Debug, Subcommand)]
 pub enum CredentialsCommand {
@@ -49,8 +49,13 @@ pub enum CredentialsCommand {
 fn fail(e: CredentialError) -> ExitCode {
     eprintln!("xks-proxy: {e}");
     match e {
-        CredentialError::Invalid(_) | CredentialError::Validation(_) => ExitCode::from(2),
-        _ => ExitCode::from(1),
+        // The files could not be read or written: a runtime failure.
+        CredentialError::Read { .. }
+        | CredentialError::Write { .. }
+        | CredentialError::Toml { .. }
+        | CredentialError::Rng => ExitCode::from(1),
+        // The configuration or the request is wrong.
+        _ => ExitCode::from(2),
     }
 }
 

@@ -1,5 +1,5 @@
 //! `xks-proxy import-sample-config`: the AWS sample proxy's settings file,
-//! converted into this proxy's configuration (see [`crate::migrate`]).
+//! converted into this proxy's configuration (see [`crate::ops::migrate`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::usage_error;
+use super::exit::usage_error;
 use crate::config::Config;
-use crate::migrate::import_sample_settings;
+use crate::ops::migrate::import_sample_settings;
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::{load, usage_error};
-use crate::config::{BackendConfig, TokenSelector};
+use super::exit::{load, usage_error};
+use crate::hsm::config::{BackendConfig, TokenSelector};
 use crate::hsm::{HsmError, KeyInfo, Token, Usages};
 
 /// The config and which key manager(s) of it to work on.
@@ -121,7 +121,9 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
 }
 
 /// The key managers `target` names: the one given by `--backend`, else all.
-fn selected(target: &Target) -> Result<(crate::config::HsmConfig, Vec<BackendConfig>), ExitCode> {
+fn selected(
+    target: &Target,
+) -> Result<(crate::hsm::config::HsmConfig, Vec<BackendConfig>), ExitCode> {
     let cfg = load(&target.config)?;
     let chosen: Vec<BackendConfig> = match &target.backend {
         None => cfg.hsm.backends.clone(),
@@ -162,7 +164,7 @@ fn open(target: &Target) -> Result<Token, ExitCode> {
 /// Runs `act` on each of `backends`, prints one line each (named when there
 /// are several), and fails (exit 1) if any failed.
 fn on_each(
-    hsm: &crate::config::HsmConfig,
+    hsm: &crate::hsm::config::HsmConfig,
     backends: &[BackendConfig],
     named: bool,
     mut act: impl FnMut(&Token) -> Result<String, String>,
@@ -202,7 +204,7 @@ fn fail(e: HsmError) -> ExitCode {
 }
 
 fn check_id(id: &str) -> Result<(), ExitCode> {
-    if crate::config::is_valid_key_id(id) {
+    if crate::spec::names::is_valid_key_id(id) {
         Ok(())
     } else {
         Err(usage_error(

@@ -6,6 +6,7 @@
 
 mod check;
 mod credentials;
+mod exit;
 mod import;
 mod keys;
 
@@ -15,7 +16,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ListenOverrides};
+use crate::config::ListenOverrides;
+use exit::load;
 pub use keys::parse_usages;
 
 #[derive(Debug, Parser)]
@@ -70,20 +72,6 @@ enum Command {
     ImportSampleConfig(import::ImportArgs),
 }
 
-/// Loads a config, reporting a failure as exit code 2.
-fn load(config: &Path) -> Result<Config, ExitCode> {
-    Config::load(config).map_err(|e| {
-        eprintln!("xks-proxy: configuration error: {e}");
-        ExitCode::from(2)
-    })
-}
-
-/// Reports a usage error (exit code 2).
-fn usage_error(message: &str) -> ExitCode {
-    eprintln!("xks-proxy: {message}");
-    ExitCode::from(2)
-}
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
@@ -109,7 +97,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
         ),
         Command::CheckConfig { config } => {
             let cfg = load(&config)?;
-            crate::tls::load_cert(&cfg.tls).map_err(|e| {
+            crate::net::tls::load_cert(&cfg.tls).map_err(|e| {
                 eprintln!("xks-proxy: configuration error: {e}");
                 ExitCode::from(2)
             })?;
@@ -145,8 +133,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     let cfg = load(path)?.with_overrides(overrides);
-    let log = crate::logging::init(&cfg.logging);
-    let result = runtime()?.block_on(crate::server::run(
+    let log = crate::telemetry::logging::init(&cfg.logging);
+    let result = runtime()?.block_on(crate::serve::run(
         cfg,
         Some(path.to_path_buf()),
         log.drops(),

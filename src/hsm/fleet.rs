@@ -25,15 +25,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+use super::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use super::fault::Fault;
 use super::health::{classify, EkmStatus, HealthState, RETRY_INTERVAL};
 use super::module::{Module, ModuleSlot};
 use super::objects::{KeyInfo, Usages};
 use super::pool::Pool;
 use super::token::{load_module, EkmInfo, HsmError, Token};
-use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
-use crate::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
-use crate::metrics::Metrics;
+use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use crate::telemetry::metrics::Metrics;
 
 /// Longest wait between attempts to open a key manager that is not open.
 const OPEN_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -185,7 +185,7 @@ impl KeyManagers {
         let vendor = inner.hsm.ekm_vendor.as_deref();
         let token = match Token::open_in(module.ctx.clone(), &b.cfg, vendor) {
             Ok(t) => t,
-            Err(HsmError::NoToken(_)) => {
+            Err(e) if e.is_token_missing() => {
                 module.reinitialize_for(b.index, &b.info().id);
                 Token::open_in(module.ctx.clone(), &b.cfg, vendor)?
             }

@@ -27,40 +27,10 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
+use super::config::HealthConfig;
 use super::fault::Fault;
 use super::pool::Pool;
-use crate::config::HealthConfig;
-
-/// The spec's `healthStatus` of one key manager.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum EkmStatus {
-    Active,
-    Degraded,
-    Unavailable,
-}
-
-impl EkmStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EkmStatus::Active => "ACTIVE",
-            EkmStatus::Degraded => "DEGRADED",
-            EkmStatus::Unavailable => "UNAVAILABLE",
-        }
-    }
-
-    /// Preference order for routing and for the proxy's overall status:
-    /// ACTIVE, then DEGRADED, then UNAVAILABLE.
-    pub fn rank(self) -> u8 {
-        match self {
-            EkmStatus::Active => 2,
-            EkmStatus::Degraded => 1,
-            EkmStatus::Unavailable => 0,
-        }
-    }
-}
+pub use crate::spec::wire::EkmStatus;
 
 /// Oldest probe result the proxy may report (spec: one minute).
 pub const MAX_RESULT_AGE: Duration = Duration::from_secs(60);

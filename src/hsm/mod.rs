@@ -18,6 +18,7 @@
 //!
 //! Nothing here runs PKCS#11 on the async runtime, and nothing here knows HTTP.
 
+pub mod config;
 pub mod fault;
 pub mod fleet;
 pub mod health;
@@ -30,50 +31,9 @@ mod state;
 pub mod token;
 mod worker;
 
-use zeroize::Zeroizing;
-
 pub use fault::Fault;
 pub use fleet::KeyManagers;
 pub use health::EkmStatus;
 pub use key_spec::KeySpec;
-pub use objects::{KeyDetails, KeyInfo, Usages};
+pub use objects::{KeyAttributes, KeyDetails, KeyInfo, Usages};
 pub use token::{EkmInfo, HsmError, Token};
-
-use crate::aead::AadLayout;
-
-/// Input of one Encrypt, already decoded and validated. The ciphertext
-/// metadata is chosen by the HSM layer: it records the key version used.
-pub struct EncryptInput {
-    pub plaintext: Zeroizing<Vec<u8>>,
-    pub aad: Vec<u8>,
-    pub cdiv: bool,
-}
-
-/// Output of one Encrypt.
-#[derive(Debug)]
-pub struct EncryptOutput {
-    pub ciphertext: Vec<u8>,
-    pub iv: Vec<u8>,
-    pub tag: Vec<u8>,
-    pub metadata: Vec<u8>,
-    pub cdiv: Option<[u8; 32]>,
-}
-
-/// Input of one Decrypt, already decoded and validated.
-pub struct DecryptInput {
-    pub ciphertext: Vec<u8>,
-    pub iv: Vec<u8>,
-    pub tag: Vec<u8>,
-    /// The request's AAD; `None` when it had no AAD field.
-    pub aad: Option<Vec<u8>>,
-    pub metadata: Vec<u8>,
-    /// The AAD constructions to try, in order (see `aead::decrypt_layouts`).
-    pub layouts: &'static [AadLayout],
-}
-
-/// Output of one Decrypt: the plaintext, and the construction that
-/// authenticated (the AWS sample's counts toward the compat metric).
-pub struct DecryptOutput {
-    pub plaintext: Zeroizing<Vec<u8>>,
-    pub layout: AadLayout,
-}

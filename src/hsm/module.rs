@@ -38,8 +38,8 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::slot::Slot;
 
+use super::config::TokenSelector;
 use super::token::find_slot;
-use crate::config::TokenSelector;
 
 /// Re-initialize a module at most this often.
 const REINIT_INTERVAL: Duration = Duration::from_millis(500);

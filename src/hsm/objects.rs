@@ -40,6 +40,14 @@ impl Usages {
     }
 }
 
+/// What GetKeyMetadata reports of a key: no handle, nothing of the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAttributes {
+    pub spec: KeySpec,
+    pub usages: Usages,
+    pub enabled: bool,
+}
+
 /// What the proxy needs to know about one key.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
@@ -53,6 +61,17 @@ pub struct KeyInfo {
     /// `xks-proxy keys disable`, or a validity window (CKA_START_DATE /
     /// CKA_END_DATE) that excludes today. See [`super::state`].
     pub enabled: bool,
+}
+
+impl KeyInfo {
+    /// The part of this that leaves the key manager layer.
+    pub fn attributes(&self) -> KeyAttributes {
+        KeyAttributes {
+            spec: self.spec.clone(),
+            usages: self.usages,
+            enabled: self.enabled,
+        }
+    }
 }
 
 /// [`KeyInfo`] plus the attributes `xks-proxy keys show` reports.
@@ -147,7 +166,7 @@ pub(crate) fn read_key_info(
 /// `C_FindObjects` per version, and one more to find the end.
 pub(crate) fn latest_version(session: &Session, id: &str) -> Result<u32, P11Error> {
     let mut v = 0;
-    while !find_secret_keys(session, &crate::aead::version_label(id, v + 1))?.is_empty() {
+    while !find_secret_keys(session, &crate::spec::aead::version_label(id, v + 1))?.is_empty() {
         v += 1;
     }
     Ok(v)

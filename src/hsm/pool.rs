@@ -17,54 +17,22 @@
 //! network HSM whose packets vanish), not merely slow, and health reports it
 //! so within that time (see [`Pool::stalled`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::config::HsmConfig;
 use super::fault::Fault;
 use super::keys::KeyCache;
 use super::module::ModuleSlot;
 use super::objects::KeyInfo;
 use super::token::{EkmInfo, HsmError, Token};
-use super::worker::{check_key, Job, OpKind, Shared, Worker};
-use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
-use crate::config::HsmConfig;
-use crate::metrics::Metrics;
-
-/// When each pool thread started its current job (ms since the pool
-/// started, plus one; 0 while idle).
-pub(crate) struct Busy {
-    epoch: Instant,
-    since: Vec<AtomicU64>,
-}
-
-impl Busy {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    pub fn enter(&self, thread: usize) {
-        self.since[thread].store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn leave(&self, thread: usize) {
-        self.since[thread].store(0, Ordering::Relaxed);
-    }
-
-    /// Threads that have been inside one job for longer than `after`.
-    fn stuck(&self, after: Duration) -> usize {
-        let now = self.now_ms();
-        let limit = after.as_millis() as u64;
-        self.since
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .filter(|&t| t != 0 && now.saturating_sub(t) > limit)
-            .count()
-    }
-}
+use super::worker::{check_key, Busy, Job, OpKind, Shared, Worker};
+use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use crate::telemetry::metrics::Metrics;
 
 struct Inner {
     tx: Option<crossbeam_channel::Sender<Job>>,
@@ -83,7 +51,7 @@ impl Drop for Inner {
         self.tx.take();
         let mut hung = false;
         for (i, w) in self.workers.drain(..).enumerate() {
-            if self.busy.since[i].load(Ordering::Relaxed) == 0 {
+            if !self.busy.in_job(i) {
                 let _ = w.join();
             } else {
                 hung = true;
@@ -137,10 +105,7 @@ impl Pool {
             health_key: health_key.to_string(),
             metrics: metrics.clone(),
         });
-        let busy = Arc::new(Busy {
-            epoch: Instant::now(),
-            since: (0..sessions).map(|_| AtomicU64::new(0)).collect(),
-        });
+        let busy = Arc::new(Busy::new(sessions));
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let mut workers = Vec::with_capacity(sessions);
         for i in 0..sessions {
@@ -149,7 +114,7 @@ impl Pool {
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-{index}-{i}"))
                 .spawn(move || worker.run(rx))
-                .map_err(|e| HsmError::Key(format!("cannot start HSM worker thread: {e}")))?;
+                .map_err(HsmError::Thread)?;
             workers.push(handle);
         }
         Ok(Pool {
@@ -177,7 +142,7 @@ impl Pool {
     /// How many of the pool's threads have been inside one job for longer
     /// than `after`, and how many threads there are.
     pub fn stalled(&self, after: Duration) -> (usize, usize) {
-        (self.inner.busy.stuck(after), self.inner.busy.since.len())
+        (self.inner.busy.stuck(after), self.inner.busy.threads())
     }
 
     /// Records whether this key manager can serve, for the module it shares

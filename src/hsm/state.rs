@@ -65,7 +65,7 @@ pub(crate) fn is_enabled(
     label: &str,
     now: SystemTime,
 ) -> Result<bool, P11Error> {
-    let today = crate::time::yyyymmdd(now);
+    let today = crate::spec::time::yyyymmdd(now);
     match dates(session, handle) {
         Ok((start, end)) => {
             if start.is_some_and(|s| s > today) || end.is_some_and(|e| e < today) {

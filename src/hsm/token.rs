@@ -2,7 +2,7 @@
 //! finding and describing keys). Everything here blocks: it is called at startup,
 //! from the CLI, or from inside a pool worker thread, never from an async task.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -13,25 +13,52 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
+use super::config::{BackendConfig, HsmConfig, TokenSelector};
 use super::objects::{find_keys, find_secret_keys, read_key_info, KeyDetails, KeyInfo, Usages};
-use crate::config::{BackendConfig, HsmConfig, TokenSelector};
 
 /// A failure to reach or use the token outside a request (startup, CLI).
 #[derive(Debug, thiserror::Error)]
 pub enum HsmError {
-    #[error("cannot load PKCS#11 module {module}: {message}")]
-    Load { module: String, message: String },
-    #[error("no token found: {0}")]
-    NoToken(String),
+    #[error("cannot load PKCS#11 module {}: {source}", .module.display())]
+    Load { module: PathBuf, source: P11Error },
+    #[error("no token found: the module lists no slot")]
+    NoSlot,
+    #[error("no token found: no initialized token in slot {0}")]
+    NoTokenInSlot(u64),
+    #[error(
+        "no token found: no initialized token labelled '{label}' (tokens seen: {seen:?}); for \
+         SoftHSM check that SOFTHSM2_CONF points at the right token directory"
+    )]
+    NoTokenLabelled { label: String, seen: Vec<String> },
     #[error("login to the token failed: {0} (check hsm.pin_file / hsm.pin_env)")]
-    Login(String),
+    Login(P11Error),
     #[error("{context}: {source}")]
     Pkcs11 {
         context: &'static str,
         source: P11Error,
     },
-    #[error("{0}")]
-    Key(String),
+    #[error("a secret key labelled '{0}' already exists")]
+    KeyExists(String),
+    #[error("no secret key labelled '{0}'")]
+    NoKey(String),
+    #[error(
+        "{count} secret keys carry the label '{label}'; an external key id must name exactly one"
+    )]
+    AmbiguousLabel { label: String, count: usize },
+    #[error("'{0}' is not an AES-256 key; only keys that can back KMS are rotated")]
+    NotAes256(String),
+    #[error("cannot start HSM worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl HsmError {
+    /// The token was not found (as opposed to found and failing).
+    pub fn is_token_missing(&self) -> bool {
+        matches!(
+            self,
+            HsmError::NoSlot | HsmError::NoTokenInSlot(_) | HsmError::NoTokenLabelled { .. }
+        )
+    }
 }
 
 fn p11(context: &'static str) -> impl FnOnce(P11Error) -> HsmError {
@@ -111,9 +138,7 @@ impl Token {
             .map_err(p11("C_FindObjects"))?
             .is_empty()
         {
-            return Err(HsmError::Key(format!(
-                "a secret key labelled '{label}' already exists"
-            )));
+            return Err(HsmError::KeyExists(label.to_string()));
         }
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -146,11 +171,11 @@ impl Token {
         let handles = find_keys(&self.session, label).map_err(p11("C_FindObjects"))?;
         match handles[..] {
             [h] => Ok(h),
-            [] => Err(HsmError::Key(format!("no secret key labelled '{label}'"))),
-            _ => Err(HsmError::Key(format!(
-                "{} secret keys carry the label '{label}'; an external key id must name exactly one",
-                handles.len()
-            ))),
+            [] => Err(HsmError::NoKey(label.to_string())),
+            _ => Err(HsmError::AmbiguousLabel {
+                label: label.to_string(),
+                count: handles.len(),
+            }),
         }
     }
 
@@ -233,12 +258,10 @@ impl Token {
         let base = read_key_info(&self.session, handle, id, SystemTime::now())
             .map_err(p11("C_GetAttributeValue"))?;
         if !base.spec.is_aes256() {
-            return Err(HsmError::Key(format!(
-                "'{id}' is not an AES-256 key; only keys that can back KMS are rotated"
-            )));
+            return Err(HsmError::NotAes256(id.to_string()));
         }
         let next = self.latest_version(id)? + 1;
-        let key = self.create_aes_key(&crate::aead::version_label(id, next), base.usages)?;
+        let key = self.create_aes_key(&crate::spec::aead::version_label(id, next), base.usages)?;
         Ok((next, key))
     }
 
@@ -279,23 +302,21 @@ pub fn first_slot_token_label(module: &Path) -> Result<String, HsmError> {
         .map_err(p11("C_GetSlotList"))?
         .into_iter()
         .next()
-        .ok_or_else(|| HsmError::NoToken("the module lists no slot".into()))?;
+        .ok_or(HsmError::NoSlot)?;
     let info = ctx.get_token_info(slot).map_err(p11("C_GetTokenInfo"))?;
     Ok(info.label().trim().to_string())
 }
 
 /// Loads a PKCS#11 module and initializes it for multi-threaded use.
 pub(crate) fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
-    let ctx = Pkcs11::new(module).map_err(|e| HsmError::Load {
-        module: module.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let load = |source| HsmError::Load {
+        module: module.to_path_buf(),
+        source,
+    };
+    let ctx = Pkcs11::new(module).map_err(load)?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
-        Err(e) => Err(HsmError::Load {
-            module: module.display().to_string(),
-            message: e.to_string(),
-        }),
+        Err(e) => Err(load(e)),
     }
 }
 
@@ -321,19 +342,19 @@ pub(crate) fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, 
         }
         labels.push(token_label);
     }
-    Err(HsmError::NoToken(match selector {
-        TokenSelector::Slot(id) => format!("no initialized token in slot {id}"),
-        TokenSelector::Label(label) => format!(
-            "no initialized token labelled '{label}' (tokens seen: {labels:?}); for SoftHSM \
-             check that SOFTHSM2_CONF points at the right token directory"
-        ),
-    }))
+    Err(match selector {
+        TokenSelector::Slot(id) => HsmError::NoTokenInSlot(*id),
+        TokenSelector::Label(label) => HsmError::NoTokenLabelled {
+            label: label.clone(),
+            seen: labels,
+        },
+    })
 }
 
 /// Logs the user in; "already logged in" is success (login state is per
 /// application and token, shared by all its sessions).
 pub(crate) fn login(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
-    login_raw(session, pin).map_err(|e| HsmError::Login(e.to_string()))
+    login_raw(session, pin).map_err(HsmError::Login)
 }
 
 /// [`login`] with the PKCS#11 error as it came.

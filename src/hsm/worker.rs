@@ -7,8 +7,9 @@
 //! waited in the queue past its start deadline is dropped unrun: its caller has
 //! already answered 503, and doing the work anyway would only deepen overload.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as P11Error, RvError};
@@ -19,19 +20,66 @@ use cryptoki::session::Session;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::config::IvSource;
 use super::fault::Fault;
 use super::keys::KeyCache;
 use super::module::{module_lost, ModuleSlot};
 use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
-use super::pool::Busy;
 use super::token::login_raw;
-use super::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
-use crate::aead::{
+use crate::spec::aead::{
     cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
     TAG_LEN,
 };
-use crate::config::IvSource;
-use crate::metrics::Metrics;
+use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use crate::telemetry::metrics::Metrics;
+
+/// When each pool thread started its current job (ms since the pool
+/// started, plus one; 0 while idle).
+pub(crate) struct Busy {
+    epoch: Instant,
+    since: Vec<AtomicU64>,
+}
+
+impl Busy {
+    pub(super) fn new(threads: usize) -> Busy {
+        Busy {
+            epoch: Instant::now(),
+            since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub(super) fn threads(&self) -> usize {
+        self.since.len()
+    }
+
+    /// Whether this thread is inside a job now.
+    pub(super) fn in_job(&self, thread: usize) -> bool {
+        self.since[thread].load(Ordering::Relaxed) != 0
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn enter(&self, thread: usize) {
+        self.since[thread].store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn leave(&self, thread: usize) {
+        self.since[thread].store(0, Ordering::Relaxed);
+    }
+
+    /// Threads that have been inside one job for longer than `after`.
+    pub(super) fn stuck(&self, after: Duration) -> usize {
+        let now = self.now_ms();
+        let limit = after.as_millis() as u64;
+        self.since
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&t| t != 0 && now.saturating_sub(t) > limit)
+            .count()
+    }
+}
 
 /// Work for a pool thread.
 pub(crate) struct Job {

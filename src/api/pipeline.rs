@@ -1,0 +1,216 @@
+//! One XKS request, from its head to its answer, in the order of checks the
+//! module documentation gives (path, method, body, SigV4, quota, key id,
+//! validation, authorization, the key service).
+//!
+//! Every stage either passes the request on or returns the spec's error;
+//! nothing answers before the whole body arrived (see [`super::body`]), and
+//! every request, whatever stage it stopped at, produces one access-log line
+//! and one metrics observation.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::Method;
+
+use super::access_log::{parse_logged, AccessLog, ConnFields, Outcome, FIELD_MAX};
+use super::app::AppState;
+use super::body::{self, BodyLimits};
+use super::call::{KeyCall, Target};
+use super::key_service::KeyService;
+use super::response::{close_after, ErrorName};
+use super::{decrypt, encrypt, health, key_metadata};
+use crate::guard::sigv4;
+use crate::net::listener::ConnInfo;
+use crate::spec::error::{sanitize_message, XksError};
+use crate::spec::names::is_valid_key_id;
+use crate::spec::path::{parse_path, Operation};
+use crate::spec::wire::MetadataOnlyRequest;
+use crate::state::{KeyStore, Live};
+use crate::telemetry::logging::clip;
+
+/// Entry point for every non-`/ping` request on the XKS listener.
+pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Request) -> Response {
+    let started = Instant::now();
+    let mut log = AccessLog::default();
+    let conn = ConnFields::of(&req);
+    let version = req.version();
+    let mut response = match handle(&app, req, &mut log).await {
+        Ok(r) => r,
+        Err(e) => {
+            // The same text the client gets: printable ASCII, < 512 bytes.
+            log.error_message = Some(sanitize_message(e.message()));
+            e.into_response()
+        }
+    };
+    if log.close_connection {
+        close_after(&mut response, version);
+    }
+    let status = response.status().as_u16();
+    let error_name = response.extensions().get::<ErrorName>().map(|e| e.0);
+    let elapsed = started.elapsed();
+    app.metrics.observe_request(
+        log.key_store.as_deref().unwrap_or(""),
+        log.operation.unwrap_or("unknown"),
+        status,
+        error_name.unwrap_or(""),
+        elapsed,
+    );
+    // Requests that never authenticated may not flood the log (see `log_limit`).
+    let suppressed = match (log.access_key_id.is_some(), conn.client) {
+        (false, Some(addr)) => match app.log_limiter.admit(addr.ip()) {
+            Some(n) => n,
+            None => {
+                app.metrics.log_lines_suppressed.inc();
+                return response;
+            }
+        },
+        _ => 0,
+    };
+    log.emit(&Outcome {
+        status,
+        error_name,
+        elapsed,
+        suppressed,
+        conn: &conn,
+    });
+    response
+}
+
+/// Where a request is going: its key store, operation and key id.
+struct Route<'l> {
+    store: &'l KeyStore,
+    op: Operation,
+    key_id: Option<&'l str>,
+}
+
+/// Path and method checks (404, 405), which need no body.
+fn route<'l>(
+    live: &'l Live,
+    path: &'l str,
+    method: &Method,
+    log: &mut AccessLog,
+) -> Result<Route<'l>, XksError> {
+    let (base, op, key_id) = parse_path(path).ok_or_else(|| {
+        XksError::InvalidUriPath(format!(
+            "'{}' is not an XKS API URI (expected <XksProxyUriPath>/health or \
+             <XksProxyUriPath>/keys/<externalKeyId>/metadata|encrypt|decrypt)",
+            clip(path, 128)
+        ))
+    })?;
+    let store = live.stores.get(base).ok_or_else(|| {
+        XksError::InvalidUriPath(format!(
+            "no key store is configured with XksProxyUriPath '{}'",
+            clip(base, 128)
+        ))
+    })?;
+    log.key_store = Some(store.name.clone());
+    log.operation = Some(op.as_str());
+    log.key_id = key_id.map(|k| clip(k, FIELD_MAX).into_owned());
+    if method != Method::POST {
+        return Err(XksError::MethodNotAllowed(format!(
+            "{method} is not allowed; XKS API calls use POST"
+        )));
+    }
+    Ok(Route { store, op, key_id })
+}
+
+async fn handle<K: KeyService>(
+    app: &AppState<K>,
+    req: Request,
+    log: &mut AccessLog,
+) -> Result<Response, XksError> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let live = app.live.load_full();
+    let max_body = live.service.max_body_bytes;
+    let limits = BodyLimits {
+        max: max_body,
+        discard_max: body::DISCARD_MAX.max(max_body),
+        timeout: app.body_timeout,
+    };
+    // Every answer, errors included, goes out only after the whole body came
+    // in (see `body`): a refused request's body is read and dropped.
+    let Route { store, op, key_id } = match route(&live, path, &parts.method, log) {
+        Ok(r) => r,
+        Err(e) => {
+            log.close_connection = !body::discard(body, limits).await;
+            return Err(e);
+        }
+    };
+    let body = body::read(body, &parts.headers, limits, &app.body_budget)
+        .await
+        .map_err(|e| {
+            log.close_connection = e.must_close();
+            XksError::from(e)
+        })?;
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(path);
+    let who = sigv4::verify(
+        &store.credentials,
+        store.region.as_deref(),
+        parts.method.as_str(),
+        path_and_query,
+        parts.uri.authority().map(|a| a.as_str()),
+        &parts.headers,
+        &body,
+        SystemTime::now(),
+    )?;
+    if let Some(replay) = &store.replay {
+        if !replay.first_use(who.signature, who.request_time, SystemTime::now()) {
+            return Err(XksError::AuthenticationFailed(
+                "this signed request was received before (replay protection is on for this \
+                 key store); sign every request anew"
+                    .into(),
+            ));
+        }
+    }
+    log.access_key_id = Some(who.access_key_id);
+    // The connection belongs to a key store's holder now: never evicted.
+    if let Some(c) = parts.extensions.get::<ConnInfo>() {
+        c.conn.mark_authenticated();
+    }
+
+    if op == Operation::GetHealthStatus {
+        // Never throttled or authorized: KMS's health checks are few, and a
+        // refused one would make KMS think the proxy is down.
+        return health::answer(app, &live, &body, log);
+    }
+    if let Some(bucket) = &store.bucket {
+        if !bucket.try_acquire() {
+            return Err(XksError::Throttling(format!(
+                "key store '{}' is over its quota of {} requests/s",
+                store.name,
+                bucket.limit().per_second
+            )));
+        }
+    }
+    let key_id =
+        key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
+    let health_keys = [app.health_key.as_str(), live.health_key.as_str()];
+    if !is_valid_key_id(key_id) || !store.allows(key_id, health_keys) {
+        // Parse first so the log still carries kmsRequestId.
+        let _ = parse_logged::<MetadataOnlyRequest>(&body, log);
+        return Err(XksError::KeyNotFound(format!(
+            "external key id '{}' is not a key of key store '{}'",
+            clip(key_id, 128),
+            store.name
+        )));
+    }
+    let call = KeyCall {
+        app,
+        target: Target { store, op, key_id },
+        body: &body,
+        log,
+    };
+    match op {
+        Operation::GetKeyMetadata => key_metadata::answer(call).await,
+        Operation::Encrypt => encrypt::answer(call).await,
+        _ => decrypt::answer(call).await,
+    }
+}

@@ -1,0 +1,549 @@
+//! The pipeline in-process, against a scripted key service: the order of
+//! checks, every fault's answer, and what each operation sends back. The
+//! requests are signed by the project's own client exactly as KMS signs;
+//! the end-to-end tests (`tests/`) run the same pipeline on a real SoftHSM
+//! token over real TLS.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tower_service::Service;
+use zeroize::Zeroizing;
+
+use tokio::sync::Semaphore;
+
+use super::{router, AppState, KeyService};
+use crate::client::{bodies, client_tls, HttpVersion, XksClient};
+use crate::guard::authz::Mode;
+use crate::guard::sigv4::Credential;
+use crate::guard::throttle::RateLimit;
+use crate::hsm::{EkmInfo, EkmStatus, Fault, KeyAttributes, KeySpec, Usages};
+use crate::net::limits::{ConnLimits, Registry};
+use crate::spec::aead::AadLayout;
+use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use crate::state::{AllowedKeys, KeyStoreConfig, Live, PolicySource, ServiceConfig};
+use crate::telemetry::metrics::Metrics;
+
+const URI_PATH: &str = "/unit/kms/xks/v1";
+const AKID: &str = "UNITTESTACCESSKEYAAAA";
+const SECRET: &str = "unit-test-secret-of-some-length-0123456789";
+const HEALTH_KEY: &str = "xks-proxy-health-check";
+const KEY: &str = "key-1";
+
+/// A key service that answers what it is told and counts its calls, so a
+/// test can tell whether a request reached the key managers at all.
+#[derive(Default)]
+struct Scripted {
+    /// The fault every key operation returns, if set.
+    fault: Mutex<Option<Fault>>,
+    /// Each key manager's status for GetHealthStatus and `/ping`.
+    statuses: Mutex<Vec<EkmStatus>>,
+    calls: AtomicUsize,
+}
+
+impl Scripted {
+    fn answer<T>(&self, ok: T) -> Result<T, Fault> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        match self.fault.lock().unwrap().clone() {
+            Some(f) => Err(f),
+            None => Ok(ok),
+        }
+    }
+}
+
+impl KeyService for Scripted {
+    async fn key_info(&self, _: &str) -> Result<KeyAttributes, Fault> {
+        self.answer(KeyAttributes {
+            spec: KeySpec::Aes(256),
+            usages: Usages {
+                encrypt: true,
+                decrypt: true,
+                ..Usages::default()
+            },
+            enabled: false,
+        })
+    }
+
+    async fn encrypt(&self, _: &str, input: EncryptInput) -> Result<EncryptOutput, Fault> {
+        // Not encryption: the pipeline only carries bytes, and the test
+        // checks that they arrive where the spec puts them.
+        self.answer(EncryptOutput {
+            ciphertext: input.plaintext.to_vec(),
+            iv: vec![1; 12],
+            tag: vec![2; 16],
+            metadata: vec![],
+            cdiv: None,
+        })
+    }
+
+    async fn decrypt(&self, _: &str, input: DecryptInput) -> Result<DecryptOutput, Fault> {
+        self.answer(DecryptOutput {
+            plaintext: Zeroizing::new(input.ciphertext),
+            layout: AadLayout::Spec,
+        })
+    }
+
+    fn health(&self) -> Vec<(Arc<EkmInfo>, EkmStatus)> {
+        self.statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let info = EkmInfo {
+                    vendor: "Unit".into(),
+                    id: format!("ekm-{i}"),
+                    model: "Scripted".into(),
+                };
+                (Arc::new(info), *s)
+            })
+            .collect()
+    }
+}
+
+/// How the test key store is set up.
+#[derive(Default)]
+struct Setup {
+    rate_limit: Option<RateLimit>,
+    /// Cedar policies; `None`: no secondary authorization.
+    policies: Option<&'static str>,
+}
+
+struct Harness {
+    app: Arc<AppState<Scripted>>,
+    router: axum::Router,
+    client: XksClient,
+}
+
+fn harness(setup: Setup) -> Harness {
+    let store = KeyStoreConfig {
+        name: "unit".into(),
+        uri_path: URI_PATH.into(),
+        keys: AllowedKeys::Only(HashSet::from([KEY.to_string(), HEALTH_KEY.to_string()])),
+        credentials: vec![Credential {
+            access_key_id: AKID.into(),
+            secret: Zeroizing::new(SECRET.into()),
+            secret_file: None,
+            created: None,
+        }],
+        authorization: setup.policies.map(|text| PolicySource {
+            file: PathBuf::from("unit.cedar"),
+            text: text.into(),
+            mode: Mode::Enforce,
+        }),
+        rate_limit: setup.rate_limit,
+        compat: None,
+        region: None,
+        replay_protection: false,
+    };
+    let service = ServiceConfig {
+        max_body_bytes: 4096,
+        body_buffer_budget: 1 << 20,
+        fleet_size: 2,
+        vendor: "Unit vendor".into(),
+        model: "Unit model".into(),
+    };
+    let live = Live::build(&[store], &service, HEALTH_KEY, None).unwrap();
+    let keys = Scripted::default();
+    keys.statuses.lock().unwrap().push(EkmStatus::Active);
+    let app = Arc::new(AppState {
+        live: Arc::new(ArcSwap::from_pointee(live)),
+        keys,
+        health_key: HEALTH_KEY.into(),
+        body_timeout: Duration::from_secs(5),
+        body_budget: Arc::new(Semaphore::new(1 << 20)),
+        metrics: Metrics::new(),
+        xks_conns: Registry::new(
+            "xks",
+            ConnLimits {
+                max: 16,
+                per_source: 16,
+                evict_unauthenticated: true,
+            },
+        ),
+        log_limiter: Default::default(),
+    });
+    let tls = client_tls(rustls::RootCertStore::empty(), &[b"http/1.1"], None).unwrap();
+    let client = XksClient::new(
+        "127.0.0.1:443".parse().unwrap(),
+        "xks.example.com",
+        URI_PATH,
+        AKID,
+        SECRET,
+        "us-east-1",
+        tls,
+        HttpVersion::Http1,
+    );
+    Harness {
+        router: router(app.clone()),
+        app,
+        client,
+    }
+}
+
+/// An answer: status, `errorName` (if any) and the JSON body.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    error_name: Option<String>,
+    json: serde_json::Value,
+}
+
+impl Harness {
+    async fn send(&self, req: http::Request<Body>) -> Answer {
+        let response = self.router.clone().call(req).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let error_name = json["errorName"].as_str().map(str::to_string);
+        Answer {
+            status,
+            error_name,
+            json,
+        }
+    }
+
+    /// A request signed as KMS signs it, to `<uri path><suffix>`.
+    async fn call(&self, suffix: &str, body: impl Into<Bytes>) -> Answer {
+        let req = self
+            .client
+            .signed_request(suffix, body.into(), SystemTime::now())
+            .unwrap();
+        self.send(req.map(Body::new)).await
+    }
+
+    /// The same, with the signature of another secret.
+    async fn call_forged(&self, suffix: &str, body: impl Into<Bytes>) -> Answer {
+        let forger = self.client.with_credentials(AKID, "not-the-secret");
+        let req = forger
+            .signed_request(suffix, body.into(), SystemTime::now())
+            .unwrap();
+        self.send(req.map(Body::new)).await
+    }
+
+    fn key_calls(&self) -> usize {
+        self.app.keys.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn encrypt_body() -> Vec<u8> {
+    bodies::encrypt(b"unit plaintext", Some(b"aad"), false)
+}
+
+fn expect(a: &Answer, status: u16, error_name: &str) {
+    assert_eq!(
+        (a.status.as_u16(), a.error_name.as_deref()),
+        (status, Some(error_name)),
+        "{a:?}"
+    );
+}
+
+/// Cedar: only Decrypt is allowed.
+const DECRYPT_ONLY: &str = r#"permit (principal, action == Xks::Action::"Decrypt", resource);"#;
+
+#[test]
+fn the_path_is_checked_before_anything_else() {
+    run(async {
+        let h = harness(Setup::default());
+        let a = h.call_forged("/../other/health", "{not json").await;
+        expect(&a, 404, "InvalidUriPathException");
+        let wrong_store = h.client.with_uri_path("/nobody/kms/xks/v1");
+        let req = wrong_store
+            .signed_request("/health", Bytes::from_static(b"{}"), SystemTime::now())
+            .unwrap();
+        expect(
+            &h.send(req.map(Body::new)).await,
+            404,
+            "InvalidUriPathException",
+        );
+    });
+}
+
+#[test]
+fn the_method_is_checked_before_the_signature() {
+    run(async {
+        let h = harness(Setup::default());
+        let req = h
+            .client
+            .with_credentials(AKID, "not-the-secret")
+            .signed_request_raw(
+                "GET",
+                &format!("{URI_PATH}/health"),
+                Bytes::new(),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let a = h.send(req.map(Body::new)).await;
+        expect(&a, 405, "ValidationException");
+    });
+}
+
+#[test]
+fn an_oversized_body_is_refused_before_the_signature_is_checked() {
+    run(async {
+        let h = harness(Setup::default());
+        let big = vec![b' '; 8192];
+        let a = h.call_forged(&format!("/keys/{KEY}/encrypt"), big).await;
+        expect(&a, 501, "UnsupportedOperationException");
+        assert_eq!(h.key_calls(), 0);
+    });
+}
+
+#[test]
+fn the_signature_is_checked_before_the_quota() {
+    run(async {
+        let h = harness(Setup {
+            rate_limit: Some(RateLimit {
+                per_second: 0.001,
+                burst: 1.0,
+            }),
+            ..Setup::default()
+        });
+        let path = format!("/keys/{KEY}/encrypt");
+        // A forged request costs the key store nothing...
+        expect(
+            &h.call_forged(&path, encrypt_body()).await,
+            401,
+            "AuthenticationFailedException",
+        );
+        // ...so the one token of the bucket is still there for the holder.
+        assert_eq!(h.call(&path, encrypt_body()).await.status, StatusCode::OK);
+        // Now the quota is spent: 429 before the key id and the body are
+        // looked at, and health checks are exempt.
+        let a = h.call("/keys/not-a-key/encrypt", "{not json").await;
+        expect(&a, 429, "ThrottlingException");
+        let a = h
+            .call("/health", bodies::health("ConnectCustomKeyStore"))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{a:?}");
+        assert_eq!(h.key_calls(), 1);
+    });
+}
+
+#[test]
+fn the_key_id_is_checked_before_the_body() {
+    run(async {
+        let h = harness(Setup::default());
+        for key in ["not-a-key", HEALTH_KEY, "..", "bad%20id"] {
+            let a = h.call(&format!("/keys/{key}/encrypt"), "{not json").await;
+            expect(&a, 404, "KeyNotFoundException");
+        }
+        assert_eq!(h.key_calls(), 0);
+    });
+}
+
+#[test]
+fn the_body_is_validated_before_authorization() {
+    run(async {
+        let h = harness(Setup {
+            policies: Some(DECRYPT_ONLY),
+            ..Setup::default()
+        });
+        let path = format!("/keys/{KEY}/encrypt");
+        expect(
+            &h.call(&path, "{not json").await,
+            400,
+            "ValidationException",
+        );
+        let no_arn = bodies::encrypt(b"x", None, false);
+        let no_arn = String::from_utf8(no_arn)
+            .unwrap()
+            .replace("\"kmsKeyArn\"", "\"someOtherField\"");
+        expect(&h.call(&path, no_arn).await, 400, "ValidationException");
+        // Valid, but the policies allow only Decrypt.
+        expect(
+            &h.call(&path, encrypt_body()).await,
+            403,
+            "AccessDeniedException",
+        );
+        assert_eq!(h.key_calls(), 0);
+    });
+}
+
+#[test]
+fn health_checks_are_never_authorized_away() {
+    run(async {
+        let h = harness(Setup {
+            policies: Some(DECRYPT_ONLY),
+            ..Setup::default()
+        });
+        let a = h
+            .call("/health", bodies::health("ConnectCustomKeyStore"))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{a:?}");
+        // ...but they still need their request metadata.
+        expect(&h.call("/health", "{}").await, 400, "ValidationException");
+    });
+}
+
+#[test]
+fn every_fault_gets_the_spec_answer() {
+    let ekm = || "ekm-0".to_string();
+    let cases: Vec<(Fault, u16, &str)> = vec![
+        (
+            Fault::KeyNotFound {
+                key: KEY.into(),
+                ekm: ekm(),
+            },
+            404,
+            "KeyNotFoundException",
+        ),
+        (
+            Fault::KeyDisabled { key: KEY.into() },
+            400,
+            "InvalidStateException",
+        ),
+        (
+            Fault::WrongUsage("the key does not allow ENCRYPT".into()),
+            400,
+            "InvalidKeyUsageException",
+        ),
+        (Fault::BadCiphertext, 400, "InvalidCiphertextException"),
+        (
+            Fault::UnknownVersion {
+                key: KEY.into(),
+                version: 9,
+            },
+            400,
+            "InvalidCiphertextException",
+        ),
+        (Fault::Busy { ekm: ekm() }, 429, "ThrottlingException"),
+        (
+            Fault::NoSession { ekm: ekm() },
+            503,
+            "DependencyTimeoutException",
+        ),
+        (
+            Fault::Timeout { ekm: ekm() },
+            503,
+            "DependencyTimeoutException",
+        ),
+        (
+            Fault::Unavailable {
+                ekm: ekm(),
+                why: "token lost".into(),
+            },
+            500,
+            "InternalException",
+        ),
+        (
+            Fault::Failed {
+                ekm: ekm(),
+                why: "CKR_GENERAL_ERROR".into(),
+            },
+            500,
+            "InternalException",
+        ),
+    ];
+    run(async {
+        let h = harness(Setup::default());
+        let encrypted = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        assert_eq!(encrypted.status, StatusCode::OK);
+        let decrypt_body = bodies::decrypt_from(&encrypted.json, Some(b"aad")).to_string();
+        for (fault, status, name) in cases {
+            let message = fault.to_string();
+            *h.app.keys.fault.lock().unwrap() = Some(fault);
+            for (op, body) in [
+                ("metadata", bodies::metadata()),
+                ("encrypt", encrypt_body()),
+                ("decrypt", decrypt_body.clone().into_bytes()),
+            ] {
+                let a = h.call(&format!("/keys/{KEY}/{op}"), body).await;
+                expect(&a, status, name);
+                assert_eq!(
+                    a.json["errorMessage"].as_str(),
+                    Some(message.as_str()),
+                    "{op}"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn answers_carry_what_the_key_service_said() {
+    run(async {
+        let h = harness(Setup::default());
+        let a = h
+            .call(&format!("/keys/{KEY}/metadata"), bodies::metadata())
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(
+            a.json,
+            serde_json::json!({"keySpec": "AES_256", "keyUsage": ["ENCRYPT", "DECRYPT"],
+                "keyStatus": "DISABLED"})
+        );
+
+        let e = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        assert_eq!(e.status, StatusCode::OK);
+        assert_eq!(e.json["initializationVector"], "AQEBAQEBAQEBAQEB");
+        assert!(e.json.get("ciphertextMetadata").is_none(), "{:?}", e.json);
+        let d = h
+            .call(
+                &format!("/keys/{KEY}/decrypt"),
+                bodies::decrypt_from(&e.json, Some(b"aad")).to_string(),
+            )
+            .await;
+        assert_eq!(d.json["plaintext"], e.json["ciphertext"]);
+
+        h.app.keys.statuses.lock().unwrap()[0] = EkmStatus::Unavailable;
+        h.app
+            .keys
+            .statuses
+            .lock()
+            .unwrap()
+            .push(EkmStatus::Degraded);
+        let health = h
+            .call("/health", bodies::health("ConnectCustomKeyStore"))
+            .await;
+        assert_eq!(health.status, StatusCode::OK, "UNAVAILABLE is still a 200");
+        assert_eq!(
+            health.json,
+            serde_json::json!({
+                "xksProxyFleetSize": 2, "xksProxyVendor": "Unit vendor",
+                "xksProxyModel": "Unit model", "ekmVendor": "Unit",
+                "ekmFleetDetails": [
+                    {"id": "ekm-0", "model": "Scripted", "healthStatus": "UNAVAILABLE"},
+                    {"id": "ekm-1", "model": "Scripted", "healthStatus": "DEGRADED"}]})
+        );
+    });
+}
+
+#[test]
+fn ping_follows_the_best_key_manager() {
+    run(async {
+        let h = harness(Setup::default());
+        let ping = |h: &Harness| {
+            let req = http::Request::get("/ping").body(Body::empty()).unwrap();
+            let router = h.router.clone();
+            async move { router.clone().call(req).await.unwrap().status() }
+        };
+        assert_eq!(ping(&h).await, StatusCode::OK);
+        *h.app.keys.statuses.lock().unwrap() = vec![EkmStatus::Unavailable, EkmStatus::Degraded];
+        assert_eq!(ping(&h).await, StatusCode::OK);
+        *h.app.keys.statuses.lock().unwrap() = vec![EkmStatus::Unavailable];
+        assert_eq!(ping(&h).await, StatusCode::SERVICE_UNAVAILABLE);
+        h.app.keys.statuses.lock().unwrap().clear();
+        assert_eq!(ping(&h).await, StatusCode::SERVICE_UNAVAILABLE);
+    });
+}

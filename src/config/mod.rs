@@ -1,0 +1,231 @@
+//! Configuration: one TOML file, read and validated completely at startup
+//! (and at every reload).
+//!
+//! This module only reads, resolves paths and validates: the file is parsed
+//! into `raw` structs that mirror the TOML, each section is checked
+//! (`validate`) and becomes the typed section of the subsystem that owns it
+//! (`net::config::NetConfig`, `hsm::config::HsmConfig`, `state::KeyStoreConfig`,
+//! …). Every check names the field and the rule it broke, because the person
+//! reading the message is an operator at 3 a.m. and the alternative is a KMS
+//! `ConnectionErrorCode` hours later. Runtime objects are built from it by
+//! `state`.
+//!
+//! Secrets (SigV4 secret access keys, the HSM PIN) are never inline in the file:
+//! they are read from a file (which must not be readable by group or others) or
+//! from an environment variable, and kept in [`Zeroizing`] buffers (`secrets`).
+//! Relative paths are resolved against the directory of the config file, so a
+//! config works the same whatever directory the proxy is started from.
+
+mod error;
+mod paths;
+mod raw;
+mod secrets;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::hsm::config::{HealthConfig, HsmConfig};
+use crate::net::config::NetConfig;
+use crate::net::tls::TlsConfig;
+use crate::state::{KeyStoreConfig, Live, ServiceConfig, StateError};
+use crate::telemetry::logging::LoggingConfig;
+use error::invalid;
+pub use error::ConfigError;
+use raw::RawConfig;
+use validate::*;
+
+/// The whole validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Listeners, timeouts, connection caps.
+    pub net: NetConfig,
+    /// What GetHealthStatus says about the proxy; request size limits.
+    pub service: ServiceConfig,
+    pub tls: TlsConfig,
+    pub hsm: HsmConfig,
+    pub health: HealthConfig,
+    pub logging: LoggingConfig,
+    pub key_stores: Vec<KeyStoreConfig>,
+    /// How often the config, secret, policy and certificate files are checked
+    /// for changes; `None` when file watching is off (SIGHUP still reloads).
+    pub reload_poll: Option<Duration>,
+    /// SHA-256 of the file text this configuration was parsed from, so hot
+    /// reload can tell whether the file changed since (even before the
+    /// reloader started).
+    pub source_digest: Option<[u8; 32]>,
+    /// Listener addresses from the command line, already applied above;
+    /// kept so that a reload applies them again.
+    pub overrides: ListenOverrides,
+}
+
+/// Listener addresses given on the command line (`serve --listen …`). They
+/// win over the file, so several instances (a fleet on one host, a systemd
+/// template unit) can share one configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenOverrides {
+    pub listen: Option<SocketAddr>,
+    pub ping_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Applies command-line listener addresses over the file's.
+    pub fn with_overrides(mut self, o: ListenOverrides) -> Config {
+        if let Some(a) = o.listen {
+            self.net.listen = a;
+        }
+        if let Some(a) = o.ping_listen {
+            self.net.ping_listen = Some(a);
+        }
+        if let Some(a) = o.admin_listen {
+            self.net.admin_listen = Some(a);
+        }
+        self.overrides = o;
+        self
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut cfg = Self::from_toml(&text, &base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        cfg.source_digest = Some(sha256(text.as_bytes()));
+        Ok(cfg)
+    }
+
+    /// The files whose change should trigger a reload: the certificate, its
+    /// key and every credential's secret file (the config file itself is
+    /// watched by the caller, who knows its path).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.tls.cert.clone(), self.tls.key.clone()];
+        files.extend(self.tls.client_auth.as_ref().map(|c| c.ca.clone()));
+        for ks in &self.key_stores {
+            files.extend(ks.credentials.iter().filter_map(|c| c.secret_file.clone()));
+            files.extend(ks.authorization.as_ref().map(|a| a.file.clone()));
+        }
+        files
+    }
+
+    /// Settings that differ from `other` but only take effect at a restart
+    /// (listeners, the HSM connection, logging, connection limits). A reload
+    /// keeps the running values and names these in its log line.
+    pub fn restart_only_changes(&self, other: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.net, &other.net);
+        [
+            ("server.listen", a.listen != b.listen),
+            ("server.ping_listen", a.ping_listen != b.ping_listen),
+            ("admin.listen", a.admin_listen != b.admin_listen),
+            (
+                "tls mutual authentication on/off",
+                self.tls.client_auth.is_some() != other.tls.client_auth.is_some(),
+            ),
+            (
+                "server timeouts and limits",
+                // Everything of the listeners but their addresses (above).
+                NetConfig {
+                    listen: b.listen,
+                    ping_listen: b.ping_listen,
+                    admin_listen: b.admin_listen,
+                    ..a.clone()
+                } != *b
+                    || self.service.body_buffer_budget != other.service.body_buffer_budget
+                    || self.reload_poll != other.reload_poll,
+            ),
+            ("hsm", self.hsm != other.hsm),
+            ("health", self.health != other.health),
+            (
+                "logging",
+                self.logging.format != other.logging.format
+                    || self.logging.level != other.logging.level,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
+    /// The live state this configuration describes (see [`Live::build`]),
+    /// carrying over what `previous` keeps across reloads.
+    pub fn live(&self, previous: Option<&Live>) -> Result<Live, StateError> {
+        Live::build(
+            &self.key_stores,
+            &self.service,
+            &self.health.key_label,
+            previous,
+        )
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        validate(raw, base)
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let admin_listen = if raw.admin.enabled {
+        Some(parse_addr("admin.listen", &raw.admin.listen)?)
+    } else {
+        None
+    };
+    let (net, service, reload_poll) = validate_server(raw.server, admin_listen)?;
+    let tls = validate_tls(raw.tls, base)?;
+    let hsm = validate_hsm(raw.hsm, base)?;
+    let health = validate_health(raw.health)?;
+    let level = raw.logging.level.unwrap_or_else(|| "info".to_string());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        return Err(invalid(
+            "logging.level",
+            format!("'{level}' is not a valid tracing filter (try info, debug or warn)"),
+        ));
+    }
+    let logging = LoggingConfig {
+        format: raw.logging.format,
+        level,
+    };
+    let key_stores = validate_key_stores(raw.key_stores, base, &health.key_label)?;
+    let cfg = Config {
+        net,
+        service,
+        tls,
+        hsm,
+        health,
+        logging,
+        key_stores,
+        reload_poll,
+        source_digest: None,
+        overrides: ListenOverrides::default(),
+    };
+    // The runtime objects (Cedar policies above all) must build too: a
+    // configuration that cannot become a live state is not valid.
+    cfg.live(None)
+        .map_err(|e| invalid("key_stores", e.to_string()))?;
+    Ok(cfg)
+}

@@ -1,0 +1,15 @@
+//! Who may do what, before any key is touched.
+//!
+//! - [`sigv4`]: SigV4 verification (spec Appendix A) against a key store's
+//!   credentials;
+//! - [`authz`]: secondary authorization with Cedar policies;
+//! - [`throttle`]: per-key-store request-rate quotas;
+//! - [`replay`]: the optional cache that refuses a signed request seen before.
+//!
+//! Pure decisions over a request's parts: no I/O, no HTTP framework. The API
+//! layer calls them in a fixed order (see `crate::api`).
+
+pub mod authz;
+pub mod replay;
+pub mod sigv4;
+pub mod throttle;

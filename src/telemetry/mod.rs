@@ -1,0 +1,13 @@
+//! What the proxy tells its operator: logs and metrics.
+//!
+//! - [`logging`]: log setup, and the rules that keep logging from being
+//!   turned against the proxy (bounded lines, one line per line, a lossy
+//!   queue that never stalls a request);
+//! - [`metrics`]: the Prometheus registry every layer records into.
+//!
+//! Everything that reports (the HSM layer, the listeners, the API) sits
+//! above this module; it knows none of them. There is no global recorder:
+//! the one [`metrics::Metrics`] is handed to whoever records.
+
+pub mod logging;
+pub mod metrics;
