@@ -134,6 +134,7 @@ fn mutual_tls_admits_only_the_configured_ca_and_names() {
     assert!(text.contains("verdict: CONNECTED"), "{text}");
 }
 
+#[cfg(feature = "authorization")]
 const POLICY: &str = r#"
 @id("alice")
 permit (principal, action, resource)
@@ -143,6 +144,7 @@ when { principal.arn == "arn:aws:iam::123456789012:user/Alice" };
 forbid (principal, action == Xks::Action::"Decrypt", resource == Xks::Key::"key-ed");
 "#;
 
+#[cfg(feature = "authorization")]
 fn access_line(log: &str, needle: &str) -> serde_json::Value {
     let line = log
         .lines()
@@ -151,6 +153,7 @@ fn access_line(log: &str, needle: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
+#[cfg(feature = "authorization")]
 #[test]
 fn cedar_policies_decide_name_the_policy_and_reload() {
     let p = Proxy::start_with(Options {

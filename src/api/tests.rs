@@ -255,6 +255,7 @@ fn expect(a: &Answer, status: u16, error_name: &str) {
 }
 
 /// Cedar: only Decrypt is allowed.
+#[cfg(feature = "authorization")]
 const DECRYPT_ONLY: &str = r#"permit (principal, action == Xks::Action::"Decrypt", resource);"#;
 
 #[test]
@@ -348,6 +349,7 @@ fn the_key_id_is_checked_before_the_body() {
     });
 }
 
+#[cfg(feature = "authorization")]
 #[test]
 fn the_body_is_validated_before_authorization() {
     run(async {
@@ -376,6 +378,7 @@ fn the_body_is_validated_before_authorization() {
     });
 }
 
+#[cfg(feature = "authorization")]
 #[test]
 fn health_checks_are_never_authorized_away() {
     run(async {

@@ -20,67 +20,27 @@
 //! that decided. GetHealthStatus is never authorized here (the spec exempts it).
 //! In dry-run mode a deny is logged as `would-deny` and the request proceeds.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use cedar_policy::{
-    Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
-};
+#[cfg(feature = "authorization")]
+use super::cedar::{CedarError, Engine};
+#[cfg(not(feature = "authorization"))]
+use absent::Engine;
 
-/// Why a policy file cannot be used.
+/// Why a key store's policies cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{file}: {source}")]
-    Parse {
-        file: PathBuf,
-        source: Box<cedar_policy::ParseErrors>,
-    },
-    #[error("{file}: {source}")]
-    Set {
-        file: PathBuf,
-        source: Box<cedar_policy::PolicySetError>,
-    },
-    #[error("{file}: policy templates are not supported; write concrete policies")]
-    Templates { file: PathBuf },
-    #[error("{file}: two policies have the id '{id}'")]
-    DuplicateId { file: PathBuf, id: String },
-    #[error("{file}: policies do not fit the XKS schema: {}", .errors.join("; "))]
-    Schema { file: PathBuf, errors: Vec<String> },
-    #[error("the built-in XKS schema does not parse: {0}")]
-    BuiltinSchema(Box<cedar_policy::CedarSchemaError>),
+    #[cfg(feature = "authorization")]
+    #[error(transparent)]
+    Cedar(#[from] CedarError),
+    /// Fails closed: a configuration that asks for policies does not load
+    /// on a build that cannot enforce them.
+    #[error(
+        "{file}: this xks-proxy was built without Cedar policies (the `authorization` \
+         feature); build it with default features, or remove the key store's [authorization]"
+    )]
+    NotBuilt { file: PathBuf },
 }
-
-/// Why one request could not be put to the policies (it is then denied).
-#[derive(Debug, thiserror::Error)]
-#[error("the request cannot be expressed in Cedar: {0}")]
-pub struct RequestError(Box<dyn std::error::Error + Send + Sync>);
-
-fn request_error(e: impl std::error::Error + Send + Sync + 'static) -> RequestError {
-    RequestError(Box::new(e))
-}
-
-/// The schema every policy file is validated against.
-pub const SCHEMA: &str = r#"
-namespace Xks {
-  entity Principal = { arn: String, account: String };
-  entity Key = { keyStore: String };
-  action GetKeyMetadata, Encrypt, Decrypt appliesTo {
-    principal: [Principal],
-    resource: [Key],
-    context: {
-      keyStore: String,
-      kmsOperation: String,
-      kmsRequestId: String,
-      kmsKeyArn?: String,
-      kmsViaService?: String,
-      awsSourceVpc?: String,
-      awsSourceVpce?: String,
-    }
-  };
-}
-"#;
 
 /// Enforce decisions, or only log what would have been denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
@@ -120,10 +80,9 @@ pub struct Verdict {
 
 /// One key store's policies.
 pub struct Policies {
-    set: PolicySet,
+    engine: Engine,
     mode: Mode,
     file: PathBuf,
-    authorizer: cedar_policy::Authorizer,
 }
 
 impl std::fmt::Debug for Policies {
@@ -131,61 +90,19 @@ impl std::fmt::Debug for Policies {
         f.debug_struct("Policies")
             .field("file", &self.file)
             .field("mode", &self.mode)
-            .field("count", &self.set.policies().count())
+            .field("count", &self.engine.count())
             .finish()
     }
 }
 
-fn schema() -> Result<Schema, PolicyError> {
-    Schema::from_cedarschema_str(SCHEMA)
-        .map(|(s, _)| s)
-        .map_err(|e| PolicyError::BuiltinSchema(Box::new(e)))
-}
-
 impl Policies {
-    /// Loads and validates a policy file. Policies named with `@id("…")` keep
-    /// that id; others are called `policy0`, `policy1`, … by position.
-    /// `file` names the policies' origin in errors and logs.
+    /// Parses and validates policy text against the XKS schema (see
+    /// `guard::cedar`). `file` names the policies' origin in errors and logs.
     pub fn parse(text: &str, file: &Path, mode: Mode) -> Result<Policies, PolicyError> {
-        let file_buf = || file.to_path_buf();
-        let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
-            file: file_buf(),
-            source: Box::new(e),
-        })?;
-        if parsed.templates().next().is_some() {
-            return Err(PolicyError::Templates { file: file_buf() });
-        }
-        let mut seen = HashSet::new();
-        let mut renamed = Vec::new();
-        for p in parsed.policies() {
-            let id = p
-                .annotation("id")
-                .map(str::to_owned)
-                .unwrap_or_else(|| p.id().to_string());
-            if !seen.insert(id.clone()) {
-                return Err(PolicyError::DuplicateId {
-                    file: file_buf(),
-                    id,
-                });
-            }
-            renamed.push(p.new_id(PolicyId::new(&id)));
-        }
-        let set = PolicySet::from_policies(renamed).map_err(|e| PolicyError::Set {
-            file: file_buf(),
-            source: Box::new(e),
-        })?;
-        let result = Validator::new(schema()?).validate(&set, ValidationMode::Strict);
-        if !result.validation_passed() {
-            return Err(PolicyError::Schema {
-                file: file_buf(),
-                errors: result.validation_errors().map(|e| e.to_string()).collect(),
-            });
-        }
         Ok(Policies {
-            set,
+            engine: Engine::parse(text, file)?,
             mode,
-            file: file_buf(),
-            authorizer: cedar_policy::Authorizer::new(),
+            file: file.to_path_buf(),
         })
     }
 
@@ -195,7 +112,8 @@ impl Policies {
 
     /// Decides one request.
     pub fn decide(&self, r: &AuthzRequest<'_>) -> Verdict {
-        match self.evaluate(r) {
+        let dry_run = self.mode == Mode::DryRun;
+        match self.engine.evaluate(r) {
             Ok((allowed, policies, errors)) => {
                 let decision = match (allowed, self.mode) {
                     (true, _) => "allow",
@@ -203,7 +121,7 @@ impl Policies {
                     (false, Mode::DryRun) => "would-deny",
                 };
                 Verdict {
-                    allowed: allowed || self.mode == Mode::DryRun,
+                    allowed: allowed || dry_run,
                     decision,
                     policies,
                     errors,
@@ -211,88 +129,46 @@ impl Policies {
             }
             // A request we cannot even express is denied (or logged, in dry run).
             Err(e) => Verdict {
-                allowed: self.mode == Mode::DryRun,
-                decision: if self.mode == Mode::DryRun {
-                    "would-deny"
-                } else {
-                    "deny"
-                },
+                allowed: dry_run,
+                decision: if dry_run { "would-deny" } else { "deny" },
                 policies: Vec::new(),
                 errors: vec![e.to_string()],
             },
         }
     }
+}
 
-    fn evaluate(
-        &self,
-        r: &AuthzRequest<'_>,
-    ) -> Result<(bool, Vec<String>, Vec<String>), RequestError> {
-        let uid = |ty: &str, id: &str| -> Result<EntityUid, RequestError> {
-            let ty = EntityTypeName::from_str(ty).map_err(request_error)?;
-            Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
-        };
-        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
-        let principal = uid("Xks::Principal", r.principal_arn)?;
-        let action = uid("Xks::Action", r.action)?;
-        let resource = uid("Xks::Key", r.key_id)?;
-        let account = r.principal_arn.split(':').nth(4).unwrap_or("");
-        let entities = Entities::from_entities(
-            [
-                Entity::new(
-                    principal.clone(),
-                    HashMap::from([
-                        ("arn".to_owned(), s(r.principal_arn)),
-                        ("account".to_owned(), s(account)),
-                    ]),
-                    HashSet::new(),
-                )
-                .map_err(request_error)?,
-                Entity::new(
-                    resource.clone(),
-                    HashMap::from([("keyStore".to_owned(), s(r.key_store))]),
-                    HashSet::new(),
-                )
-                .map_err(request_error)?,
-            ],
-            None,
-        )
-        .map_err(request_error)?;
-        let mut pairs = vec![
-            ("keyStore".to_owned(), s(r.key_store)),
-            ("kmsOperation".to_owned(), s(r.kms_operation)),
-            ("kmsRequestId".to_owned(), s(r.kms_request_id)),
-        ];
-        for (name, value) in [
-            ("kmsKeyArn", r.kms_key_arn),
-            ("kmsViaService", r.kms_via_service),
-            ("awsSourceVpc", r.aws_source_vpc),
-            ("awsSourceVpce", r.aws_source_vpce),
-        ] {
-            if let Some(v) = value {
-                pairs.push((name.to_owned(), s(v)));
-            }
+/// The engine of a build without Cedar: it cannot be made, so no key store
+/// can have policies, and the configuration that asks for them is refused.
+#[cfg(not(feature = "authorization"))]
+mod absent {
+    use std::path::Path;
+
+    use super::{AuthzRequest, PolicyError};
+
+    pub enum Engine {}
+
+    impl Engine {
+        pub fn parse(_: &str, file: &Path) -> Result<Engine, PolicyError> {
+            Err(PolicyError::NotBuilt {
+                file: file.to_path_buf(),
+            })
         }
-        let context = Context::from_pairs(pairs).map_err(request_error)?;
-        let request =
-            Request::new(principal, action, resource, context, None).map_err(request_error)?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.set, &entities);
-        let policies = response
-            .diagnostics()
-            .reason()
-            .map(|id| id.to_string())
-            .collect();
-        let errors = response
-            .diagnostics()
-            .errors()
-            .map(|e| e.to_string())
-            .collect();
-        Ok((response.decision() == Decision::Allow, policies, errors))
+
+        pub fn count(&self) -> usize {
+            match *self {}
+        }
+
+        pub fn evaluate(
+            &self,
+            _: &AuthzRequest<'_>,
+        ) -> Result<(bool, Vec<String>, Vec<String>), std::convert::Infallible> {
+            match *self {}
+        }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "authorization"))]
 mod tests {
     use super::*;
 
@@ -376,5 +252,21 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+}
+
+#[cfg(all(test, not(feature = "authorization")))]
+mod without_cedar {
+    use super::*;
+
+    #[test]
+    fn policies_are_refused_with_the_reason() {
+        let e = Policies::parse(
+            "permit (principal, action, resource);",
+            Path::new("p.cedar"),
+            Mode::Enforce,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("built without Cedar"), "{e}");
     }
 }
