@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | [`cli`] | the `xks-proxy` command line (`main.rs` only calls it) | everything below |
 //! | [`serve`] | the composition root: config in, a running proxy out | everything below |
-//! | [`ops`] | what an operator does to a running proxy or its files: hot reload, the admin listener, credentials, migration from the AWS sample | config, api, net, state, hsm |
+//! | [`ops`] | what an operator does to a running proxy or its files: hot reload, the admin listener, credentials, migration from the AWS sample | config, net, state, hsm, telemetry, spec |
 //! | [`config`] | reads the TOML file, resolves paths, validates; each section becomes the type of the subsystem that owns it | the section types below |
 //! | [`client`] | a SigV4-signing XKS client, and `check` (a KMS simulator that tells whether a proxy will work with KMS) | net (PEM), guard (the service name), spec |
 //! | [`api`] | the XKS API over HTTP: the request pipeline, one module per operation, the access log, faults → spec errors | net (connection info), state, guard, hsm (through a narrow trait), spec |

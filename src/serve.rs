@@ -91,7 +91,7 @@ pub async fn run(
         keys: hsm.clone(),
         health_key: cfg.health.key_label.clone(),
         body_timeout: cfg.net.header_read_timeout,
-        body_budget: Arc::new(tokio::sync::Semaphore::new(cfg.service.body_buffer_budget)),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(cfg.net.body_buffer_budget)),
         metrics: metrics.clone(),
         xks_conns: xks_conns.clone(),
         log_limiter: Default::default(),

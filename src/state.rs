@@ -26,8 +26,6 @@ use crate::spec::aead::SampleCompat;
 pub struct ServiceConfig {
     /// The largest request body that is read and processed.
     pub max_body_bytes: usize,
-    /// Request-body bytes held at once, over all requests (restart-only).
-    pub body_buffer_budget: usize,
     /// `xksProxyFleetSize`, `xksProxyVendor`, `xksProxyModel`.
     pub fleet_size: u32,
     pub vendor: String,
@@ -79,11 +77,24 @@ impl AllowedKeys {
     }
 }
 
+/// When a credential was made: its `created` time from the config, else its
+/// secret file's modification time (read now: the credential-age metric and
+/// `credentials list` report it).
+pub fn created_or_modified(c: &Credential) -> Option<SystemTime> {
+    c.created.or_else(|| {
+        c.secret_file
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok())
+    })
+}
+
 /// Why the configuration cannot become a live state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("key_stores ({key_store}).authorization.policy_file: {source}")]
+    #[error("key_stores[{index}] ({key_store}).authorization.policy_file: {source}")]
     Policies {
+        index: usize,
         key_store: String,
         source: PolicyError,
     },
@@ -93,7 +104,6 @@ pub enum StateError {
 #[derive(Debug)]
 pub struct KeyStore {
     pub name: String,
-    pub uri_path: String,
     pub keys: AllowedKeys,
     pub credentials: CredentialSet,
     /// Access key id and creation (or secret file modification) time of each
@@ -148,13 +158,14 @@ impl Live {
         previous: Option<&Live>,
     ) -> Result<Live, StateError> {
         let mut stores = HashMap::with_capacity(key_stores.len());
-        for ks in key_stores {
+        for (index, ks) in key_stores.iter().enumerate() {
             let old = previous.and_then(|p| p.stores.get(&ks.uri_path));
             let policies = match &ks.authorization {
                 None => None,
                 Some(src) => Some(Arc::new(
                     Policies::parse(&src.text, &src.file, src.mode).map_err(|source| {
                         StateError::Policies {
+                            index,
                             key_store: ks.name.clone(),
                             source,
                         }
@@ -174,13 +185,12 @@ impl Live {
                 ks.uri_path.clone(),
                 KeyStore {
                     name: ks.name.clone(),
-                    uri_path: ks.uri_path.clone(),
                     keys: ks.keys.clone(),
                     credentials: CredentialSet::new(&ks.credentials),
                     credential_ages: ks
                         .credentials
                         .iter()
-                        .map(|c| (c.access_key_id.clone(), c.created_or_modified()))
+                        .map(|c| (c.access_key_id.clone(), created_or_modified(c)))
                         .collect(),
                     policies,
                     bucket,

@@ -3,10 +3,11 @@
 //! and no two files import each other, directly or in a circle.
 //!
 //! An import is any path through `crate::`, `super::` or `self::`, or
-//! through a child module a file declares (`mod x;` … `x::y`), in code; doc
-//! comments and string contents are skipped, and so are unit tests (the
-//! `#[cfg(test)]` part of a file and `tests.rs` files), which may use
-//! whatever helps them test.
+//! through a child module a file declares (`mod x;` … `x::y`), in code;
+//! comments and string contents are skipped, and so are unit tests
+//! (`#[cfg(test)]` items and `tests.rs` files), which may use whatever helps
+//! them test. The crate root only declares modules and re-exports the
+//! spec's error type, so paths that end at the root are not edges.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -69,49 +70,127 @@ fn library_files() -> Vec<(Vec<String>, PathBuf)> {
         .collect()
 }
 
-/// The code of a file: comments, string literals and the unit tests removed.
+/// The code of a file: comments, string and char literals, and the unit
+/// tests (`#[cfg(test)]` or `#[cfg(all(test, …))]` items) removed.
 fn code(text: &str) -> String {
-    let text = match text.find("#[cfg(test)]") {
-        Some(i) => &text[..i],
-        None => text,
-    };
+    without_test_items(&without_literals(text))
+}
+
+/// Blanks comments (line and block), string literals (raw ones too) and
+/// char literals, keeping line breaks and everything else.
+fn without_literals(text: &str) -> String {
+    let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '/' if chars.peek() == Some(&'/') => {
-                for c in chars.by_ref() {
-                    if c == '\n' {
-                        out.push('\n');
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &text[i..];
+        if rest.starts_with("//") {
+            i += rest.find('\n').unwrap_or(rest.len());
+        } else if rest.starts_with("/*") {
+            let mut depth = 0;
+            while i < b.len() {
+                if text[i..].starts_with("/*") {
+                    depth += 1;
+                    i += 2;
+                } else if text[i..].starts_with("*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
                         break;
                     }
-                }
-            }
-            '"' => {
-                let mut escaped = false;
-                for c in chars.by_ref() {
-                    match (escaped, c) {
-                        (false, '\\') => escaped = true,
-                        (false, '"') => break,
-                        _ => escaped = false,
-                    }
-                }
-                out.push_str("\"\"");
-            }
-            // A char literal such as '"' or '{' (but not a lifetime).
-            '\'' => {
-                let rest: String = chars.clone().take(3).collect();
-                if rest.starts_with('\\') {
-                    chars.by_ref().take_while(|&c| c != '\'').for_each(drop);
-                } else if rest.chars().nth(1) == Some('\'') {
-                    chars.next();
-                    chars.next();
                 } else {
-                    out.push(c);
+                    i += 1;
                 }
             }
-            _ => out.push(c),
+        } else if (rest.starts_with("r\"") || rest.starts_with("r#"))
+            && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))
+        {
+            let hashes = rest[1..].bytes().take_while(|&c| c == b'#').count();
+            if rest[1 + hashes..].starts_with('"') {
+                let close = format!("\"{}", "#".repeat(hashes));
+                let body = i + 2 + hashes;
+                i = body
+                    + text[body..]
+                        .find(&close)
+                        .map_or(text.len() - body, |e| e + close.len());
+                out.push_str("\"\"");
+            } else {
+                out.push('r');
+                i += 1;
+            }
+        } else if b[i] == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i += 1;
+            out.push_str("\"\"");
+        } else if b[i] == b'\'' {
+            // A char literal ('x', '\n', '\'', '\u{..}'), or a lifetime.
+            let lit = if rest[1..].starts_with('\\') {
+                rest[2..].find('\'').map(|e| e + 3)
+            } else {
+                rest[1..]
+                    .char_indices()
+                    .nth(1)
+                    .filter(|(_, c)| *c == '\'')
+                    .map(|(e, _)| e + 2)
+            };
+            match lit {
+                Some(len) => {
+                    i += len;
+                    out.push_str("' '");
+                }
+                None => {
+                    out.push('\'');
+                    i += 1;
+                }
+            }
+        } else {
+            let c = rest.chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
         }
+    }
+    out
+}
+
+/// Removes each item marked `#[cfg(test)]` or `#[cfg(all(test, …))]`: a
+/// `mod x;` declaration or a whole `{ … }` item.
+fn without_test_items(code: &str) -> String {
+    let mut out = code.to_string();
+    while let Some(at) = ["#[cfg(test)]", "#[cfg(all(test"]
+        .iter()
+        .filter_map(|m| out.find(m))
+        .min()
+    {
+        let b = out.as_bytes();
+        let semi = out[at..].find(';').map(|e| at + e);
+        let brace = out[at..].find('{').map(|e| at + e);
+        let end = match (semi, brace) {
+            (Some(s), Some(o)) if s < o => s + 1,
+            (Some(s), None) => s + 1,
+            (_, Some(open)) => {
+                let mut depth = 0;
+                let mut j = open;
+                while j < b.len() {
+                    match b[j] {
+                        b'{' => depth += 1,
+                        b'}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                (j + 1).min(b.len())
+            }
+            (None, None) => out.len(),
+        };
+        out.replace_range(at..end, "");
     }
     out
 }
@@ -157,6 +236,9 @@ fn tree(s: &str) -> (Vec<Vec<String>>, usize) {
             i += used;
         }
     }
+    if i < bytes.len() && bytes[i] == b'*' {
+        return (vec![vec!["*".to_string()]], i + 1);
+    }
     let end = ident_end(i);
     if end == i {
         return (vec![vec![]], i);
@@ -193,11 +275,15 @@ fn references(code: &str, children: &BTreeSet<String>) -> Vec<(Option<usize>, Ve
             continue;
         }
         let (paths, used) = tree(&code[i..]);
-        for p in paths {
-            let Some(first) = p.first() else { continue };
-            if p.len() < 2 && !children.contains(first) {
+        for mut p in paths {
+            // A glob names the module it reads from.
+            if p.last().is_some_and(|l| l == "*") {
+                p.pop();
+            } else if p.len() < 2 {
+                // A lone name, `pub(super)`, `crate` alone: not an import.
                 continue;
             }
+            let Some(first) = p.first() else { continue };
             let start = match first.as_str() {
                 "crate" => Some((None, &p[1..])),
                 "self" => Some((Some(0), &p[1..])),
@@ -221,9 +307,15 @@ fn references(code: &str, children: &BTreeSet<String>) -> Vec<(Option<usize>, Ve
 fn declared_children(code: &str) -> BTreeSet<String> {
     code.lines()
         .filter_map(|l| {
-            let l = l.trim();
+            let mut l = l.trim();
+            // Attributes on the same line, then any visibility.
+            while l.starts_with("#[") {
+                l = l[l.find(']')? + 1..].trim_start();
+            }
+            if l.starts_with("pub(") {
+                l = l[l.find(')')? + 1..].trim_start();
+            }
             let l = l.strip_prefix("pub ").unwrap_or(l);
-            let l = l.strip_prefix("pub(crate) ").unwrap_or(l);
             l.strip_prefix("mod ")?
                 .strip_suffix(';')
                 .map(|n| n.trim().to_string())
@@ -388,9 +480,26 @@ fn no_files_import_each_other_in_a_circle() {
             t.visit(v);
         }
     }
+    // Name the imports that close each circle.
+    let edges: Vec<String> = t
+        .circles
+        .iter()
+        .flat_map(|c| {
+            let graph = &graph;
+            c.iter().flat_map(move |from| {
+                graph
+                    .iter()
+                    .filter(move |(m, _)| name(m) == *from)
+                    .flat_map(|(_, targets)| targets.iter().map(|t| name(t)))
+                    .filter(|to| c.contains(to))
+                    .map(move |to| format!("{from} → {to}"))
+            })
+        })
+        .collect();
     assert!(
         t.circles.is_empty(),
-        "files that import each other: {:?}",
-        t.circles
+        "files that import each other: {:?}\n{}",
+        t.circles,
+        edges.join("\n")
     );
 }

@@ -20,7 +20,7 @@ fn client_config(
     alpn: &[&[u8]],
 ) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
-    for c in xks_proxy::net::pem::load_certs(&p.certs.ca).unwrap() {
+    for c in xks_proxy::net::pem::load_certs("ca", &p.certs.ca).unwrap() {
         roots.add(c).unwrap();
     }
     let prov = rustls::crypto::CryptoProvider {

@@ -24,7 +24,7 @@ use crate::telemetry::logging::clip;
 /// Longest value of a client-supplied access-log field, in bytes.
 pub const FIELD_MAX: usize = 256;
 /// ARNs may be long; KMS's are well under this.
-pub const ARN_MAX: usize = 512;
+const ARN_MAX: usize = 512;
 
 /// Fields of the access-log line, filled in as the request goes through the
 /// pipeline: whatever stage it stops at, the line says how far it got.

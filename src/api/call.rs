@@ -27,7 +27,7 @@ impl<'a, K> KeyCall<'a, K> {
         parse_logged(self.body, self.log)
     }
 
-    /// Secondary authorization of this call (see [`authorize`]).
+    /// Secondary authorization of this call.
     pub fn authorize(&mut self, md: &RequestMetadata<'_>) -> Result<(), XksError> {
         authorize(&self.target, md, self.log)
     }
@@ -41,7 +41,7 @@ pub struct Target<'a> {
 }
 
 /// Secondary authorization, after validation and before any HSM work.
-pub fn authorize(
+fn authorize(
     t: &Target<'_>,
     md: &RequestMetadata<'_>,
     log: &mut AccessLog,

@@ -8,7 +8,7 @@ use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput
 
 /// What the API needs from the key managers: the four XKS needs, answered
 /// in the key manager layer's own terms ([`Fault`]s, which only
-/// [`response`] turns into HTTP). [`KeyManagers`] is the real one; the
+/// `api::response` turns into HTTP). [`KeyManagers`] is the real one; the
 /// pipeline's unit tests script their own.
 pub trait KeyService: Send + Sync + 'static {
     /// A key's spec, usages and state (GetKeyMetadata).

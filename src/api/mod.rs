@@ -26,19 +26,19 @@
 //! runs in-process in unit tests against a scripted key service; the
 //! end-to-end tests run it against a real SoftHSM token.
 
-pub mod access_log;
+mod access_log;
 mod app;
-pub mod body;
+mod body;
 mod call;
 mod decrypt;
 mod encrypt;
 mod health;
 mod key_metadata;
 mod key_service;
-pub mod log_limit;
+mod log_limit;
 mod ping;
 mod pipeline;
-pub mod response;
+mod response;
 #[cfg(test)]
 mod tests;
 

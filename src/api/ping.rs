@@ -33,13 +33,7 @@ pub async fn ping<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reque
         )
             .into_response()
     } else {
-        let status = app
-            .keys
-            .health()
-            .into_iter()
-            .map(|(_, s)| s)
-            .max_by_key(|s| s.rank())
-            .unwrap_or(EkmStatus::Unavailable);
+        let status = EkmStatus::best(app.keys.health().into_iter().map(|(_, s)| s));
         let saturated = app.xks_conns.saturated();
         let code = if status == EkmStatus::Unavailable || saturated {
             StatusCode::SERVICE_UNAVAILABLE

@@ -3,9 +3,10 @@
 //! validation, authorization, the key service).
 //!
 //! Every stage either passes the request on or returns the spec's error;
-//! nothing answers before the whole body arrived (see [`super::body`]), and
-//! every request, whatever stage it stopped at, produces one access-log line
-//! and one metrics observation.
+//! nothing answers before the whole body arrived (see `super::body`), and
+//! every request, whatever stage it stopped at, produces one metrics
+//! observation and one access-log line (unless it never authenticated and
+//! its source is over its log budget, see `super::log_limit`).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

@@ -115,6 +115,7 @@ struct Setup {
     rate_limit: Option<RateLimit>,
     /// Cedar policies; `None`: no secondary authorization.
     policies: Option<&'static str>,
+    replay_protection: bool,
 }
 
 struct Harness {
@@ -142,11 +143,10 @@ fn harness(setup: Setup) -> Harness {
         rate_limit: setup.rate_limit,
         compat: None,
         region: None,
-        replay_protection: false,
+        replay_protection: setup.replay_protection,
     };
     let service = ServiceConfig {
         max_body_bytes: 4096,
-        body_buffer_budget: 1 << 20,
         fleet_size: 2,
         vendor: "Unit vendor".into(),
         model: "Unit model".into(),
@@ -333,6 +333,34 @@ fn the_signature_is_checked_before_the_quota() {
             .call("/health", bodies::health("ConnectCustomKeyStore"))
             .await;
         assert_eq!(a.status, StatusCode::OK, "{a:?}");
+        assert_eq!(h.key_calls(), 1);
+    });
+}
+
+#[test]
+fn a_replayed_request_is_refused_before_the_quota() {
+    run(async {
+        let h = harness(Setup {
+            replay_protection: true,
+            rate_limit: Some(RateLimit {
+                per_second: 0.001,
+                burst: 1.0,
+            }),
+            ..Setup::default()
+        });
+        let now = SystemTime::now();
+        let signed = || {
+            let body = Bytes::from(encrypt_body());
+            let req = h
+                .client
+                .signed_request(&format!("/keys/{KEY}/encrypt"), body, now);
+            req.unwrap().map(Body::new)
+        };
+        assert_eq!(h.send(signed()).await.status, StatusCode::OK);
+        // The same signature again: 401, and the quota (spent) is not what
+        // answers, because a replay is not the key store holder's request.
+        let a = h.send(signed()).await;
+        expect(&a, 401, "AuthenticationFailedException");
         assert_eq!(h.key_calls(), 1);
     });
 }

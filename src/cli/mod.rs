@@ -97,10 +97,14 @@ fn run(command: Command) -> Result<(), ExitCode> {
         ),
         Command::CheckConfig { config } => {
             let cfg = load(&config)?;
-            crate::net::tls::load_cert(&cfg.tls).map_err(|e| {
+            let refuse = |e: &dyn std::fmt::Display| {
                 eprintln!("xks-proxy: configuration error: {e}");
                 ExitCode::from(2)
-            })?;
+            };
+            // Everything startup checks before it touches the HSM: the live
+            // state (policies compiled) and the certificate.
+            cfg.live(None).map_err(|e| refuse(&e))?;
+            crate::net::tls::load_cert(&cfg.tls).map_err(|e| refuse(&e))?;
             println!(
                 "{}: OK ({} key store(s): {})",
                 config.display(),

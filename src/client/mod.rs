@@ -138,8 +138,9 @@ pub fn tls_config_with_identity(
 
 /// Adds the certificates of a PEM file to `roots`.
 pub fn add_roots(roots: &mut rustls::RootCertStore, pem: &Path) -> Result<(), ClientError> {
-    for cert in load_certs(pem)? {
+    for cert in load_certs("CA certificates", pem)? {
         roots.add(cert).map_err(|source| TlsError::Trust {
+            field: "CA certificates",
             path: pem.to_path_buf(),
             source,
         })?;
@@ -161,7 +162,10 @@ pub fn client_tls(
         .with_root_certificates(roots);
     let mut cfg = match identity {
         Some((cert, key)) => builder
-            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .with_client_auth_cert(
+                load_certs("client certificate", cert)?,
+                load_key("client key", key)?,
+            )
             .map_err(TlsError::Mismatch)?,
         None => builder.with_no_client_auth(),
     };

@@ -194,7 +194,7 @@ pub(super) struct RawKeyStore {
     /// `"aws-sample"`: Decrypt also accepts what the AWS sample proxy wrote.
     pub(super) compat: Option<Compat>,
     /// The sample's `server.ciphertext_metadata_b64`, when it had one.
-    pub compat_metadata_b64: Option<String>,
+    pub(super) compat_metadata_b64: Option<String>,
 }
 
 /// Which other proxy's ciphertexts a key store also decrypts.

@@ -100,10 +100,10 @@ pub(super) fn validate_server(
         max_ping_connections: raw.max_ping_connections,
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
         proxy_protocol: raw.proxy_protocol,
+        body_buffer_budget: raw.body_buffer_budget_bytes,
     };
     let service = ServiceConfig {
         max_body_bytes: raw.max_body_bytes,
-        body_buffer_budget: raw.body_buffer_budget_bytes,
         fleet_size: raw.fleet_size,
         vendor: raw.vendor,
         model: raw

@@ -2,8 +2,8 @@
 //!
 //! - [`sigv4`]: SigV4 verification (spec Appendix A) against a key store's
 //!   credentials;
-//! - [`authz`]: secondary authorization with Cedar policies (`cedar`, the
-//!   engine, is the `authorization` feature, on by default);
+//! - [`authz`]: secondary authorization with Cedar policies (its engine is
+//!   the `authorization` feature, on by default);
 //! - [`throttle`]: per-key-store request-rate quotas;
 //! - [`replay`]: the optional cache that refuses a signed request seen before.
 //!
@@ -11,8 +11,6 @@
 //! layer calls them in a fixed order (see `crate::api`).
 
 pub mod authz;
-#[cfg(feature = "authorization")]
-pub mod cedar;
 pub mod replay;
 pub mod sigv4;
 pub mod throttle;

@@ -45,18 +45,6 @@ pub struct Credential {
     pub created: Option<SystemTime>,
 }
 
-impl Credential {
-    /// Creation time from the config, else the secret file's modification time.
-    pub fn created_or_modified(&self) -> Option<SystemTime> {
-        self.created.or_else(|| {
-            self.secret_file
-                .as_ref()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .and_then(|m| m.modified().ok())
-        })
-    }
-}
-
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credential")
@@ -101,10 +89,6 @@ impl CredentialSet {
             })
             .collect();
         CredentialSet { by_id }
-    }
-
-    pub fn contains(&self, access_key_id: &str) -> bool {
-        self.by_id.contains_key(access_key_id)
     }
 }
 

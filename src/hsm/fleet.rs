@@ -217,24 +217,6 @@ impl KeyManagers {
         Ok(())
     }
 
-    /// The best status of any key manager (the proxy can serve if one can),
-    /// with the reasons of the others when none is ACTIVE.
-    pub fn overall(&self) -> (EkmStatus, Option<String>) {
-        let mut best = EkmStatus::Unavailable;
-        let mut details = Vec::new();
-        for b in self.backends() {
-            let (status, detail) = b.status(&self.inner.health);
-            if status.rank() > best.rank() {
-                best = status;
-            }
-            if let Some(d) = detail {
-                details.push(format!("{}: {d}", b.info().id));
-            }
-        }
-        let detail = (best != EkmStatus::Active && !details.is_empty()).then(|| details.join("; "));
-        (best, detail)
-    }
-
     /// Vendor, id, model and status of each key manager, for GetHealthStatus.
     pub fn details(&self) -> Vec<(Arc<EkmInfo>, EkmStatus)> {
         self.backends()

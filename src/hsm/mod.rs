@@ -14,7 +14,8 @@
 //! - [`token`]: opening a token, and the administrative operations;
 //! - [`objects`], [`key_spec`], `state`, `keys`: key objects, their spec,
 //!   their enabled/disabled state, and the key-handle cache;
-//! - [`fault`]: what can go wrong, in this layer's terms.
+//! - [`fault`]: what can go wrong, in this layer's terms;
+//! - [`config`]: what `[hsm]`, `[[hsm.backends]]` and `[health]` become.
 //!
 //! Nothing here runs PKCS#11 on the async runtime, and nothing here knows HTTP.
 

@@ -510,7 +510,7 @@ impl Worker {
     }
 
     /// Decrypts with the version of `id` that the ciphertext metadata names,
-    /// trying the input's AAD layouts in order (see `aead::decrypt_layouts`):
+    /// trying the input's AAD layouts in order (see `spec::aead::decrypt_layouts`):
     /// a layout that does not authenticate moves on to the next, and only
     /// the last one's failure is reported.
     pub fn decrypt(&mut self, id: &str, input: &DecryptInput) -> Result<DecryptOutput, Fault> {

@@ -67,8 +67,9 @@ struct Inner {
 
 fn build(cfg: &ClientAuthConfig) -> Result<Inner, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in load_certs(&cfg.ca)? {
+    for cert in load_certs("tls.client_ca", &cfg.ca)? {
         roots.add(cert).map_err(|source| TlsError::Trust {
+            field: "tls.client_ca",
             path: cfg.ca.clone(),
             source,
         })?;

@@ -30,4 +30,8 @@ pub struct NetConfig {
     pub shutdown_grace: Duration,
     /// Every connection to the XKS listener starts with a PROXY v2 header.
     pub proxy_protocol: bool,
+    /// Request-body bytes held at once, over all requests: bodies arrive
+    /// before SigV4 can be checked, so this bounds what clients that never
+    /// authenticate can make the proxy hold.
+    pub body_buffer_budget: usize,
 }

@@ -49,8 +49,8 @@ pub struct ConnInfo {
     pub conn: Arc<ConnState>,
 }
 
-/// Opens a listening socket; the address it got is in the error-free result's
-/// `local_addr` (port 0 picks one).
+/// Opens a listening socket, and says which address it got (port 0 picks
+/// one).
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
     let listener = TcpListener::bind(addr)
         .await

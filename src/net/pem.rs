@@ -11,31 +11,39 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::SupportedCipherSuite;
 
 /// Why TLS material could not be loaded or a TLS configuration built. The
-/// messages name the file; they never quote key bytes.
+/// messages name the setting (`tls.cert`, `--ca`, …) and the file; they never
+/// quote key bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read certificates from {}: {source}", .path.display())]
+    #[error("{field}: cannot read certificates from {}: {source}", .path.display())]
     Certs {
+        field: &'static str,
         path: PathBuf,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("no PEM certificate found in {}", .path.display())]
-    NoCert { path: PathBuf },
-    #[error("{}: not a parsable X.509 certificate", .path.display())]
-    NotX509 { path: PathBuf },
-    #[error("cannot read a private key from {}: {source}", .path.display())]
+    #[error("{field}: no PEM certificate found in {}", .path.display())]
+    NoCert { field: &'static str, path: PathBuf },
+    #[error("{field}: {} is not a parsable X.509 certificate: {reason}", .path.display())]
+    NotX509 {
+        field: &'static str,
+        path: PathBuf,
+        reason: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    #[error("{field}: cannot read a private key from {}: {source}", .path.display())]
     Key {
+        field: &'static str,
         path: PathBuf,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("{}: {source}", .path.display())]
+    #[error("{field}: {}: {source}", .path.display())]
     Trust {
+        field: &'static str,
         path: PathBuf,
         source: rustls::Error,
     },
     #[error("the certificate and key do not fit together: {0}")]
     Mismatch(rustls::Error),
-    #[error("the mutual TLS verifier: {0}")]
+    #[error("tls.client_ca: the mutual TLS verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
@@ -60,8 +68,13 @@ pub fn provider() -> CryptoProvider {
     }
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of a PEM file; `field` names the setting in errors.
+pub fn load_certs(
+    field: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |source| TlsError::Certs {
+        field,
         path: path.to_path_buf(),
         source,
     };
@@ -71,15 +84,18 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         .map_err(err)?;
     if certs.is_empty() {
         return Err(TlsError::NoCert {
+            field,
             path: path.to_path_buf(),
         });
     }
     Ok(certs)
 }
 
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+/// The private key of a PEM file; `field` names the setting in errors.
+pub fn load_key(field: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     // The error type names the PEM problem, never the key bytes.
     PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Key {
+        field,
         path: path.to_path_buf(),
         source,
     })
@@ -89,8 +105,10 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// `path` names the file in the error.
 pub fn leaf_not_after(path: &Path, der: &CertificateDer<'_>) -> Result<SystemTime, TlsError> {
     let (_, cert) =
-        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|_| TlsError::NotX509 {
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|reason| TlsError::NotX509 {
+            field: "tls.cert",
             path: path.to_path_buf(),
+            reason,
         })?;
     let secs = cert.validity().not_after.timestamp();
     Ok(if secs >= 0 {

@@ -39,9 +39,9 @@ pub struct LoadedCert {
 
 /// Loads and checks a certificate chain and its private key.
 pub fn load_cert(cfg: &TlsConfig) -> Result<LoadedCert, TlsError> {
-    let certs = load_certs(&cfg.cert)?;
+    let certs = load_certs("tls.cert", &cfg.cert)?;
     let not_after = leaf_not_after(&cfg.cert, &certs[0])?;
-    let key = load_key(&cfg.key)?;
+    let key = load_key("tls.key", &cfg.key)?;
     let key = CertifiedKey::from_der(certs, key, &provider()).map_err(TlsError::Mismatch)?;
     Ok(LoadedCert {
         key: Arc::new(key),

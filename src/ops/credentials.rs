@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, ConfigError};
 use crate::spec::time::format_timestamp;
+use crate::state::{created_or_modified, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
@@ -61,6 +62,8 @@ pub enum CredentialError {
     /// The edited configuration does not load: nothing was changed.
     #[error("the changed configuration would not load, so nothing was changed: {0}")]
     Validation(ConfigError),
+    #[error("the changed configuration would not load, so nothing was changed: {0}")]
+    PolicyValidation(StateError),
     #[error("the system random generator failed")]
     Rng,
 }
@@ -159,12 +162,17 @@ fn commit(path: &Path, text: &str) -> Result<Config, CredentialError> {
     if let Ok(meta) = std::fs::metadata(path) {
         std::fs::set_permissions(&tmp, meta.permissions()).map_err(err)?;
     }
-    let checked = Config::load(&tmp);
+    let checked = Config::load(&tmp)
+        .map_err(CredentialError::Validation)
+        .and_then(|cfg| match cfg.live(None) {
+            Ok(_) => Ok(cfg),
+            Err(e) => Err(CredentialError::PolicyValidation(e)),
+        });
     let cfg = match checked {
         Ok(cfg) => cfg,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(CredentialError::Validation(e));
+            return Err(e);
         }
     };
     std::fs::rename(&tmp, path).map_err(|source| CredentialError::Write {
@@ -334,7 +342,7 @@ pub fn list(config_path: &Path) -> Result<Vec<Listed>, CredentialError> {
                     format!("env:{var}")
                 }
             };
-            let created = c.created_or_modified();
+            let created = created_or_modified(c);
             out.push(Listed {
                 key_store: ks.name.clone(),
                 uri_path: ks.uri_path.clone(),

@@ -9,7 +9,7 @@
 //! behind the same NLB without touching KMS: same URI paths, same
 //! credentials, same HSM and key labels. Each key store gets
 //! `compat = "aws-sample"`, so that the ciphertexts the sample wrote keep
-//! decrypting (see `aead::AadLayout::AwsSample`).
+//! decrypting (see `spec::aead::AadLayout::AwsSample`).
 //!
 //! The conversion is pure: the caller writes the files, and tells it the
 //! label of the token the sample would have used (the sample logs in to the

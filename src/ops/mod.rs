@@ -7,8 +7,9 @@
 //!   the configuration file;
 //! - [`migrate`]: the AWS sample proxy's settings, converted to our config.
 //!
-//! This layer sits above `config` (it reads and rewrites configuration files)
-//! and above `api` (a reload swaps the state requests read).
+//! This layer sits above `config` (it reads and rewrites configuration
+//! files) and `state` (a reload builds a new live state and swaps it in, for
+//! the API to read).
 
 pub mod admin;
 pub mod credentials;

@@ -36,6 +36,40 @@ pub struct RequestMetadata<'a> {
     pub kms_via_service: Option<Cow<'a, str>>,
 }
 
+/// The length of a Base64 field, for `Debug` output that must not show it.
+fn len_of(v: &Option<Cow<'_, str>>) -> Option<usize> {
+    v.as_deref().map(str::len)
+}
+
+impl std::fmt::Debug for EncryptRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("request_metadata", &self.request_metadata)
+            .field("plaintext_b64_len", &len_of(&self.plaintext))
+            .field("encryption_algorithm", &self.encryption_algorithm)
+            .field("aad_b64_len", &len_of(&self.additional_authenticated_data))
+            .field(
+                "cdiv_algorithm",
+                &self.ciphertext_data_integrity_value_algorithm,
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DecryptRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptRequest")
+            .field("request_metadata", &self.request_metadata)
+            .field("ciphertext_b64_len", &len_of(&self.ciphertext))
+            .field("ciphertext_metadata", &self.ciphertext_metadata)
+            .field("encryption_algorithm", &self.encryption_algorithm)
+            .field("aad_b64_len", &len_of(&self.additional_authenticated_data))
+            .field("authentication_tag", &self.authentication_tag)
+            .field("initialization_vector", &self.initialization_vector)
+            .finish()
+    }
+}
+
 /// A request body that carries `requestMetadata` (every XKS request does).
 pub trait WithMetadata<'a> {
     fn request_metadata(&self) -> Option<&RequestMetadata<'a>>;
@@ -49,7 +83,8 @@ pub struct MetadataOnlyRequest<'a> {
     pub request_metadata: Option<RequestMetadata<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Encrypt's body. Its `Debug` shows lengths, never the plaintext or AAD.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptRequest<'a> {
     #[serde(borrow)]
@@ -64,7 +99,8 @@ pub struct EncryptRequest<'a> {
     pub ciphertext_data_integrity_value_algorithm: Option<Cow<'a, str>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Decrypt's body. Its `Debug` shows lengths, never the AAD.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DecryptRequest<'a> {
     #[serde(borrow)]
@@ -401,6 +437,15 @@ impl EkmStatus {
             EkmStatus::Degraded => 1,
             EkmStatus::Unavailable => 0,
         }
+    }
+
+    /// What a proxy with key managers in these states can do: as well as its
+    /// best one (UNAVAILABLE with none).
+    pub fn best(statuses: impl IntoIterator<Item = EkmStatus>) -> EkmStatus {
+        statuses
+            .into_iter()
+            .max_by_key(|s| s.rank())
+            .unwrap_or(EkmStatus::Unavailable)
     }
 }
 

@@ -23,9 +23,16 @@
 use std::path::{Path, PathBuf};
 
 #[cfg(feature = "authorization")]
-use super::cedar::{CedarError, Engine};
+mod cedar;
+mod request;
+
 #[cfg(not(feature = "authorization"))]
 use absent::Engine;
+#[cfg(feature = "authorization")]
+use cedar::Engine;
+#[cfg(feature = "authorization")]
+pub use cedar::{CedarError, SCHEMA};
+pub use request::AuthzRequest;
 
 /// Why a key store's policies cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -49,20 +56,6 @@ pub enum Mode {
     #[default]
     Enforce,
     DryRun,
-}
-
-/// What a request is, for the policies.
-pub struct AuthzRequest<'a> {
-    pub key_store: &'a str,
-    pub action: &'a str,
-    pub key_id: &'a str,
-    pub principal_arn: &'a str,
-    pub kms_operation: &'a str,
-    pub kms_request_id: &'a str,
-    pub kms_key_arn: Option<&'a str>,
-    pub kms_via_service: Option<&'a str>,
-    pub aws_source_vpc: Option<&'a str>,
-    pub aws_source_vpce: Option<&'a str>,
 }
 
 /// The outcome: allowed or not, and the policies that decided.
@@ -97,17 +90,13 @@ impl std::fmt::Debug for Policies {
 
 impl Policies {
     /// Parses and validates policy text against the XKS schema (see
-    /// `guard::cedar`). `file` names the policies' origin in errors and logs.
+    /// `cedar`). `file` names the policies' origin in errors and logs.
     pub fn parse(text: &str, file: &Path, mode: Mode) -> Result<Policies, PolicyError> {
         Ok(Policies {
             engine: Engine::parse(text, file)?,
             mode,
             file: file.to_path_buf(),
         })
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.mode
     }
 
     /// Decides one request.
@@ -144,7 +133,8 @@ impl Policies {
 mod absent {
     use std::path::Path;
 
-    use super::{AuthzRequest, PolicyError};
+    use super::request::AuthzRequest;
+    use super::PolicyError;
 
     pub enum Engine {}
 

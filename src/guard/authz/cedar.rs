@@ -1,25 +1,7 @@
-//! The Cedar engine behind [`super::authz`] (the `authorization` feature,
-//! on by default).
-//!
-//! SigV4 proves that a request comes from KMS; it says nothing about *whose*
-//! request KMS is relaying. The spec lets the proxy apply its own rules on the
-//! `requestMetadata` KMS sends, and Cedar (AWS's policy language, the same one
-//! behind Amazon Verified Permissions) gives operators a reviewable, testable
-//! way to write them:
-//!
-//! - principal: `Xks::Principal::"<awsPrincipalArn>"` with attributes `arn` and
-//!   `account` (from the ARN), so policies can match an account, a role path
-//!   (`principal.arn like "arn:aws:iam::111122223333:role/payments/*"`) or one ARN;
-//! - action: `Xks::Action::"GetKeyMetadata" | "Encrypt" | "Decrypt"`;
-//! - resource: `Xks::Key::"<externalKeyId>"` with attribute `keyStore`;
-//! - context: `keyStore`, `kmsOperation`, `kmsRequestId` and, when KMS sent
-//!   them, `kmsKeyArn`, `kmsViaService`, `awsSourceVpc`, `awsSourceVpce`.
-//!
-//! Policies are validated against that schema when loaded (a typo such as
-//! `context.kmsViaServce` is a load error, not a silent deny). Every policy
-//! should carry an `@id("…")` annotation: the access log names the policies
-//! that decided. GetHealthStatus is never authorized here (the spec exempts it).
-//! In dry-run mode a deny is logged as `would-deny` and the request proceeds.
+//! The Cedar engine behind [`super`] (the `authorization` feature,
+//! on by default): the XKS schema that policy files are validated against,
+//! and the translation of one request into Cedar's principal, action,
+//! resource and context (see `authz` for what they are).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -30,7 +12,7 @@ use cedar_policy::{
     Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 
-use super::authz::AuthzRequest;
+use super::request::AuthzRequest;
 
 /// Why a policy file cannot be used.
 #[derive(Debug, thiserror::Error)]
