@@ -7,7 +7,11 @@
 # certs) from the dist build (fat LTO), runs xks-bench for each target of the
 # performance issue and for a latency-versus-offered-load curve, and writes
 # one JSON object per run to OUT_DIR/results.jsonl, then OUT_DIR/curve.png
-# (when matplotlib is available). Needs an otherwise idle machine.
+# (when matplotlib is available), then the HSM-cost ratios
+# (scripts/bench-ratios.sh → OUT_DIR/ratios.md) and, with SAMPLE_BIN set to a
+# build of the AWS sample proxy, the comparison with it
+# (scripts/bench-vs-sample.sh → OUT_DIR/vs-sample.md). Needs an otherwise
+# idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/bench}
@@ -58,3 +62,14 @@ done
 bench mix-64 --op mix --connections 64 --duration 20
 
 python3 scripts/bench-report.py "$results" "$out" || true
+
+# The proxy's CPU per request over the HSM's own for the same work (encrypt
+# with and without a CDIV, decrypt), and, when SAMPLE_BIN names a build of
+# the AWS sample proxy, throughput against it; both start their own servers.
+kill "$proxy" 2>/dev/null || true
+wait "$proxy" 2>/dev/null || true
+XKS_BENCH=target/dist/xks-bench scripts/bench-ratios.sh target/dist/xks-proxy | tee "$out/ratios.md"
+if [ -n "${SAMPLE_BIN:-}" ]; then
+  XKS_BENCH=target/dist/xks-bench scripts/bench-vs-sample.sh "$SAMPLE_BIN" target/dist/xks-proxy \
+    | tee "$out/vs-sample.md"
+fi

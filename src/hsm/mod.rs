@@ -28,6 +28,7 @@ mod keys;
 mod module;
 pub mod objects;
 mod pool;
+mod queue;
 mod state;
 pub mod token;
 mod worker;

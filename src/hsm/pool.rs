@@ -29,13 +29,14 @@ use super::fault::Fault;
 use super::keys::KeyCache;
 use super::module::ModuleSlot;
 use super::objects::KeyInfo;
+use super::queue::{JobQueue, PushError};
 use super::token::{EkmInfo, HsmError, Token};
 use super::worker::{check_key, Busy, Job, OpKind, Shared, Worker};
 use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::telemetry::metrics::Metrics;
 
 struct Inner {
-    tx: Option<crossbeam_channel::Sender<Job>>,
+    queue: Arc<JobQueue<Job>>,
     workers: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     ekm: EkmInfo,
@@ -48,7 +49,7 @@ impl Drop for Inner {
         // Closing the queue ends the workers; joining them closes their sessions
         // before the module is finalized. A worker stuck in a call that never
         // returns (a hung network HSM) is not waited for.
-        self.tx.take();
+        self.queue.close();
         let mut hung = false;
         for (i, w) in self.workers.drain(..).enumerate() {
             if !self.busy.in_job(i) {
@@ -106,20 +107,20 @@ impl Pool {
             metrics: metrics.clone(),
         });
         let busy = Arc::new(Busy::new(sessions));
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
+        let queue = Arc::new(JobQueue::new(cfg.queue_depth));
         let mut workers = Vec::with_capacity(sessions);
         for i in 0..sessions {
-            let rx = rx.clone();
+            let queue = queue.clone();
             let worker = Worker::new(shared.clone(), busy.clone(), i);
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-{index}-{i}"))
-                .spawn(move || worker.run(rx))
+                .spawn(move || worker.run(&queue))
                 .map_err(HsmError::Thread)?;
             workers.push(handle);
         }
         Ok(Pool {
             inner: Arc::new(Inner {
-                tx: Some(tx),
+                queue,
                 workers,
                 shared,
                 ekm: token.ekm_info().clone(),
@@ -136,7 +137,7 @@ impl Pool {
 
     /// Jobs waiting for a free session right now.
     pub fn queue_len(&self) -> usize {
-        self.inner.tx.as_ref().map_or(0, |tx| tx.len())
+        self.inner.queue.len()
     }
 
     /// How many of the pool's threads have been inside one job for longer
@@ -182,19 +183,19 @@ impl Pool {
                 let _ = reply.send(f(w));
             }),
         };
-        let unavailable = || Fault::Unavailable {
-            ekm: self.inner.ekm.id.clone(),
-            why: "its session pool is shut down".into(),
-        };
-        let tx = self.inner.tx.as_ref().ok_or_else(unavailable)?;
-        match tx.try_send(job) {
+        match self.inner.queue.push(job) {
             Ok(()) => {}
-            Err(crossbeam_channel::TrySendError::Full(_)) => {
+            Err(PushError::Full(_)) => {
                 return Err(Fault::Busy {
                     ekm: self.inner.ekm.id.clone(),
                 })
             }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(unavailable()),
+            Err(PushError::Closed(_)) => {
+                return Err(Fault::Unavailable {
+                    ekm: self.inner.ekm.id.clone(),
+                    why: "its session pool is shut down".into(),
+                })
+            }
         }
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,

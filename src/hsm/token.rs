@@ -75,6 +75,7 @@ pub struct EkmInfo {
 
 /// An opened token: the loaded module, the slot and a logged-in R/W session.
 pub struct Token {
+    ctx: Pkcs11,
     pub(crate) slot: Slot,
     pub(crate) pin: AuthPin,
     session: Session,
@@ -116,6 +117,7 @@ impl Token {
         let session = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
         login(&session, &pin)?;
         Ok(Token {
+            ctx,
             slot,
             pin,
             session,
@@ -164,6 +166,21 @@ impl Token {
             .map_err(p11("C_GenerateKey"))?;
         read_key_info(&self.session, handle, label, SystemTime::now())
             .map_err(p11("C_GetAttributeValue"))
+    }
+
+    /// Another read-only session on this token, logged in like the first
+    /// (a PKCS#11 login holds for the whole application): one per thread
+    /// for tools that drive the token from several threads (the benchmark's
+    /// raw-HSM mode).
+    pub fn open_session(&self) -> Result<Session, HsmError> {
+        self.ctx
+            .open_ro_session(self.slot)
+            .map_err(p11("C_OpenSession"))
+    }
+
+    /// The handle of the one secret key labelled `label`.
+    pub fn key_handle(&self, label: &str) -> Result<ObjectHandle, HsmError> {
+        self.find_one(label)
     }
 
     /// The one secret key carrying `label`.

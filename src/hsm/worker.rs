@@ -25,6 +25,7 @@ use super::fault::Fault;
 use super::keys::KeyCache;
 use super::module::{module_lost, ModuleSlot};
 use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
+use super::queue::JobQueue;
 use super::token::login_raw;
 use crate::spec::aead::{
     cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
@@ -228,9 +229,9 @@ impl Worker {
     }
 
     /// Thread body: run jobs until the queue is closed; then close the session.
-    pub fn run(mut self, rx: crossbeam_channel::Receiver<Job>) {
+    pub fn run(mut self, queue: &JobQueue<Job>) {
         let m = self.shared.metrics.clone();
-        while let Ok(job) = rx.recv() {
+        while let Some(job) = queue.pop() {
             let picked = Instant::now();
             m.hsm_queue_wait_seconds
                 .observe((picked - job.enqueued).as_secs_f64());

@@ -16,7 +16,7 @@
 //!   which JSON allows raw but some log shippers split on, are written as
 //!   `\u2028`-style escapes ([`Escaping`]);
 //! - **a stalled log sink never stalls the proxy**: lines are written by a
-//!   dedicated thread (`tracing-appender`) from a bounded queue, and when the
+//!   dedicated thread from a bounded buffer (see [`super::log_sink`]), and when the
 //!   destination stops reading (a full pipe, a hung journald) new lines are
 //!   *dropped*, counted in `xks_log_lines_dropped_total`, and one warning says
 //!   how many once lines flow again ([`watch_drops`]). Requests and `/ping`
@@ -27,11 +27,12 @@ use std::borrow::Cow;
 use std::io::Write;
 use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use serde::Deserialize;
+
+use super::log_sink::{self, Drops, SinkGuard};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -48,12 +49,10 @@ pub struct LoggingConfig {
     pub level: String,
 }
 
-/// Lines the writer thread may have queued; beyond, new lines are dropped.
-const QUEUED_LINES: usize = 8 * 1024;
-
-/// Keeps the log writer thread alive; dropping it flushes what is queued.
+/// Keeps the log writer thread alive; dropping it writes out what is
+/// buffered.
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    _writer: Option<SinkGuard>,
     drops: LogDrops,
 }
 
@@ -67,11 +66,11 @@ impl LogGuard {
 /// How many log lines were dropped so far (none when logging was set up by
 /// someone else, e.g. in tests).
 #[derive(Clone, Default)]
-pub struct LogDrops(Option<ErrorCounter>);
+pub struct LogDrops(Option<Drops>);
 
 impl LogDrops {
     pub fn count(&self) -> u64 {
-        self.0.as_ref().map_or(0, |c| c.dropped_lines() as u64)
+        self.0.as_ref().map_or(0, Drops::count)
     }
 }
 
@@ -82,12 +81,13 @@ pub fn init(cfg: &LoggingConfig) -> LogGuard {
     let filter = EnvFilter::try_new(format!("{base},aws_sigv4=warn,aws_smithy_runtime_api=warn"))
         .unwrap_or_else(|_| EnvFilter::new("info,aws_sigv4=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("xks-log")
-        .finish(std::io::stderr());
-    let drops = LogDrops(Some(writer.error_counter()));
+    let (writer, drops, guard) = match log_sink::start("xks-log", std::io::stderr()) {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("xks-proxy: cannot start the log writer thread: {e}");
+            std::process::exit(1);
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Escaping(writer))
@@ -102,7 +102,7 @@ pub fn init(cfg: &LoggingConfig) -> LogGuard {
     match result {
         Ok(()) => LogGuard {
             _writer: Some(guard),
-            drops,
+            drops: LogDrops(Some(drops)),
         },
         Err(_) => LogGuard {
             _writer: None,

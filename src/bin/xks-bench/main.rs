@@ -14,6 +14,10 @@
 //! Every request is freshly signed. With `--server-pid` it also reports the
 //! server's CPU time per request and its RSS, read from /proc.
 //!
+//! `--raw-hsm encrypt|encrypt-cdiv|decrypt` instead measures the bare PKCS#11
+//! work of one request on the configuration's token (see `raw_hsm`): the
+//! denominator of "proxy CPU per request ÷ HSM CPU per request".
+//!
 //! Example (against `scripts/dev-up.sh`):
 //! `xks-bench --op encrypt --connections 64 --duration 20`
 
@@ -27,6 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use xks_proxy::client::{bodies, tls_config, HttpVersion, XksClient};
+
+mod raw_hsm;
+use raw_hsm::{RawLoad, RawOp};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Op {
@@ -110,6 +117,58 @@ struct Args {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Measure the bare HSM work of one request instead (no proxy involved).
+    #[arg(long, value_enum)]
+    raw_hsm: Option<RawOp>,
+    /// With --raw-hsm: the proxy configuration naming the token and PIN.
+    #[arg(long, default_value = "config/dev.toml")]
+    config: PathBuf,
+    /// With --raw-hsm: threads, one session each (default: the pool size
+    /// the configuration gives the proxy).
+    #[arg(long)]
+    sessions: Option<usize>,
+}
+
+/// `--raw-hsm`: runs the loop and reports it like a proxy run.
+fn run_raw(args: &Args, op: RawOp) -> std::process::ExitCode {
+    let load = RawLoad {
+        config: &args.config,
+        key: &args.key,
+        op,
+        plaintext_bytes: args.plaintext_bytes,
+        aad_bytes: args.aad_bytes,
+        sessions: args.sessions,
+        warmup: Duration::from_secs_f64(args.warmup),
+        duration: Duration::from_secs_f64(args.duration),
+    };
+    match raw_hsm::run(&load) {
+        Ok(r) => {
+            let rps = r.ops as f64 / r.secs;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "op": op.as_str(), "mode": "raw-hsm", "sessions": r.sessions,
+                        "plaintext_bytes": args.plaintext_bytes, "aad_bytes": args.aad_bytes,
+                        "duration_s": r.secs, "ops": r.ops, "rps": rps,
+                        "cpu_us_per_op": r.cpu_us_per_op,
+                    })
+                );
+            } else {
+                println!(
+                    "{} sessions={}: {rps:.0} ops/s, {:.1} us CPU/op",
+                    op.as_str(),
+                    r.sessions,
+                    r.cpu_us_per_op
+                );
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xks-bench: --raw-hsm: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 /// What one worker measured.
@@ -282,6 +341,9 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(op) = args.raw_hsm {
+        return run_raw(&args, op);
+    }
     if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         eprintln!("xks-bench: --rate must be a positive number of requests per second");
         return std::process::ExitCode::from(2);
