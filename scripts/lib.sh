@@ -12,6 +12,8 @@ ensure_packages() {
   command -v curl >/dev/null || missing+=(curl)
   command -v pkcs11-tool >/dev/null || missing+=(opensc)
   command -v haproxy >/dev/null || missing+=(haproxy)
+  # The real Prometheus of tests/prometheus.rs, and promtool.
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
   apt_install "${missing[@]}"
 }
 

@@ -12,5 +12,8 @@ cargo clippy --all-targets --locked -- -D warnings
 # clean and refuse policies with the reason.
 cargo clippy --all-targets --locked --no-default-features -- -D warnings
 cargo test --locked --no-default-features --lib guard::authz
+# Deployment artefacts, each with its own linter (promtool, cfn-lint,
+# kubernetes-validate, the AWS CLI's argument model).
+scripts/check-deploy.sh
 scripts/p11-kit-rpc.sh >/dev/null
 cargo test --locked --all-targets

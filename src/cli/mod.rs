@@ -1,5 +1,5 @@
 //! The `xks-proxy` command line: `serve`, `check-config`, `keys`,
-//! `credentials`, `check` and `import-sample-config`.
+//! `credentials`, `check`, `import-sample-config` and `kms-commands`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage;
 //! `check` adds 3 (connected, but the key cannot serve KMS).
@@ -9,6 +9,7 @@ mod credentials;
 mod exit;
 mod import;
 mod keys;
+mod kms_commands;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,9 @@ enum Command {
     /// Convert the AWS sample proxy's settings file into this proxy's
     /// configuration (secrets into 0600 files), and list what did not map.
     ImportSampleConfig(import::ImportArgs),
+    /// Print the AWS CLI commands that create and connect the KMS external
+    /// key store for a key store of this config, and create its KMS keys.
+    KmsCommands(kms_commands::KmsCommandsArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -121,6 +125,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Credentials { command } => credentials::run(command),
         Command::Check(args) => check::run(*args, runtime()?),
         Command::ImportSampleConfig(args) => import::run(args),
+        Command::KmsCommands(args) => kms_commands::run(args),
     }
 }
 
