@@ -622,3 +622,26 @@ fn a_full_disk_refuses_key_operations_but_not_health() {
         p.log()
     );
 }
+
+#[test]
+fn init_key_makes_a_protected_seal_key_once() {
+    let f = fixture();
+    // The proxy made the configured one at startup.
+    let out = f.proxy.cli(&["audit", "init-key"]);
+    assert!(out.contains("xks-proxy-audit-seal: exists"), "{out}");
+    let out = f
+        .proxy
+        .cli(&["audit", "init-key", "--label", "next-seal-key"]);
+    assert!(out.contains("next-seal-key: created"), "{out}");
+    let out = f
+        .proxy
+        .cli(&["audit", "init-key", "--label", "next-seal-key"]);
+    assert!(out.contains("next-seal-key: exists"), "{out}");
+    // An HMAC key is no AES key: never usable for KMS, listed for what it is.
+    let list = f.proxy.cli(&["keys", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("next-seal-key") && l.contains("GENERIC_SECRET_256")),
+        "{list}"
+    );
+}
