@@ -12,6 +12,13 @@
 # Prints one JSON line per run and, per binary, the median req/s, p50, p99
 # and server CPU per request, and the ratios B/A. Default load: Encrypt,
 # 64 connections, closed loop, 20 s.
+#
+# $CONFIG_A / $CONFIG_B serve another configuration for A / B (default
+# config/dev.toml), e.g. the audit trail off and on with one binary:
+#   { cat config/dev.toml; printf '\n[audit]\ndir = "audit"\n'; } > .dev/bench-audit.toml
+#   CONFIG_B=.dev/bench-audit.toml scripts/bench-ab.sh target/dist/xks-proxy target/dist/xks-proxy
+# (a copy in .dev/ keeps dev.toml's relative paths valid; the trail goes to
+# .dev/audit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a=$(realpath "$1") b=$(realpath "$2")
@@ -39,7 +46,9 @@ trap '[ -z "$proxy" ] || kill "$proxy" 2>/dev/null || true; rm -rf "$out"' EXIT
 
 run() {
   local label=$1 bin=$2 n=$3
-  "$bin" serve --config config/dev.toml 2>"$out/proxy-$label-$n.log" &
+  local config=config/dev.toml
+  if [ "$label" = A ]; then config=${CONFIG_A:-$config}; else config=${CONFIG_B:-$config}; fi
+  "$bin" serve --config "$config" 2>"$out/proxy-$label-$n.log" &
   proxy=$!
   local ready=
   for _ in $(seq 100); do

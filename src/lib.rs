@@ -17,7 +17,9 @@
 //! | [`ops`] | what an operator does to a running proxy or its files: hot reload, the admin listener, credentials, migration from the AWS sample | config, net, state, hsm, telemetry, spec |
 //! | [`config`] | reads the TOML file, resolves paths, validates; each section becomes the type of the subsystem that owns it | the section types below |
 //! | [`client`] | a SigV4-signing XKS client, and `check` (a KMS simulator that tells whether a proxy will work with KMS) | net (PEM), guard (the service name), spec |
-//! | [`api`] | the XKS API over HTTP: the request pipeline, one module per operation, the access log, faults → spec errors | net (connection info), state, guard, hsm (through a narrow trait), spec |
+//! | [`api`] | the XKS API over HTTP: the request pipeline, one module per operation, the access log and audit records, faults → spec errors | lockdown (the locks in force), audit (the trail), net (connection info), state, guard, hsm (through a narrow trait), spec |
+//! | [`lockdown`] | the fleet-wide kill switch: locks as marker objects in the token, the board every request reads, the poller | audit (records what it sees), hsm (markers), telemetry, spec |
+//! | [`audit`] | the tamper-evident audit trail: records, hash chain, seals computed in the HSM, verify, report, CloudTrail reconciliation | hsm (seals), telemetry, spec |
 //! | [`net`] | listeners, connection caps, TLS, mutual TLS, PROXY protocol v2 | telemetry |
 //! | [`state`] | the live key stores: the one place configuration becomes runtime objects (credential sets, compiled policies, buckets, replay caches) | guard, spec |
 //! | [`guard`] | who may do what: SigV4, Cedar authorization, quotas, replay protection | spec |
@@ -32,6 +34,10 @@
 //! owns the runtime objects so that `config` stays a pure reader and a
 //! reload is "read, validate, build, swap". `api` is generic over the key
 //! service, so the pipeline and its order of checks are tested in-process.
+//! The audit trail sits right under what produces its records (the API,
+//! and the lockdown poller) and above the key managers that seal it, so the
+//! seal goes through the HSM layer's own threads like every other PKCS#11
+//! call.
 //!
 //! The PKCS#11 foreign-function calls stay inside the `cryptoki` crate: this
 //! library has no `unsafe` code.
@@ -39,11 +45,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod guard;
 pub mod hsm;
+pub mod lockdown;
 pub mod net;
 pub mod ops;
 pub mod serve;

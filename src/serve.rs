@@ -3,7 +3,8 @@
 //! This is the one place that wires the layers together: it opens the key
 //! managers, builds the live state, the TLS configuration and the three
 //! listeners, hands each its router, and starts the tasks that run beside
-//! them (HSM supervisors, the log-drop watcher, hot reload). Everything it
+//! them (HSM supervisors, the lockdown poller, the log-drop watcher, hot
+//! reload), and the audit trail's writer. Everything it
 //! calls is testable on its own; what is here is the order of startup and
 //! shutdown, and the reasons for it.
 
@@ -17,8 +18,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, AppState};
+use crate::audit::config::default_instance_id;
+use crate::audit::{AuditError, AuditTrail, HsmSealer};
 use crate::config::Config;
 use crate::hsm::{HsmError, KeyManagers};
+use crate::lockdown::{LockBoard, Poller};
 use crate::net::client_auth::ClientVerifier;
 use crate::net::fds;
 use crate::net::limits::{ConnLimits, Registry};
@@ -42,7 +46,15 @@ pub enum ServeError {
     State(#[from] StateError),
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("opening the key managers: the startup task failed: {0}")]
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(
+        "the audit seal key '{0}' is in no key manager (or can leave the token: it must be \
+         sensitive and non-extractable); create it with `xks-proxy audit init-key`, or set \
+         audit.create_seal_key = true"
+    )]
+    NoSealKey(String),
+    #[error("a startup task (opening the key managers or the audit trail) failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
@@ -85,6 +97,39 @@ pub async fn run(
     }
     let mut tasks = hsm.spawn_supervisors();
 
+    let (listener, https_addr) = bind(cfg.net.listen).await?;
+    // The audit trail, before anything is served; its default instance id
+    // needs the XKS listener's port.
+    let audit = match &cfg.audit {
+        None => None,
+        Some(a) => {
+            let label = a.seal_key_label.clone();
+            if !hsm
+                .has_hmac_key(&label, std::time::Duration::from_secs(5))
+                .await
+                .unwrap_or(false)
+            {
+                return Err(ServeError::NoSealKey(label));
+            }
+            let instance = a
+                .instance_id
+                .clone()
+                .unwrap_or_else(|| default_instance_id(https_addr.port()));
+            let (a, keys, metrics) = (a.clone(), hsm.clone(), metrics.clone());
+            let sealer = Box::new(HsmSealer { keys, label });
+            let trail = tokio::task::spawn_blocking(move || {
+                AuditTrail::start(&a, instance, Some(sealer), &metrics)
+            })
+            .await??;
+            Some(Arc::new(trail))
+        }
+    };
+    // The lockdowns in force, read once before serving, then every second.
+    let locks = Arc::new(LockBoard::default());
+    let mut poller = Poller::new(hsm.clone(), locks.clone(), audit.clone(), metrics.clone());
+    poller.poll_once().await;
+    tasks.push(tokio::spawn(poller.run()));
+
     let (xks_conns, ping_conns, admin_conns) = connection_caps(&cfg);
     let app = Arc::new(AppState {
         live: live.clone(),
@@ -95,9 +140,11 @@ pub async fn run(
         metrics: metrics.clone(),
         xks_conns: xks_conns.clone(),
         log_limiter: Default::default(),
+        audit: audit.clone(),
+        locks,
+        seal_key: cfg.audit.as_ref().map(|a| a.seal_key_label.clone()),
     });
 
-    let (listener, https_addr) = bind(cfg.net.listen).await?;
     let ping_listener = bind_optional(cfg.net.ping_listen).await?;
     let admin_listener = bind_optional(cfg.net.admin_listen).await?;
     let addr_of = |l: &Option<(_, SocketAddr)>| l.as_ref().map(|(_, a)| a.to_string());
@@ -179,7 +226,12 @@ pub async fn run(
             "grace period over; closing remaining connections"
         ),
     }
-    // Closing the sessions and logging out of the HSM blocks: off the runtime.
+    // The trail's stop record and last seal (through the key managers,
+    // which are still open), then closing the sessions and logging out of
+    // the HSM: both block, off the runtime.
+    if let Some(trail) = audit {
+        let _ = tokio::task::spawn_blocking(move || trail.close()).await;
+    }
     let _ = tokio::task::spawn_blocking(move || drop(app)).await;
     Ok(())
 }
@@ -197,11 +249,12 @@ async fn bind_optional(
 /// descriptors for the HSM module (see `net::fds`).
 fn connection_caps(cfg: &Config) -> (Arc<Registry>, Arc<Registry>, Arc<Registry>) {
     let net = &cfg.net;
+    // Each key manager's request sessions, and its control session.
     let sessions: usize = cfg
         .hsm
         .backends
         .iter()
-        .map(|b| b.sessions.unwrap_or(cfg.hsm.sessions))
+        .map(|b| b.sessions.unwrap_or(cfg.hsm.sessions) + 1)
         .sum();
     let fds = fds::plan(
         fds::raise_limit(),

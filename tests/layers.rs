@@ -20,6 +20,8 @@ const LAYERS: &[&str] = &[
     "config",
     "client",
     "api",
+    "lockdown",
+    "audit",
     "net",
     "state",
     "guard",

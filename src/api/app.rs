@@ -8,6 +8,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use super::log_limit::LogLimiter;
+use crate::audit::AuditTrail;
+use crate::lockdown::LockBoard;
 use crate::net::limits::Registry;
 use crate::state::Live;
 use crate::telemetry::metrics::Metrics;
@@ -33,4 +35,11 @@ pub struct AppState<K> {
     pub xks_conns: Arc<Registry>,
     /// Bounds the access lines of requests that did not authenticate.
     pub log_limiter: LogLimiter,
+    /// The audit trail, when `[audit]` is configured.
+    pub audit: Option<Arc<AuditTrail>>,
+    /// The lockdowns in force (kept current by the lockdown poller).
+    pub locks: Arc<LockBoard>,
+    /// The audit seal key's label: like the health-check key, never
+    /// addressable through the API.
+    pub seal_key: Option<String>,
 }

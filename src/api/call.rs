@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use super::access_log::{parse_logged, AccessLog};
+use super::access_log::{parse_logged, stage, AccessLog};
 use super::app::AppState;
 use crate::guard::authz::AuthzRequest;
 use crate::spec::error::XksError;
@@ -27,9 +27,30 @@ impl<'a, K> KeyCall<'a, K> {
         parse_logged(self.body, self.log)
     }
 
+    /// Refuses Encrypt and Decrypt on a locked-down key store (see the
+    /// `lockdown` layer).
+    pub fn check_lock(&mut self) -> Result<(), XksError> {
+        self.log.stage = stage::LOCKDOWN;
+        match self.app.locks.check(&self.target.store.name) {
+            None => Ok(()),
+            Some(lock) => {
+                self.log.lock_id = Some(lock.id.clone());
+                Err(XksError::InvalidState(
+                    lock.message(&self.target.store.name),
+                ))
+            }
+        }
+    }
+
     /// Secondary authorization of this call.
     pub fn authorize(&mut self, md: &RequestMetadata<'_>) -> Result<(), XksError> {
+        self.log.stage = stage::AUTHORIZATION;
         authorize(&self.target, md, self.log)
+    }
+
+    /// Every check passed: what happens now is the key manager's doing.
+    pub fn reach_key_manager(&mut self) {
+        self.log.stage = stage::KEY_MANAGER;
     }
 }
 

@@ -7,18 +7,21 @@ use http::StatusCode;
 use super::call::KeyCall;
 use super::key_service::KeyService;
 use super::response::json_response;
-use crate::spec::aead::{decrypt_layouts, AadLayout};
+use crate::spec::aead::{decrypt_layouts, version_from_metadata, AadLayout};
 use crate::spec::error::XksError;
 use crate::spec::wire::{decrypt_response, DecryptRequest};
 
-/// Validated once, authorized, then decrypted. A key store migrated from
+/// Validated once, checked against lockdowns, authorized, then decrypted. A key store migrated from
 /// the AWS sample proxy also tries that proxy's AAD construction (see
 /// `spec::aead`), and such decrypts are counted, so an operator can tell
 /// when the last old ciphertext has been re-encrypted.
 pub(super) async fn answer<K: KeyService>(mut call: KeyCall<'_, K>) -> Result<Response, XksError> {
     let req: DecryptRequest = call.parse()?;
     let (md, mut input) = req.validate()?;
+    call.check_lock()?;
     call.authorize(md)?;
+    call.reach_key_manager();
+    call.log.key_version = Some(version_from_metadata(&input.metadata));
     let store = call.target.store;
     input.layouts = decrypt_layouts(&input.metadata, input.aad.is_some(), store.compat.as_ref());
     let out = call.app.keys.decrypt(call.target.key_id, input).await?;

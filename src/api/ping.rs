@@ -14,7 +14,8 @@ use super::response::close_after;
 use crate::hsm::EkmStatus;
 
 /// 200 while this instance can serve (one of its key managers is not
-/// UNAVAILABLE and the XKS listener can take a connection), else 503 so the
+/// UNAVAILABLE, the XKS listener can take a connection, and an audit trail
+/// with `on_failure = "refuse"` can take records), else 503 so the
 /// balancer routes elsewhere.
 pub async fn ping<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
@@ -35,7 +36,11 @@ pub async fn ping<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reque
     } else {
         let status = EkmStatus::best(app.keys.health().into_iter().map(|(_, s)| s));
         let saturated = app.xks_conns.saturated();
-        let code = if status == EkmStatus::Unavailable || saturated {
+        let unrecorded = app
+            .audit
+            .as_ref()
+            .is_some_and(|a| a.refuses() && !a.accepting());
+        let code = if status == EkmStatus::Unavailable || saturated || unrecorded {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
             StatusCode::OK
@@ -43,6 +48,7 @@ pub async fn ping<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reque
         let body = match status {
             EkmStatus::Unavailable => "unavailable\n",
             _ if saturated => "saturated: the XKS listener cannot accept connections\n",
+            _ if unrecorded => "the audit trail cannot take records; requests are refused\n",
             EkmStatus::Active => "ok\n",
             EkmStatus::Degraded => "degraded\n",
         };

@@ -5,17 +5,26 @@
 //! Every stage either passes the request on or returns the spec's error;
 //! nothing answers before the whole body arrived (see `super::body`), and
 //! every request, whatever stage it stopped at, produces one metrics
-//! observation and one access-log line (unless it never authenticated and
-//! its source is over its log budget, see `super::log_limit`).
+//! observation, one access-log line and, with an audit trail, one audit
+//! record (unless it never authenticated and its source is over its log
+//! budget, see `super::log_limit`).
+//!
+//! With an audit trail, a request that passed SigV4 reserves its record's
+//! room before anything else happens to it; under `audit.on_failure =
+//! "refuse"` one that cannot is answered 503 `DependencyTimeoutException`
+//! (the trail is a dependency that could not take the request in time; it
+//! is the spec's only 503, and KMS retries it) before any key is used.
+//! GetHealthStatus is never refused for it: the key managers are fine, and
+//! `/ping` already sends the load balancer elsewhere.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::Method;
 
-use super::access_log::{parse_logged, AccessLog, ConnFields, Outcome, FIELD_MAX};
+use super::access_log::{parse_logged, stage, AccessLog, ConnFields, Outcome, Trace, FIELD_MAX};
 use super::app::AppState;
 use super::body::{self, BodyLimits};
 use super::call::{KeyCall, Target};
@@ -33,11 +42,10 @@ use crate::telemetry::logging::clip;
 
 /// Entry point for every non-`/ping` request on the XKS listener.
 pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Request) -> Response {
-    let started = Instant::now();
-    let mut log = AccessLog::default();
-    let conn = ConnFields::of(&req);
+    let mut trace = Trace(AccessLog::start(ConnFields::of(&req)));
+    let log = &mut trace.0;
     let version = req.version();
-    let mut response = match handle(&app, req, &mut log).await {
+    let mut response = match handle(&app, req, log).await {
         Ok(r) => r,
         Err(e) => {
             // The same text the client gets: printable ASCII, < 512 bytes.
@@ -50,7 +58,7 @@ pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reques
     }
     let status = response.status().as_u16();
     let error_name = response.extensions().get::<ErrorName>().map(|e| e.0);
-    let elapsed = started.elapsed();
+    let elapsed = log.started.map(|s| s.elapsed()).unwrap_or_default();
     app.metrics.observe_request(
         log.key_store.as_deref().unwrap_or(""),
         log.operation.unwrap_or("unknown"),
@@ -59,7 +67,7 @@ pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reques
         elapsed,
     );
     // Requests that never authenticated may not flood the log (see `log_limit`).
-    let suppressed = match (log.access_key_id.is_some(), conn.client) {
+    let suppressed = match (log.access_key_id.is_some(), log.conn.client) {
         (false, Some(addr)) => match app.log_limiter.admit(addr.ip()) {
             Some(n) => n,
             None => {
@@ -69,13 +77,16 @@ pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reques
         },
         _ => 0,
     };
-    log.emit(&Outcome {
+    let outcome = Outcome {
         status,
         error_name,
         elapsed,
         suppressed,
-        conn: &conn,
-    });
+    };
+    log.emit(&outcome);
+    if let Some(trail) = &app.audit {
+        log.audit(trail, &outcome);
+    }
     response
 }
 
@@ -140,6 +151,7 @@ async fn handle<K: KeyService>(
             return Err(e);
         }
     };
+    log.stage = stage::BODY;
     let body = body::read(body, &parts.headers, limits, &app.body_budget)
         .await
         .map_err(|e| {
@@ -152,6 +164,7 @@ async fn handle<K: KeyService>(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or(path);
+    log.stage = stage::AUTHENTICATION;
     let who = sigv4::verify(
         &store.credentials,
         store.region.as_deref(),
@@ -176,12 +189,32 @@ async fn handle<K: KeyService>(
     if let Some(c) = parts.extensions.get::<ConnInfo>() {
         c.conn.mark_authenticated();
     }
+    if let Some(trail) = &app.audit {
+        log.stage = stage::AUDIT;
+        log.audit_slot = trail.reserve();
+        if log.audit_slot.is_none() && trail.refuses() && op != Operation::GetHealthStatus {
+            log.audit_skipped = true;
+            app.metrics.audit_refused.inc();
+            return Err(XksError::DependencyTimeout(
+                "the audit trail cannot record this request now (audit.on_failure = \"refuse\"); \
+                 retry"
+                    .into(),
+            ));
+        }
+        if log.audit_slot.is_none() && !trail.refuses() {
+            // Served without a record: counted, and reported in the trail.
+            log.audit_skipped = true;
+            trail.lost();
+        }
+    }
 
     if op == Operation::GetHealthStatus {
+        log.stage = stage::VALIDATION;
         // Never throttled or authorized: KMS's health checks are few, and a
         // refused one would make KMS think the proxy is down.
         return health::answer(app, &live, &body, log);
     }
+    log.stage = stage::QUOTA;
     if let Some(bucket) = &store.bucket {
         if !bucket.try_acquire() {
             return Err(XksError::Throttling(format!(
@@ -191,10 +224,12 @@ async fn handle<K: KeyService>(
             )));
         }
     }
+    log.stage = stage::KEY_STORE;
     let key_id =
         key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
     let health_keys = [app.health_key.as_str(), live.health_key.as_str()];
-    if !is_valid_key_id(key_id) || !store.allows(key_id, health_keys) {
+    let is_seal_key = app.seal_key.as_deref() == Some(key_id);
+    if !is_valid_key_id(key_id) || !store.allows(key_id, health_keys) || is_seal_key {
         // Parse first so the log still carries kmsRequestId.
         let _ = parse_logged::<MetadataOnlyRequest>(&body, log);
         return Err(XksError::KeyNotFound(format!(
@@ -203,6 +238,7 @@ async fn handle<K: KeyService>(
             store.name
         )));
     }
+    log.stage = stage::VALIDATION;
     let call = KeyCall {
         app,
         target: Target { store, op, key_id },

@@ -21,11 +21,13 @@ use zeroize::Zeroizing;
 use tokio::sync::Semaphore;
 
 use super::{router, AppState, KeyService};
+use crate::audit::{AuditConfig, AuditTrail, OnFailure};
 use crate::client::{bodies, client_tls, HttpVersion, XksClient};
 use crate::guard::authz::Mode;
 use crate::guard::sigv4::Credential;
 use crate::guard::throttle::RateLimit;
 use crate::hsm::{EkmInfo, EkmStatus, Fault, KeyAttributes, KeySpec, Usages};
+use crate::lockdown::{Lock, LockBoard};
 use crate::net::limits::{ConnLimits, Registry};
 use crate::spec::aead::AadLayout;
 use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
@@ -47,6 +49,8 @@ struct Scripted {
     /// Each key manager's status for GetHealthStatus and `/ping`.
     statuses: Mutex<Vec<EkmStatus>>,
     calls: AtomicUsize,
+    /// What GetKeyMetadata reports as the key's own state.
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -68,7 +72,7 @@ impl KeyService for Scripted {
                 decrypt: true,
                 ..Usages::default()
             },
-            enabled: false,
+            enabled: self.enabled.load(Ordering::SeqCst),
         })
     }
 
@@ -116,6 +120,8 @@ struct Setup {
     /// Cedar policies; `None`: no secondary authorization.
     policies: Option<&'static str>,
     replay_protection: bool,
+    /// An audit trail (unsealed: seals need the HSM) in this directory.
+    audit: Option<(PathBuf, OnFailure, usize)>,
 }
 
 struct Harness {
@@ -154,13 +160,29 @@ fn harness(setup: Setup) -> Harness {
     let live = Live::build(&[store], &service, HEALTH_KEY, None).unwrap();
     let keys = Scripted::default();
     keys.statuses.lock().unwrap().push(EkmStatus::Active);
+    let metrics = Metrics::new();
+    let audit = setup.audit.map(|(dir, on_failure, queue_records)| {
+        let cfg = AuditConfig {
+            dir,
+            instance_id: None,
+            on_failure,
+            seal_every_records: 1000,
+            seal_every: Duration::from_secs(3600),
+            rotate_bytes: 1 << 20,
+            rotate_every: Duration::from_secs(3600),
+            queue_records,
+            seal_key_label: "seal".into(),
+            create_seal_key: false,
+        };
+        Arc::new(AuditTrail::start(&cfg, "unit".into(), None, &metrics).unwrap())
+    });
     let app = Arc::new(AppState {
         live: Arc::new(ArcSwap::from_pointee(live)),
         keys,
         health_key: HEALTH_KEY.into(),
         body_timeout: Duration::from_secs(5),
         body_budget: Arc::new(Semaphore::new(1 << 20)),
-        metrics: Metrics::new(),
+        metrics,
         xks_conns: Registry::new(
             "xks",
             ConnLimits {
@@ -170,6 +192,9 @@ fn harness(setup: Setup) -> Harness {
             },
         ),
         log_limiter: Default::default(),
+        audit,
+        locks: Arc::new(LockBoard::default()),
+        seal_key: Some("seal".into()),
     });
     let tls = client_tls(rustls::RootCertStore::empty(), &[b"http/1.1"], None).unwrap();
     let client = XksClient::new(
@@ -577,4 +602,186 @@ fn ping_follows_the_best_key_manager() {
         h.app.keys.statuses.lock().unwrap().clear();
         assert_eq!(ping(&h).await, StatusCode::SERVICE_UNAVAILABLE);
     });
+}
+
+#[test]
+fn a_locked_key_store_refuses_encrypt_and_decrypt_and_reports_disabled() {
+    run(async {
+        let h = harness(Setup::default());
+        let encrypted = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        assert_eq!(encrypted.status, StatusCode::OK);
+        let calls = h.key_calls();
+        let lock = Lock::new("unit", "credentials leaked", None, "ops@test");
+        h.app.locks.set(vec![lock.clone()]);
+        let a = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        expect(&a, 400, "InvalidStateException");
+        assert!(
+            a.json["errorMessage"]
+                .as_str()
+                .is_some_and(|m| m.contains(&lock.id) && m.contains("credentials leaked")),
+            "{a:?}"
+        );
+        let decrypt = bodies::decrypt_from(&encrypted.json, Some(b"aad")).to_string();
+        let a = h
+            .call(&format!("/keys/{KEY}/decrypt"), decrypt.clone())
+            .await;
+        expect(&a, 400, "InvalidStateException");
+        assert_eq!(h.key_calls(), calls, "nothing reached the key managers");
+        // GetKeyMetadata answers, with the (enabled) key DISABLED; health
+        // is unaffected.
+        h.app.keys.enabled.store(true, Ordering::SeqCst);
+        let m = h
+            .call(&format!("/keys/{KEY}/metadata"), bodies::metadata())
+            .await;
+        assert_eq!(m.status, StatusCode::OK);
+        assert_eq!(m.json["keyStatus"], "DISABLED");
+        let health = h.call("/health", bodies::health("KmsHealthCheck")).await;
+        assert_eq!(health.status, StatusCode::OK);
+        // A lock on every key store, then none.
+        h.app
+            .locks
+            .set(vec![Lock::new("*", "all", None, "ops@test")]);
+        let a = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        expect(&a, 400, "InvalidStateException");
+        h.app.locks.set(vec![]);
+        let a = h.call(&format!("/keys/{KEY}/decrypt"), decrypt).await;
+        assert_eq!(a.status, StatusCode::OK, "{a:?}");
+        let m = h
+            .call(&format!("/keys/{KEY}/metadata"), bodies::metadata())
+            .await;
+        assert_eq!(m.json["keyStatus"], "ENABLED");
+    });
+}
+
+/// The records the harness's trail wrote, after closing it.
+fn records(h: &Harness, dir: &std::path::Path) -> Vec<serde_json::Value> {
+    h.app.audit.as_ref().unwrap().close();
+    let mut out = Vec::new();
+    for f in crate::audit::verify::expand(&[dir.to_path_buf()]).unwrap() {
+        let text = std::fs::read_to_string(f).unwrap();
+        out.extend(text.lines().map(|l| serde_json::from_str(l).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn every_request_gets_an_audit_record_with_what_decided_it() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let h = harness(Setup {
+            audit: Some((dir.path().to_path_buf(), OnFailure::Refuse, 100)),
+            rate_limit: Some(RateLimit {
+                per_second: 0.001,
+                burst: 3.0,
+            }),
+            ..Setup::default()
+        });
+        let path = format!("/keys/{KEY}/encrypt");
+        assert_eq!(h.call(&path, encrypt_body()).await.status, StatusCode::OK);
+        expect(
+            &h.call_forged(&path, encrypt_body()).await,
+            401,
+            "AuthenticationFailedException",
+        );
+        expect(
+            &h.call("/keys/not-a-key/encrypt", encrypt_body()).await,
+            404,
+            "KeyNotFoundException",
+        );
+        *h.app.keys.fault.lock().unwrap() = Some(Fault::BadCiphertext);
+        expect(
+            &h.call(&format!("/keys/{KEY}/decrypt"), "{\"requestMetadata\":{}}")
+                .await,
+            400,
+            "ValidationException",
+        );
+        // The bucket's burst of 3 is spent: 429 by the quota.
+        expect(
+            &h.call(&path, encrypt_body()).await,
+            429,
+            "ThrottlingException",
+        );
+        let records = records(&h, dir.path());
+        let requests: Vec<&serde_json::Value> =
+            records.iter().filter(|r| r["type"] == "request").collect();
+        assert_eq!(requests.len(), 5, "{records:?}");
+        let pick = |status: u64| {
+            requests
+                .iter()
+                .find(|r| r["status"] == status)
+                .copied()
+                .unwrap_or_else(|| panic!("no record with status {status}: {requests:?}"))
+        };
+        let ok = pick(200);
+        assert_eq!(ok["decision"], "allowed");
+        assert_eq!(ok["keyVersion"], 0);
+        assert_eq!(ok["kmsRequestId"], "enc-req-1");
+        assert_eq!(ok["kmsViaService"], "ebs");
+        assert_eq!(ok["accessKeyId"], AKID);
+        assert_eq!(ok["operation"], "Encrypt");
+        assert!(ok["latencyUs"].as_u64().is_some());
+        assert_eq!(pick(401)["deniedBy"], "authentication");
+        assert!(pick(401).get("accessKeyId").is_none());
+        assert_eq!(pick(404)["deniedBy"], "key-store");
+        assert_eq!(pick(400)["deniedBy"], "validation");
+        assert_eq!(pick(429)["deniedBy"], "quota");
+        assert_eq!(pick(429)["errorName"], "ThrottlingException");
+        // Linked from the first record on, and never a secret or the data.
+        let text: String = records.iter().map(|r| r.to_string()).collect();
+        for secret in [SECRET, "dW5pdCBwbGFpbnRleHQ=", "YWFk"] {
+            assert!(!text.contains(secret), "{secret} in the trail");
+        }
+        assert_eq!(records[0]["prev"], "0".repeat(64));
+    });
+}
+
+#[test]
+fn a_full_trail_refuses_or_counts_according_to_on_failure() {
+    for on_failure in [OnFailure::Refuse, OnFailure::Continue] {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let h = harness(Setup {
+                audit: Some((dir.path().to_path_buf(), on_failure, 1)),
+                ..Setup::default()
+            });
+            // The one slot is taken and held: the trail cannot take more.
+            let held = h.app.audit.as_ref().unwrap().reserve().unwrap();
+            let a = h
+                .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+                .await;
+            let health = h.call("/health", bodies::health("KmsHealthCheck")).await;
+            assert_eq!(health.status, StatusCode::OK, "health is never refused");
+            let ping = {
+                let req = http::Request::get("/ping").body(Body::empty()).unwrap();
+                h.router.clone().call(req).await.unwrap().status()
+            };
+            match on_failure {
+                OnFailure::Refuse => {
+                    expect(&a, 503, "DependencyTimeoutException");
+                    assert_eq!(h.key_calls(), 0, "no key was used unrecorded");
+                    assert_eq!(h.app.metrics.audit_refused.get(), 1);
+                    assert_eq!(ping, StatusCode::SERVICE_UNAVAILABLE);
+                }
+                OnFailure::Continue => {
+                    assert_eq!(a.status, StatusCode::OK);
+                    assert!(h.app.metrics.audit_lost.get() >= 1);
+                    assert_eq!(ping, StatusCode::OK);
+                }
+            }
+            drop(held);
+            let records = records(&h, dir.path());
+            if on_failure == OnFailure::Continue {
+                assert!(
+                    records.iter().any(|r| r["type"] == "loss"),
+                    "the trail says records are missing: {records:?}"
+                );
+            }
+        });
+    }
 }

@@ -1,25 +1,12 @@
 //! `xks-proxy keys …`: the keys of the token, without a raw PKCS#11 tool.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 
 use super::exit::{load, usage_error};
-use crate::hsm::config::{BackendConfig, TokenSelector};
+use super::target::{on_each, selected, Target};
 use crate::hsm::{HsmError, KeyInfo, Token, Usages};
-
-/// The config and which key manager(s) of it to work on.
-#[derive(Debug, Args)]
-pub struct Target {
-    #[arg(long, short)]
-    config: PathBuf,
-    /// The key manager (`[[hsm.backends]]` name or token label). Without it,
-    /// disable, enable and rotate act on every configured key manager, and
-    /// the other commands on the first.
-    #[arg(long)]
-    backend: Option<String>,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -62,6 +49,14 @@ pub enum KeysCommand {
         #[command(flatten)]
         target: Target,
         id: String,
+        /// Change nothing: print the blast radius (who used the key, through
+        /// which services and VPC endpoints, for what) from the audit trail.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: how far back to look (a span such as 30d, or a
+        /// UTC time); default 30d.
+        #[arg(long, requires = "dry_run")]
+        since: Option<String>,
     },
     /// Create a new version of a key: Encrypt switches to it (within the key
     /// cache TTL) and records the version in the ciphertext metadata; earlier
@@ -120,82 +115,11 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
     })
 }
 
-/// The key managers `target` names: the one given by `--backend`, else all.
-fn selected(
-    target: &Target,
-) -> Result<(crate::hsm::config::HsmConfig, Vec<BackendConfig>), ExitCode> {
-    let cfg = load(&target.config)?;
-    let chosen: Vec<BackendConfig> = match &target.backend {
-        None => cfg.hsm.backends.clone(),
-        Some(name) => cfg
-            .hsm
-            .backends
-            .iter()
-            .filter(|b| {
-                b.name.as_deref() == Some(name.as_str())
-                    || matches!(&b.token, TokenSelector::Label(l) if l == name)
-            })
-            .cloned()
-            .collect(),
-    };
-    if chosen.is_empty() {
-        return Err(usage_error(
-            "no such key manager in [hsm] / [[hsm.backends]]",
-        ));
-    }
-    Ok((cfg.hsm, chosen))
-}
-
-/// The name a key manager goes by in reports.
-fn name_of(b: &BackendConfig) -> String {
-    b.name.clone().unwrap_or_else(|| match &b.token {
-        TokenSelector::Label(l) => l.clone(),
-        TokenSelector::Slot(n) => format!("slot {n}"),
-    })
-}
-
 /// The one key manager a read or a create works on: `--backend`, else the
 /// first.
 fn open(target: &Target) -> Result<Token, ExitCode> {
-    let (hsm, chosen) = selected(target)?;
+    let (hsm, chosen, _) = selected(target)?;
     Token::open(&hsm, &chosen[0]).map_err(fail)
-}
-
-/// Runs `act` on each of `backends`, prints one line each (named when there
-/// are several), and fails (exit 1) if any failed.
-fn on_each(
-    hsm: &crate::hsm::config::HsmConfig,
-    backends: &[BackendConfig],
-    named: bool,
-    mut act: impl FnMut(&Token) -> Result<String, String>,
-) -> Result<(), ExitCode> {
-    let mut failed = false;
-    for b in backends {
-        let outcome = Token::open(hsm, b)
-            .map_err(|e| e.to_string())
-            .and_then(|token| act(&token));
-        let prefix = if named {
-            format!("{}: ", name_of(b))
-        } else {
-            String::new()
-        };
-        match outcome {
-            Ok(line) => println!("{prefix}{line}"),
-            Err(why) if named => {
-                failed = true;
-                println!("{prefix}FAILED: {why}");
-            }
-            Err(why) => {
-                failed = true;
-                eprintln!("xks-proxy: {why}");
-            }
-        }
-    }
-    if failed {
-        Err(ExitCode::from(1))
-    } else {
-        Ok(())
-    }
 }
 
 fn fail(e: HsmError) -> ExitCode {
@@ -278,7 +202,7 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             // replication can give the other key managers (rotating each would
             // give each different material, or a replicated cluster two keys
             // with one label). The others are checked to hold it.
-            let (hsm, chosen) = selected(&target)?;
+            let (hsm, chosen, _) = selected(&target)?;
             let named = chosen.len() > 1;
             let (first, others) = chosen.split_first().ok_or(ExitCode::from(2))?;
             let mut version = 0;
@@ -321,7 +245,24 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             }
             Ok(())
         }
-        KeysCommand::Disable { target, id } => set_enabled(&target, &id, false),
+        KeysCommand::Disable {
+            target,
+            id,
+            dry_run: true,
+            since,
+        } => {
+            check_id(&id)?;
+            let cfg = load(&target.config)?;
+            let since = since.unwrap_or_else(|| "30d".into());
+            let radius = super::audit::blast_radius(&cfg, &id, &since)?;
+            println!(
+                "dry run: nothing was changed. Disabling '{id}' makes Encrypt and Decrypt answer \
+                 InvalidStateException for every use below (audit trail, since {since}):"
+            );
+            print!("{radius}");
+            Ok(())
+        }
+        KeysCommand::Disable { target, id, .. } => set_enabled(&target, &id, false),
         KeysCommand::Enable { target, id } => set_enabled(&target, &id, true),
     }
 }
@@ -352,7 +293,7 @@ fn wait_for_version(token: &Token, id: &str, version: u32) -> Result<String, Str
 /// within `hsm.key_cache_ttl_ms` for Encrypt and Decrypt.
 fn set_enabled(target: &Target, id: &str, enabled: bool) -> Result<(), ExitCode> {
     check_id(id)?;
-    let (hsm, chosen) = selected(target)?;
+    let (hsm, chosen, _) = selected(target)?;
     on_each(&hsm, &chosen, chosen.len() > 1, |token| {
         let key = token.set_enabled(id, enabled).map_err(|e| e.to_string())?;
         if enabled && !key.enabled {

@@ -1,15 +1,21 @@
 //! The `xks-proxy` command line: `serve`, `check-config`, `keys`,
-//! `credentials`, `check`, `import-sample-config` and `kms-commands`.
+//! `credentials`, `check`, `import-sample-config`, `kms-commands`, `audit`,
+//! `lockdown` and `unlock`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage;
-//! `check` adds 3 (connected, but the key cannot serve KMS).
+//! `check` adds 3 (connected, but the key cannot serve KMS); `audit verify`
+//! 3 (tampered) and 4 (unsealed tail); `audit reconcile` 3 (requests KMS
+//! never made).
 
+mod audit;
 mod check;
 mod credentials;
 mod exit;
 mod import;
 mod keys;
 mod kms_commands;
+mod lockdown;
+mod target;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +56,10 @@ enum Command {
         /// The admin (metrics) listener, instead of `admin.listen`.
         #[arg(long, value_name = "ADDR")]
         admin_listen: Option<SocketAddr>,
+        /// This instance's audit chain, instead of `audit.instance_id` (or
+        /// `<hostname>-<port>`).
+        #[arg(long, value_name = "NAME")]
+        instance_id: Option<String>,
     },
     /// Validate a configuration file (including secret files and TLS material) and exit.
     CheckConfig {
@@ -74,6 +84,18 @@ enum Command {
     /// Print the AWS CLI commands that create and connect the KMS external
     /// key store for a key store of this config, and create its KMS keys.
     KmsCommands(kms_commands::KmsCommandsArgs),
+    /// The audit trail: verify it, report who used what, reconcile it with
+    /// CloudTrail, create its seal key.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// The kill switch: every proxy instance sharing the HSM refuses Encrypt
+    /// and Decrypt for a key store (or all) within about 2 s; --status lists
+    /// the locks in force.
+    Lockdown(Box<lockdown::LockdownArgs>),
+    /// Lift a lockdown.
+    Unlock(lockdown::UnlockArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -91,14 +113,26 @@ fn run(command: Command) -> Result<(), ExitCode> {
             listen,
             ping_listen,
             admin_listen,
-        } => serve(
-            &config,
-            ListenOverrides {
-                listen,
-                ping_listen,
-                admin_listen,
-            },
-        ),
+            instance_id,
+        } => {
+            if let Some(id) = &instance_id {
+                if !crate::audit::config::is_valid_instance_id(id) {
+                    return Err(exit::usage_error(
+                        "--instance-id: 1 to 64 characters of A-Z a-z 0-9 . _ - (not starting \
+                         with a dot)",
+                    ));
+                }
+            }
+            serve(
+                &config,
+                ListenOverrides {
+                    listen,
+                    ping_listen,
+                    admin_listen,
+                    instance_id,
+                },
+            )
+        }
         Command::CheckConfig { config } => {
             let cfg = load(&config)?;
             let refuse = |e: &dyn std::fmt::Display| {
@@ -126,6 +160,9 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Check(args) => check::run(*args, runtime()?),
         Command::ImportSampleConfig(args) => import::run(args),
         Command::KmsCommands(args) => kms_commands::run(args),
+        Command::Audit { command } => audit::run(command),
+        Command::Lockdown(args) => lockdown::lockdown(*args),
+        Command::Unlock(args) => lockdown::unlock(args),
     }
 }
 

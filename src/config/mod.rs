@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::audit::AuditConfig;
 use crate::hsm::config::{HealthConfig, HsmConfig};
 use crate::net::config::NetConfig;
 use crate::net::tls::TlsConfig;
@@ -48,6 +49,8 @@ pub struct Config {
     pub health: HealthConfig,
     pub logging: LoggingConfig,
     pub key_stores: Vec<KeyStoreConfig>,
+    /// The audit trail, when `[audit]` turns it on.
+    pub audit: Option<AuditConfig>,
     /// How often the config, secret, policy and certificate files are checked
     /// for changes; `None` when file watching is off (SIGHUP still reloads).
     pub reload_poll: Option<Duration>,
@@ -60,14 +63,17 @@ pub struct Config {
     pub overrides: ListenOverrides,
 }
 
-/// Listener addresses given on the command line (`serve --listen …`). They
-/// win over the file, so several instances (a fleet on one host, a systemd
-/// template unit) can share one configuration file.
+/// Listener addresses (and the audit instance id) given on the command line
+/// (`serve --listen …`). They win over the file, so several instances (a
+/// fleet on one host, a systemd template unit) can share one configuration
+/// file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenOverrides {
     pub listen: Option<SocketAddr>,
     pub ping_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// `serve --instance-id`: this instance's audit chain.
+    pub instance_id: Option<String>,
 }
 
 impl Config {
@@ -81,6 +87,9 @@ impl Config {
         }
         if let Some(a) = o.admin_listen {
             self.net.admin_listen = Some(a);
+        }
+        if let (Some(audit), Some(id)) = (&mut self.audit, &o.instance_id) {
+            audit.instance_id = Some(id.clone());
         }
         self.overrides = o;
         self
@@ -148,6 +157,7 @@ impl Config {
             ),
             ("hsm", self.hsm != other.hsm),
             ("health", self.health != other.health),
+            ("audit", self.audit != other.audit),
             (
                 "logging",
                 self.logging.format != other.logging.format
@@ -199,8 +209,12 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     };
     let (net, service, reload_poll) = validate_server(raw.server, admin_listen)?;
     let tls = validate_tls(raw.tls, base)?;
-    let hsm = validate_hsm(raw.hsm, base)?;
+    let mut hsm = validate_hsm(raw.hsm, base)?;
     let health = validate_health(raw.health)?;
+    let audit = validate_audit(raw.audit, base, &health.key_label)?;
+    if let Some(a) = audit.as_ref().filter(|a| a.create_seal_key) {
+        hsm.hmac_keys.push(a.seal_key_label.clone());
+    }
     let level = raw.logging.level.unwrap_or_else(|| "info".to_string());
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         return Err(invalid(
@@ -213,6 +227,17 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         level,
     };
     let key_stores = validate_key_stores(raw.key_stores, base, &health.key_label)?;
+    if let Some(a) = &audit {
+        if let Some(ks) = key_stores.iter().find(|k| k.keys.names(&a.seal_key_label)) {
+            return Err(invalid(
+                format!("key_stores ({}).keys", ks.name),
+                format!(
+                    "'{}' is the audit seal key (audit.seal_key_label); it must never serve KMS",
+                    a.seal_key_label
+                ),
+            ));
+        }
+    }
     let cfg = Config {
         net,
         service,
@@ -221,6 +246,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         health,
         logging,
         key_stores,
+        audit,
         reload_poll,
         source_digest: None,
         overrides: ListenOverrides::default(),

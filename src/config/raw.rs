@@ -26,6 +26,33 @@ pub(super) struct RawConfig {
     pub(super) admin: RawAdmin,
     #[serde(default)]
     pub(super) key_stores: Vec<RawKeyStore>,
+    /// The audit trail; off when absent.
+    pub(super) audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    #[serde(default = "default_true")]
+    pub(super) enabled: bool,
+    pub(super) dir: PathBuf,
+    pub(super) instance_id: Option<String>,
+    #[serde(default)]
+    pub(super) on_failure: crate::audit::OnFailure,
+    #[serde(default = "default_seal_every_records")]
+    pub(super) seal_every_records: u64,
+    #[serde(default = "default_seal_every_secs")]
+    pub(super) seal_every_secs: u64,
+    #[serde(default = "default_rotate_bytes")]
+    pub(super) rotate_bytes: u64,
+    #[serde(default = "default_rotate_secs")]
+    pub(super) rotate_secs: u64,
+    #[serde(default = "default_queue_records")]
+    pub(super) queue_records: usize,
+    #[serde(default = "default_seal_key_label")]
+    pub(super) seal_key_label: String,
+    #[serde(default = "default_true")]
+    pub(super) create_seal_key: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +259,24 @@ pub(super) struct RawCredential {
 
 fn default_true() -> bool {
     true
+}
+fn default_seal_every_records() -> u64 {
+    10_000
+}
+fn default_seal_every_secs() -> u64 {
+    10
+}
+fn default_rotate_bytes() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_rotate_secs() -> u64 {
+    86_400
+}
+fn default_queue_records() -> usize {
+    16_384
+}
+fn default_seal_key_label() -> String {
+    "xks-proxy-audit-seal".to_string()
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9464".to_string()

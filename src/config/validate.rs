@@ -10,6 +10,7 @@ use super::error::{invalid, ConfigError};
 use super::paths::resolve;
 use super::raw::*;
 use super::secrets::{check_private_file, read_secret};
+use crate::audit::config::{is_valid_instance_id, AuditConfig};
 use crate::guard::sigv4::Credential;
 use crate::guard::throttle::RateLimit;
 use crate::hsm::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
@@ -336,6 +337,8 @@ pub(super) fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, Config
         iv_source: raw.iv_source,
         key_cache_ttl: Duration::from_millis(raw.key_cache_ttl_ms),
         ekm_vendor: raw.ekm_vendor,
+        // Set from `[audit]` once that section is read.
+        hmac_keys: Vec::new(),
     })
 }
 
@@ -588,4 +591,84 @@ fn validate_compat(
         }
     };
     Ok(Some(crate::spec::aead::SampleCompat { metadata }))
+}
+
+/// `[audit]`: where the trail goes, how often it is sealed and rotated, and
+/// what happens when it cannot take a record. `None` when absent or
+/// `enabled = false`: the trail is off, as it always was.
+pub(super) fn validate_audit(
+    raw: Option<RawAudit>,
+    base: &Path,
+    health_key: &str,
+) -> Result<Option<AuditConfig>, ConfigError> {
+    let Some(raw) = raw.filter(|a| a.enabled) else {
+        return Ok(None);
+    };
+    let dir = resolve(base, &raw.dir);
+    if dir.exists() && !dir.is_dir() {
+        return Err(invalid(
+            "audit.dir",
+            format!("{} exists and is not a directory", dir.display()),
+        ));
+    }
+    if let Some(id) = &raw.instance_id {
+        if !is_valid_instance_id(id) {
+            return Err(invalid(
+                "audit.instance_id",
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ - (not starting with a dot): it \
+                 names the instance's files",
+            ));
+        }
+    }
+    if raw.seal_every_records == 0 || raw.seal_every_records > 1_000_000 {
+        return Err(invalid(
+            "audit.seal_every_records",
+            "must be between 1 and 1000000: records after the last seal are proven by nothing",
+        ));
+    }
+    if raw.seal_every_secs == 0 || raw.seal_every_secs > 3_600 {
+        return Err(invalid(
+            "audit.seal_every_secs",
+            "must be between 1 and 3600: records after the last seal are proven by nothing",
+        ));
+    }
+    if raw.rotate_bytes < 64 * 1024 || raw.rotate_bytes > 1 << 30 {
+        return Err(invalid(
+            "audit.rotate_bytes",
+            "must be between 65536 and 1073741824",
+        ));
+    }
+    if raw.rotate_secs < 60 {
+        return Err(invalid("audit.rotate_secs", "must be at least 60"));
+    }
+    if raw.queue_records == 0 || raw.queue_records > 1 << 20 {
+        return Err(invalid(
+            "audit.queue_records",
+            "must be between 1 and 1048576 (each queued record holds about a kilobyte)",
+        ));
+    }
+    if !is_valid_key_id(&raw.seal_key_label) {
+        return Err(invalid(
+            "audit.seal_key_label",
+            "must be 1 to 128 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if raw.seal_key_label == health_key {
+        return Err(invalid(
+            "audit.seal_key_label",
+            "must not be the health-check key's label",
+        ));
+    }
+    Ok(Some(AuditConfig {
+        dir,
+        instance_id: raw.instance_id,
+        on_failure: raw.on_failure,
+        seal_every_records: raw.seal_every_records,
+        seal_every: Duration::from_secs(raw.seal_every_secs),
+        rotate_bytes: raw.rotate_bytes,
+        rotate_every: Duration::from_secs(raw.rotate_secs),
+        queue_records: raw.queue_records,
+        seal_key_label: raw.seal_key_label,
+        create_seal_key: raw.create_seal_key,
+    }))
 }

@@ -46,6 +46,9 @@ pub struct HsmConfig {
     pub iv_source: IvSource,
     pub key_cache_ttl: Duration,
     pub ekm_vendor: Option<String>,
+    /// HMAC keys made in each key manager that lacks one when it opens
+    /// (the audit trail's seal key, when `[audit]` asks for it).
+    pub hmac_keys: Vec<String>,
 }
 
 impl std::fmt::Debug for HsmConfig {

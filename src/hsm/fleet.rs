@@ -28,6 +28,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use super::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use super::fault::Fault;
 use super::health::{classify, EkmStatus, HealthState, RETRY_INTERVAL};
+use super::markers::Marker;
 use super::module::{Module, ModuleSlot};
 use super::objects::{KeyInfo, Usages};
 use super::pool::Pool;
@@ -201,6 +202,12 @@ impl KeyManagers {
             token.create_aes_key(label, usages)?;
             tracing::info!(key = %label, ekm = %token.ekm_info().id, "created the health-check key");
         }
+        for label in &inner.hsm.hmac_keys {
+            if token.hmac_key(label)?.is_none() {
+                token.create_hmac_key(label)?;
+                tracing::info!(key = %label, ekm = %token.ekm_info().id, "created the HMAC key");
+            }
+        }
         let slot = ModuleSlot::new(module, b.index, b.cfg.token.clone(), token.slot);
         let sessions = b.cfg.sessions.unwrap_or(inner.hsm.sessions);
         let pool = Pool::start(
@@ -340,6 +347,88 @@ impl KeyManagers {
             async move { pool.decrypt(label, input, deadline).await }
         })
         .await
+    }
+
+    /// The markers of one kind in each open key manager, read concurrently
+    /// by their control threads within `within`: (key manager index,
+    /// what it said). A key manager that is not open is left out.
+    pub async fn read_markers(
+        &self,
+        application: &'static [u8],
+        within: Duration,
+    ) -> Vec<(usize, Result<Vec<Marker>, Fault>)> {
+        let deadline = Instant::now() + within;
+        let mut reads = tokio::task::JoinSet::new();
+        for b in self.backends() {
+            if let Some(pool) = b.pool() {
+                let index = b.index;
+                reads.spawn(async move { (index, pool.markers(application, deadline).await) });
+            }
+        }
+        let mut out = Vec::with_capacity(reads.len());
+        while let Some(joined) = reads.join_next().await {
+            if let Ok(r) = joined {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+
+    /// Whether some open key manager holds a protected HMAC key labelled
+    /// `label` (one that cannot leave the token).
+    pub async fn has_hmac_key(&self, label: &str, within: Duration) -> Result<bool, Fault> {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        for b in self.backends() {
+            if let Some(pool) = b.pool() {
+                match pool.has_hmac_key(label, deadline).await {
+                    Ok(true) => return Ok(true),
+                    Ok(false) => last = Some(Ok(false)),
+                    Err(e) => last = last.or(Some(Err(e))),
+                }
+            }
+        }
+        last.unwrap_or(Ok(false))
+    }
+
+    /// HMAC-SHA256 of `data` with the HMAC key `label`, computed inside a
+    /// key manager (the best one first, the others on a fault; each but the
+    /// last gets half of what is left, so one that hangs leaves time for
+    /// the next), within `within`; returns which key manager computed it.
+    /// Blocks: for plain threads (the audit writer), never a runtime thread.
+    pub fn hmac_blocking(
+        &self,
+        label: &str,
+        data: &[u8],
+        within: Duration,
+    ) -> Result<(String, Vec<u8>), Fault> {
+        let deadline = Instant::now() + within;
+        let mut first = None;
+        let order = self.order();
+        let candidates = order.len();
+        for (n, (_, pool)) in order.into_iter().enumerate() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let attempt = if n + 1 < candidates {
+                now + (deadline - now) / 2
+            } else {
+                deadline
+            };
+            match pool.hmac_blocking(label, data.to_vec(), attempt) {
+                Ok(mac) => return Ok((pool.ekm_info().id.clone(), mac)),
+                Err(e) => {
+                    tracing::debug!(ekm = %pool.ekm_info().id, error = %e, "HMAC failed here; trying the next key manager");
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Err(first.unwrap_or(Fault::Unavailable {
+            ekm: "all".into(),
+            why: "no key manager is open".into(),
+        }))
     }
 
     /// One round of health work for key manager `b`: open it if it is not

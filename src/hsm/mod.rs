@@ -14,6 +14,9 @@
 //! - [`token`]: opening a token, and the administrative operations;
 //! - [`objects`], [`key_spec`], `state`, `keys`: key objects, their spec,
 //!   their enabled/disabled state, and the key-handle cache;
+//! - [`markers`]: small data objects that carry fleet-wide state in the
+//!   token (disabled keys, lockdowns);
+//! - [`hmac`]: HMAC keys that never leave the token (the audit seal key);
 //! - [`fault`]: what can go wrong, in this layer's terms;
 //! - [`config`]: what `[hsm]`, `[[hsm.backends]]` and `[health]` become.
 //!
@@ -23,8 +26,10 @@ pub mod config;
 pub mod fault;
 pub mod fleet;
 pub mod health;
+pub mod hmac;
 pub mod key_spec;
 mod keys;
+pub mod markers;
 mod module;
 pub mod objects;
 mod pool;
@@ -36,6 +41,8 @@ mod worker;
 pub use fault::Fault;
 pub use fleet::KeyManagers;
 pub use health::EkmStatus;
+pub use hmac::HmacKey;
 pub use key_spec::KeySpec;
+pub use markers::Marker;
 pub use objects::{KeyAttributes, KeyDetails, KeyInfo, Usages};
 pub use token::{EkmInfo, HsmError, Token};

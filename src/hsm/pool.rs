@@ -12,6 +12,12 @@
 //! A full queue is [`Fault::Busy`] at once. So overload becomes fast, bounded
 //! errors instead of unbounded memory and latency.
 //!
+//! Beside the request threads, each pool has one **control** thread with
+//! its own session and its own small queue, for the proxy's own work that
+//! must not wait behind requests: reading the lockdown markers every second
+//! and sealing the audit trail. A flood of requests (the very moment a
+//! lockdown is called for) fills the request queue, not this one.
+//!
 //! The pool also knows how long each thread has been inside its current job:
 //! a key manager whose threads all sit in one call for seconds is hung (a
 //! network HSM whose packets vanish), not merely slow, and health reports it
@@ -27,6 +33,7 @@ use tokio::sync::oneshot;
 use super::config::HsmConfig;
 use super::fault::Fault;
 use super::keys::KeyCache;
+use super::markers::Marker;
 use super::module::ModuleSlot;
 use super::objects::KeyInfo;
 use super::queue::{JobQueue, PushError};
@@ -35,9 +42,16 @@ use super::worker::{check_key, Busy, Job, OpKind, Shared, Worker};
 use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::telemetry::metrics::Metrics;
 
+/// Jobs the control thread may have queued (a few polls and seals).
+const CONTROL_QUEUE: usize = 16;
+
 struct Inner {
     queue: Arc<JobQueue<Job>>,
     workers: Vec<JoinHandle<()>>,
+    /// The control thread's queue and thread (see the module docs).
+    control_queue: Arc<JobQueue<Job>>,
+    control: Option<JoinHandle<()>>,
+    control_busy: Arc<Busy>,
     shared: Arc<Shared>,
     ekm: EkmInfo,
     queue_timeout: Duration,
@@ -50,10 +64,18 @@ impl Drop for Inner {
         // before the module is finalized. A worker stuck in a call that never
         // returns (a hung network HSM) is not waited for.
         self.queue.close();
+        self.control_queue.close();
         let mut hung = false;
         for (i, w) in self.workers.drain(..).enumerate() {
             if !self.busy.in_job(i) {
                 let _ = w.join();
+            } else {
+                hung = true;
+            }
+        }
+        if let Some(c) = self.control.take() {
+            if !self.control_busy.in_job(0) {
+                let _ = c.join();
             } else {
                 hung = true;
             }
@@ -96,6 +118,7 @@ impl Pool {
         health_key: &str,
         metrics: &Metrics,
     ) -> Result<Pool, HsmError> {
+        // The request sessions (the control thread's is not one of them).
         metrics.hsm_sessions.add(sessions as i64);
         let shared = Arc::new(Shared {
             module,
@@ -118,10 +141,23 @@ impl Pool {
                 .map_err(HsmError::Thread)?;
             workers.push(handle);
         }
+        let control_busy = Arc::new(Busy::new(1));
+        let control_queue = Arc::new(JobQueue::new(CONTROL_QUEUE));
+        let worker = Worker::new(shared.clone(), control_busy.clone(), 0);
+        let control = {
+            let queue = control_queue.clone();
+            std::thread::Builder::new()
+                .name(format!("hsm-{index}-ctl"))
+                .spawn(move || worker.run(&queue))
+        }
+        .map_err(HsmError::Thread)?;
         Ok(Pool {
             inner: Arc::new(Inner {
                 queue,
                 workers,
+                control_queue,
+                control: Some(control),
+                control_busy,
                 shared,
                 ekm: token.ekm_info().clone(),
                 queue_timeout: cfg.queue_timeout,
@@ -171,37 +207,95 @@ impl Pool {
         deadline: Instant,
         f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
     ) -> Result<T, Fault> {
+        let start_by = (Instant::now() + self.inner.queue_timeout).min(deadline);
+        self.run_on(false, kind, start_by, deadline, f).await
+    }
+
+    /// Runs `f` on the control thread (see the module docs), answering by
+    /// `deadline`.
+    pub(crate) async fn run_control<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        self.run_on(true, kind, deadline, deadline, f).await
+    }
+
+    async fn run_on<T: Send + 'static>(
+        &self,
+        control: bool,
+        kind: &'static str,
+        start_by: Instant,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
         let (reply, rx) = oneshot::channel();
         let started = Arc::new(AtomicBool::new(false));
-        let now = Instant::now();
         let job = Job {
             kind,
-            enqueued: now,
-            start_by: (now + self.inner.queue_timeout).min(deadline),
+            enqueued: Instant::now(),
+            start_by,
             started: started.clone(),
             work: Box::new(move |w| {
                 let _ = reply.send(f(w));
             }),
         };
-        match self.inner.queue.push(job) {
-            Ok(()) => {}
-            Err(PushError::Full(_)) => {
-                return Err(Fault::Busy {
-                    ekm: self.inner.ekm.id.clone(),
-                })
-            }
-            Err(PushError::Closed(_)) => {
-                return Err(Fault::Unavailable {
-                    ekm: self.inner.ekm.id.clone(),
-                    why: "its session pool is shut down".into(),
-                })
-            }
-        }
+        self.enqueue(control, job)?;
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
             // Dropped unrun: it waited past its start deadline.
             Ok(Err(_)) => Err(self.fault_timeout(false)),
             Err(_) => Err(self.fault_timeout(started.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// [`Self::run_control`] for a plain thread that may block (the audit
+    /// trail's writer): waits for the answer until `deadline`.
+    pub(crate) fn run_control_blocking<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let started = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            kind,
+            enqueued: Instant::now(),
+            start_by: deadline,
+            started: started.clone(),
+            work: Box::new(move |w| {
+                let _ = reply.send(f(w));
+            }),
+        };
+        self.enqueue(true, job)?;
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(self.fault_timeout(false)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(self.fault_timeout(started.load(Ordering::Relaxed)))
+            }
+        }
+    }
+
+    /// Queues a job for the request threads or the control thread; a full
+    /// queue is [`Fault::Busy`] at once.
+    fn enqueue(&self, control: bool, job: Job) -> Result<(), Fault> {
+        let queue = if control {
+            &self.inner.control_queue
+        } else {
+            &self.inner.queue
+        };
+        match queue.push(job) {
+            Ok(()) => Ok(()),
+            Err(PushError::Full(_)) => Err(Fault::Busy {
+                ekm: self.inner.ekm.id.clone(),
+            }),
+            Err(PushError::Closed(_)) => Err(Fault::Unavailable {
+                ekm: self.inner.ekm.id.clone(),
+                why: "its session pool is shut down".into(),
+            }),
         }
     }
 
@@ -253,5 +347,36 @@ impl Pool {
     /// One deep health probe with the health-check key.
     pub async fn probe(&self, deadline: Instant) -> Result<(), Fault> {
         self.run("health_probe", deadline, |w| w.probe()).await
+    }
+
+    /// The markers of one kind in the token (control thread).
+    pub async fn markers(
+        &self,
+        application: &'static [u8],
+        deadline: Instant,
+    ) -> Result<Vec<Marker>, Fault> {
+        self.run_control("markers", deadline, move |w| w.markers(application))
+            .await
+    }
+
+    /// Whether the token holds a protected HMAC key labelled `label`
+    /// (control thread).
+    pub async fn has_hmac_key(&self, label: &str, deadline: Instant) -> Result<bool, Fault> {
+        let label = label.to_owned();
+        self.run_control("hmac_key", deadline, move |w| w.has_hmac_key(&label))
+            .await
+    }
+
+    /// HMAC-SHA256 of `data` with the key labelled `label`, computed in the
+    /// token by the control thread; blocks the calling (non-runtime) thread
+    /// until `deadline`.
+    pub fn hmac_blocking(
+        &self,
+        label: &str,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Fault> {
+        let label = label.to_owned();
+        self.run_control_blocking("hmac", deadline, move |w| w.hmac(&label, &data))
     }
 }

@@ -14,6 +14,8 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::config::{BackendConfig, HsmConfig, TokenSelector};
+use super::hmac::HmacKey;
+use super::markers::Marker;
 use super::objects::{find_keys, find_secret_keys, read_key_info, KeyDetails, KeyInfo, Usages};
 
 /// A failure to reach or use the token outside a request (startup, CLI).
@@ -280,6 +282,66 @@ impl Token {
         let next = self.latest_version(id)? + 1;
         let key = self.create_aes_key(&crate::spec::aead::version_label(id, next), base.usages)?;
         Ok((next, key))
+    }
+
+    /// The HMAC key labelled `label`, if there is one (see
+    /// [`super::hmac`]); several with one label are an error.
+    pub fn hmac_key(&self, label: &str) -> Result<Option<HmacKey>, HsmError> {
+        let keys = super::hmac::describe(&self.session, label).map_err(p11("C_FindObjects"))?;
+        match keys[..] {
+            [] => Ok(None),
+            [k] => Ok(Some(k)),
+            _ => Err(HsmError::AmbiguousLabel {
+                label: label.to_string(),
+                count: keys.len(),
+            }),
+        }
+    }
+
+    /// Generates the HMAC key `label` in the token: sensitive,
+    /// non-extractable, sign and verify only. Refuses a label that exists.
+    pub fn create_hmac_key(&self, label: &str) -> Result<HmacKey, HsmError> {
+        if self.hmac_key(label)?.is_some()
+            || !find_secret_keys(&self.session, label)
+                .map_err(p11("C_FindObjects"))?
+                .is_empty()
+        {
+            return Err(HsmError::KeyExists(label.to_string()));
+        }
+        super::hmac::generate(&self.session, label).map_err(p11("C_GenerateKey"))?;
+        self.hmac_key(label)?
+            .ok_or_else(|| HsmError::NoKey(label.to_string()))
+    }
+
+    /// Whether `mac` is the HMAC-SHA256 of `data` under `key`, checked in
+    /// the token.
+    pub fn verify_hmac(&self, key: &HmacKey, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
+        super::hmac::verify(&self.session, key.handle, data, mac).map_err(p11("C_Verify"))
+    }
+
+    /// The markers of one kind (see [`super::markers`]).
+    pub fn markers(&self, application: &[u8]) -> Result<Vec<Marker>, HsmError> {
+        super::markers::list(&self.session, application).map_err(p11("C_FindObjects"))
+    }
+
+    /// Stores a marker, replacing one of the same kind and label.
+    pub fn put_marker(
+        &self,
+        application: &[u8],
+        label: &str,
+        value: &[u8],
+    ) -> Result<(), HsmError> {
+        super::markers::put(&self.session, application, label, value).map_err(p11("C_CreateObject"))
+    }
+
+    /// Removes the markers of one kind with this label (or all of that
+    /// kind); returns how many.
+    pub fn remove_markers(
+        &self,
+        application: &[u8],
+        label: Option<&str>,
+    ) -> Result<usize, HsmError> {
+        super::markers::remove(&self.session, application, label).map_err(p11("C_DestroyObject"))
     }
 
     /// Every secret key in the token, sorted by label.

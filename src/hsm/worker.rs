@@ -22,7 +22,9 @@ use zeroize::Zeroizing;
 
 use super::config::IvSource;
 use super::fault::Fault;
+use super::hmac;
 use super::keys::KeyCache;
+use super::markers::{self, Marker};
 use super::module::{module_lost, ModuleSlot};
 use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
 use super::queue::JobQueue;
@@ -548,6 +550,53 @@ impl Worker {
                 version,
             }),
             other => other,
+        }
+    }
+
+    /// The markers of one kind (see [`super::markers`]).
+    pub fn markers(&mut self, application: &[u8]) -> Result<Vec<Marker>, Fault> {
+        let result = markers::list(self.session()?, application);
+        result.map_err(|e| self.map_p11(e, OpKind::Lookup))
+    }
+
+    /// Whether the token holds exactly one HMAC key labelled `label`, and
+    /// it cannot leave the token (see [`super::hmac`]).
+    pub fn has_hmac_key(&mut self, label: &str) -> Result<bool, Fault> {
+        let result = hmac::describe(self.session()?, label);
+        match result {
+            Ok(keys) => Ok(matches!(&keys[..], [k] if k.is_protected())),
+            Err(e) => Err(self.map_p11(e, OpKind::Lookup)),
+        }
+    }
+
+    /// HMAC-SHA256 of `data` under the HMAC key labelled `label`, computed
+    /// in the token. The key is looked up each time: seals are rare, and a
+    /// key replaced in the token is then never used by a stale handle.
+    pub fn hmac(&mut self, label: &str, data: &[u8]) -> Result<Vec<u8>, Fault> {
+        let ekm = self.ekm();
+        let result = (|| -> Result<Vec<u8>, OpError> {
+            let session = self.session()?;
+            match &hmac::describe(session, label)?[..] {
+                [] => Err(Fault::KeyNotFound {
+                    key: label.to_string(),
+                    ekm,
+                }
+                .into()),
+                [k] if k.is_protected() => Ok(hmac::sign(session, k.handle, data)?),
+                [_] => Err(OpError::Misconfigured(format!(
+                    "the HMAC key '{label}' is extractable or not sensitive; it cannot seal"
+                ))),
+                keys => Err(OpError::Misconfigured(format!(
+                    "{} HMAC keys carry the label '{label}'; a seal must name exactly one",
+                    keys.len()
+                ))),
+            }
+        })();
+        match result {
+            Ok(mac) => Ok(mac),
+            Err(OpError::Fault(f)) => Err(f),
+            Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
+            Err(OpError::Misconfigured(why)) => Err(self.failed(why)),
         }
     }
 

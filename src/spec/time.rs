@@ -106,6 +106,54 @@ pub fn format_timestamp(t: SystemTime) -> String {
     )
 }
 
+/// Formats a time as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC, microseconds).
+/// Every such string has the same length, so they sort as the times do.
+pub fn format_timestamp_micros(t: SystemTime) -> String {
+    let micros = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_micros())
+        .unwrap_or(0);
+    let whole = format_timestamp(t);
+    format!("{}.{micros:06}Z", &whole[..19])
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` or the same with a fraction of a second
+/// (`…SS.ffffffZ`, any number of digits); the fraction is kept to the
+/// microsecond.
+pub fn parse_timestamp_any(s: &str) -> Option<SystemTime> {
+    if s.len() == 20 {
+        return parse_timestamp(s);
+    }
+    let (whole, rest) = (s.get(..19)?, s.get(19..)?);
+    let fraction = rest.strip_prefix('.')?.strip_suffix('Z')?;
+    if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let t = parse_timestamp(&format!("{whole}Z"))?;
+    let micros: String = fraction
+        .chars()
+        .chain(std::iter::repeat('0'))
+        .take(6)
+        .collect();
+    Some(t + Duration::from_micros(micros.parse().ok()?))
+}
+
+/// Parses a span such as `90s`, `15m`, `12h`, `30d` or `2w`.
+pub fn parse_span(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let unit = s.chars().last()?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().ok()?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        'w' => 7 * 86_400,
+        _ => return None,
+    };
+    n.checked_mul(secs).map(Duration::from_secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +198,28 @@ mod tests {
         assert_eq!(format_timestamp(t), "2026-11-23T08:09:16Z");
         assert!(parse_timestamp("2026-11-23 08:09:16Z").is_none());
         assert!(parse_timestamp("20261123T080916Z").is_none());
+    }
+
+    #[test]
+    fn micro_timestamps_and_spans() {
+        let t = parse_timestamp("2026-11-23T08:09:16Z").unwrap() + Duration::from_micros(42);
+        let s = format_timestamp_micros(t);
+        assert_eq!(s, "2026-11-23T08:09:16.000042Z");
+        assert_eq!(parse_timestamp_any(&s), Some(t));
+        assert_eq!(
+            parse_timestamp_any("2026-11-23T08:09:16.5Z"),
+            Some(t - Duration::from_micros(42) + Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_timestamp_any("2026-11-23T08:09:16Z"),
+            Some(t - Duration::from_micros(42))
+        );
+        assert!(parse_timestamp_any("2026-11-23T08:09:16.Z").is_none());
+        assert_eq!(parse_span("30d"), Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_span("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_span("2w"), Some(Duration::from_secs(14 * 86_400)));
+        for bad in ["", "d", "3x", "-1d", "1.5h"] {
+            assert!(parse_span(bad).is_none(), "{bad}");
+        }
     }
 }

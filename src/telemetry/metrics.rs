@@ -75,6 +75,25 @@ pub struct Metrics {
     pub log_lines_suppressed: prometheus::IntCounter,
     /// Log lines dropped because the log destination did not keep up.
     pub log_lines_dropped: prometheus::IntCounter,
+    /// Audit records written (every type: requests, seals, events).
+    pub audit_records: prometheus::IntCounter,
+    /// Audit records that could not be queued (`audit.on_failure =
+    /// "continue"`, or a request that never authenticated): a gap the
+    /// trail itself reports with a `loss` record.
+    pub audit_lost: prometheus::IntCounter,
+    /// Requests answered 503 because the trail could not take their record
+    /// (`audit.on_failure = "refuse"`).
+    pub audit_refused: prometheus::IntCounter,
+    /// Seals computed in the HSM, by result (ok, failed).
+    pub audit_seals: IntCounterVec,
+    /// Failed writes of the audit trail (each retried).
+    pub audit_write_errors: prometheus::IntCounter,
+    /// Audit records queued or reserved and not yet written.
+    pub audit_queue: IntGauge,
+    /// Lockdowns in force on this instance.
+    pub lockdown_active: IntGauge,
+    /// Reads of the lockdown markers that failed (the last known locks stay).
+    pub lockdown_poll_failures: prometheus::IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -208,6 +227,44 @@ impl Metrics {
             "Log lines dropped because the log destination did not keep up.",
         ));
         must(registry.register(Box::new(log_lines_dropped.clone())));
+        let int_counter = |name: &str, help: &str| {
+            let m = must(prometheus::IntCounter::new(name, help));
+            must(registry.register(Box::new(m.clone())));
+            m
+        };
+        let audit_records = int_counter(
+            "xks_audit_records_total",
+            "Audit records written (requests, seals, events).",
+        );
+        let audit_lost = int_counter(
+            "xks_audit_records_lost_total",
+            "Audit records that could not be queued (on_failure = continue, or unauthenticated requests).",
+        );
+        let audit_refused = int_counter(
+            "xks_audit_requests_refused_total",
+            "Requests answered 503 because the audit trail could not take their record (on_failure = refuse).",
+        );
+        let audit_seals = counter_vec(
+            "xks_audit_seals_total",
+            "Audit seals computed in the HSM, by result (ok, failed).",
+            &["result"],
+        );
+        let audit_write_errors = int_counter(
+            "xks_audit_write_errors_total",
+            "Failed writes of the audit trail (retried).",
+        );
+        let audit_queue = int_gauge(
+            "xks_audit_queue_records",
+            "Audit records queued or reserved and not yet written.",
+        );
+        let lockdown_active = int_gauge(
+            "xks_lockdown_active_locks",
+            "Lockdowns in force on this instance.",
+        );
+        let lockdown_poll_failures = int_counter(
+            "xks_lockdown_poll_failures_total",
+            "Reads of the lockdown markers in a key manager that failed.",
+        );
         let build = must(IntGaugeVec::new(
             Opts::new("xks_build_info", "Build information; always 1."),
             &["version"],
@@ -234,6 +291,14 @@ impl Metrics {
             compat_decrypts,
             log_lines_suppressed,
             log_lines_dropped,
+            audit_records,
+            audit_lost,
+            audit_refused,
+            audit_seals,
+            audit_write_errors,
+            audit_queue,
+            lockdown_active,
+            lockdown_poll_failures,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct Options {
     pub wrapper: Vec<String>,
     /// While set, the proxy's stderr is not read: its log sink stalls.
     pub log_paused: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Whole sections appended to the file (`[audit]`).
+    pub extra_sections: String,
 }
 
 impl Default for Options {
@@ -78,6 +80,7 @@ impl Default for Options {
             extra_health: String::new(),
             wrapper: Vec::new(),
             log_paused: None,
+            extra_sections: String::new(),
         }
     }
 }
@@ -144,6 +147,8 @@ keys = ["other-key"]
 [[key_stores.credentials]]
 access_key_id = "{AKID_OTHER}"
 secret_file = "secret-other"
+
+{extra_sections}
 "#,
             cert = certs.cert.display(),
             key = certs.key.display(),
@@ -161,6 +166,7 @@ secret_file = "secret-other"
             health_interval = opts.health_interval_secs,
             module = opts.module,
             extra_health = opts.extra_health,
+            extra_sections = opts.extra_sections,
         ),
     )
     .unwrap();

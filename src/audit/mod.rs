@@ -1,0 +1,37 @@
+//! The audit trail: one record per XKS request, in a hash chain sealed in
+//! the HSM, so that the key's owner sees every use and can tell when the
+//! record of it was edited.
+//!
+//! - [`record`]: what a record holds, the chain and the seal construction;
+//! - [`trail`]: the handle requests write through (reservations, the
+//!   `on_failure` rule); `queue`: what it shares with the writer;
+//! - [`Sealer`]: what computes seals in the HSM;
+//! - `writer`: the one thread that writes files, rotates and seals;
+//! - [`verify`]: checking a trail's links and seals (`audit verify`);
+//! - [`report`]: who used which key (`audit report`, `keys disable
+//!   --dry-run`);
+//! - [`reconcile`]: the trail against CloudTrail (`audit reconcile`);
+//! - [`config`]: what `[audit]` becomes.
+//!
+//! This layer sits below the API (which produces the records) and above the
+//! key managers (whose control threads compute the seals). It is not the
+//! access log: that one may drop lines when its destination stalls; this
+//! one refuses requests (or counts and reports the loss) instead.
+//! docs/audit.md has the format, the guarantees and what they do not cover.
+
+pub mod config;
+mod error;
+mod queue;
+pub mod reconcile;
+pub mod record;
+pub mod report;
+mod sealer;
+pub mod trail;
+pub mod verify;
+mod writer;
+
+pub use config::{AuditConfig, OnFailure};
+pub use error::AuditError;
+pub use record::{Decision, LockEvent, LockEventKind, RequestRecord};
+pub use sealer::{HsmSealer, Sealer};
+pub use trail::{AuditTrail, Slot};

@@ -1,0 +1,475 @@
+//! `xks-proxy audit reconcile --cloudtrail FILE…`: the proxy's trail
+//! against KMS's own record.
+//!
+//! Every XKS request KMS makes carries `requestMetadata.kmsRequestId`, the
+//! `requestID` of the KMS call that CloudTrail logs. So each key operation
+//! the proxy served should have a CloudTrail event with that `requestID`,
+//! and each KMS call on an external-key-store key should have reached the
+//! proxy. Two one-sided sets come out:
+//!
+//! - **served, never made by KMS** — the alarm: a request signed with the
+//!   key store's SigV4 credentials that did not come from KMS. Someone
+//!   holds the credentials. Exit code 3.
+//! - **made by KMS, never reached this proxy**: the call failed in KMS
+//!   before it (an IAM denial: the event has an `errorCode`), went to
+//!   another instance whose trail was not given, or was lost on the way.
+//!
+//! Inputs: CloudTrail log files (`{"Records":[…]}`, as delivered to S3,
+//! decompressed: `zcat` them, or pass `-` for standard input), and the
+//! output of `aws cloudtrail lookup-events` (`{"Events":[{"CloudTrailEvent":
+//! "<the event as a JSON string>"}, …]}`); several JSON documents may follow
+//! one another in one file.
+//!
+//! Which events concern an external key store: KMS events (`eventSource`
+//! `kms.amazonaws.com`) of the operations that call the proxy, whose
+//! `additionalEventData` names a `customKeyStoreId` or `xksKeyId`, whose
+//! key (`resources[].ARN`, `requestParameters.keyId`) is one the trail saw
+//! as `kmsKeyArn` or given with `--key-arn`, or whose `requestID` the trail
+//! holds.
+//!
+//! Both sides cover a time span, and a call near the edge of one may be
+//! outside the other (CloudTrail delivers minutes late). So each side is
+//! only compared within the other's span, shrunk by a slack (5 minutes by
+//! default), unless `--from`/`--to` set the span; what falls outside is
+//! counted, not reported.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::report::RequestLine;
+use crate::spec::time::parse_timestamp_any;
+
+/// The KMS operations that call an external key store proxy.
+const CALLS_PROXY: &[&str] = &[
+    "Encrypt",
+    "Decrypt",
+    "ReEncrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "CreateKey",
+    "DescribeKey",
+    "CreateCustomKeyStore",
+    "UpdateCustomKeyStore",
+    "ConnectCustomKeyStore",
+];
+
+/// The XKS operations whose requests must come from KMS calls that
+/// CloudTrail logs. (GetHealthStatus is left out of the alarm: KMS's
+/// periodic health checks are not API calls of the customer's.)
+const KEY_OPERATIONS: &[&str] = &["GetKeyMetadata", "Encrypt", "Decrypt"];
+
+/// A KMS event of CloudTrail, as far as reconciliation needs it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsEvent {
+    pub request_id: String,
+    pub event_name: String,
+    pub event_time: String,
+    /// The key's ARN (or the id the caller gave).
+    pub key: Option<String>,
+    pub custom_key_store_id: Option<String>,
+    pub error_code: Option<String>,
+    /// The file it came from.
+    pub source: String,
+}
+
+/// How to reconcile.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The span to compare (both sides); default: each side within the
+    /// other's span, shrunk by `slack`.
+    pub from: Option<SystemTime>,
+    pub to: Option<SystemTime>,
+    pub slack: Duration,
+    /// More external-key-store key ARNs (beyond those the trail saw).
+    pub key_arns: Vec<String>,
+    /// Only these custom key stores (`cks-…`), when given.
+    pub key_store_ids: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            from: None,
+            to: None,
+            slack: Duration::from_secs(300),
+            key_arns: Vec::new(),
+            key_store_ids: Vec::new(),
+        }
+    }
+}
+
+/// The reconciliation.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// KMS events of external-key-store keys found, and compared.
+    pub events: usize,
+    pub events_compared: usize,
+    /// Key-operation requests of the trail found, and compared.
+    pub requests: usize,
+    pub requests_compared: usize,
+    /// Compared requests that have their KMS event.
+    pub matched: usize,
+    /// Made by KMS, never reached this proxy (within the span).
+    pub never_reached: Vec<KmsEvent>,
+    /// Served by the proxy, never made by KMS: the alarm.
+    pub never_made: Vec<Unmade>,
+}
+
+/// A request of the trail that KMS never made.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unmade {
+    pub time: String,
+    pub instance: String,
+    pub seq: u64,
+    pub kms_request_id: Option<String>,
+    pub operation: Option<String>,
+    pub key_store: Option<String>,
+    pub key_id: Option<String>,
+    pub aws_principal_arn: Option<String>,
+    pub access_key_id: Option<String>,
+    pub client_addr: Option<String>,
+    pub status: u16,
+}
+
+/// The events in one CloudTrail input (see the module docs for the
+/// formats). `source` names it in the output.
+pub fn parse_cloudtrail(text: &str, source: &str) -> Result<Vec<Value>, String> {
+    let mut events = Vec::new();
+    for doc in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+        let doc = doc.map_err(|e| format!("{source}: not JSON: {e}"))?;
+        collect_events(doc, source, &mut events)?;
+    }
+    Ok(events)
+}
+
+fn collect_events(doc: Value, source: &str, out: &mut Vec<Value>) -> Result<(), String> {
+    match doc {
+        Value::Array(items) => {
+            for item in items {
+                collect_events(item, source, out)?;
+            }
+        }
+        Value::Object(mut o) => {
+            if let Some(Value::Array(records)) = o.remove("Records") {
+                out.extend(records);
+            } else if let Some(Value::Array(events)) = o.remove("Events") {
+                for e in events {
+                    match e.get("CloudTrailEvent") {
+                        Some(Value::String(s)) => {
+                            out.push(serde_json::from_str(s).map_err(|err| {
+                                format!("{source}: a CloudTrailEvent is not JSON: {err}")
+                            })?)
+                        }
+                        Some(v @ Value::Object(_)) => out.push(v.clone()),
+                        _ => {
+                            return Err(format!(
+                                "{source}: an event of lookup-events output has no CloudTrailEvent"
+                            ))
+                        }
+                    }
+                }
+            } else if o.contains_key("eventSource") {
+                out.push(Value::Object(o));
+            } else {
+                return Err(format!(
+                    "{source}: neither CloudTrail log records ({{\"Records\":[...]}}) nor \
+                     lookup-events output ({{\"Events\":[...]}})"
+                ));
+            }
+        }
+        _ => return Err(format!("{source}: not a CloudTrail document")),
+    }
+    Ok(())
+}
+
+fn str_at<'v>(v: &'v Value, path: &[&str]) -> Option<&'v str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_str()
+}
+
+/// The key id at the end of a key ARN (`…:key/<id>`), or the value itself.
+fn key_id_of(arn_or_id: &str) -> &str {
+    arn_or_id
+        .rsplit_once("key/")
+        .map_or(arn_or_id, |(_, id)| id)
+}
+
+fn in_span(t: &str, from: Option<SystemTime>, to: Option<SystemTime>) -> bool {
+    match parse_timestamp_any(t) {
+        Some(t) => from.is_none_or(|f| t >= f) && to.is_none_or(|e| t <= e),
+        None => false,
+    }
+}
+
+/// The earliest and latest of some timestamps.
+fn span<'a>(times: impl Iterator<Item = &'a str>) -> Option<(SystemTime, SystemTime)> {
+    let mut lo: Option<SystemTime> = None;
+    let mut hi: Option<SystemTime> = None;
+    for t in times.filter_map(parse_timestamp_any) {
+        lo = Some(lo.map_or(t, |l| l.min(t)));
+        hi = Some(hi.map_or(t, |h| h.max(t)));
+    }
+    Some((lo?, hi?))
+}
+
+/// Matches KMS's events with the trail's requests; see the module docs.
+pub fn reconcile(events: &[(Value, String)], requests: &[RequestLine], opts: &Options) -> Outcome {
+    // The trail's authenticated requests: only those can be KMS's.
+    let authenticated: Vec<&RequestLine> = requests
+        .iter()
+        .filter(|r| r.access_key_id.is_some())
+        .collect();
+    let request_ids: HashSet<&str> = authenticated
+        .iter()
+        .filter_map(|r| r.kms_request_id.as_deref())
+        .collect();
+    let mut key_ids: HashSet<&str> = authenticated
+        .iter()
+        .filter_map(|r| r.kms_key_arn.as_deref().map(key_id_of))
+        .collect();
+    key_ids.extend(opts.key_arns.iter().map(|a| key_id_of(a)));
+
+    let mut kms = Vec::new();
+    for (e, source) in events {
+        if str_at(e, &["eventSource"]) != Some("kms.amazonaws.com") {
+            continue;
+        }
+        let name = str_at(e, &["eventName"]).unwrap_or("");
+        let Some(request_id) = str_at(e, &["requestID"]) else {
+            continue;
+        };
+        let store = str_at(e, &["additionalEventData", "customKeyStoreId"])
+            .or_else(|| str_at(e, &["requestParameters", "customKeyStoreId"]));
+        if !opts.key_store_ids.is_empty()
+            && store.is_some_and(|s| !opts.key_store_ids.iter().any(|k| k == s))
+        {
+            continue;
+        }
+        let key = e
+            .get("resources")
+            .and_then(Value::as_array)
+            .and_then(|rs| rs.iter().find_map(|r| str_at(r, &["ARN"])))
+            .or_else(|| str_at(e, &["requestParameters", "keyId"]));
+        let xks = str_at(e, &["additionalEventData", "customKeyStoreId"]).is_some()
+            || str_at(e, &["additionalEventData", "xksKeyId"]).is_some()
+            || store.is_some_and(|s| opts.key_store_ids.iter().any(|k| k == s))
+            || key.is_some_and(|k| key_ids.contains(key_id_of(k)))
+            || request_ids.contains(request_id);
+        if !xks || !CALLS_PROXY.contains(&name) {
+            continue;
+        }
+        kms.push(KmsEvent {
+            request_id: request_id.to_string(),
+            event_name: name.to_string(),
+            event_time: str_at(e, &["eventTime"]).unwrap_or("").to_string(),
+            key: key.map(str::to_string),
+            custom_key_store_id: store.map(str::to_string),
+            error_code: str_at(e, &["errorCode"]).map(str::to_string),
+            source: source.clone(),
+        });
+    }
+
+    let key_ops: Vec<&RequestLine> = authenticated
+        .iter()
+        .copied()
+        .filter(|r| {
+            r.operation
+                .as_deref()
+                .is_some_and(|o| KEY_OPERATIONS.contains(&o))
+        })
+        .collect();
+    let shrink = |s: Option<(SystemTime, SystemTime)>| match s {
+        Some((lo, hi)) => (
+            Some(lo + opts.slack),
+            Some(hi.checked_sub(opts.slack).unwrap_or(hi)),
+        ),
+        // Nothing on the other side: compare everything (all one-sided).
+        None => (None, None),
+    };
+    let (req_from, req_to) = match (opts.from, opts.to) {
+        (None, None) => shrink(span(kms.iter().map(|e| e.event_time.as_str()))),
+        given => given,
+    };
+    let (ev_from, ev_to) = match (opts.from, opts.to) {
+        (None, None) => shrink(span(authenticated.iter().map(|r| r.time.as_str()))),
+        given => given,
+    };
+
+    let event_ids: HashSet<&str> = kms.iter().map(|e| e.request_id.as_str()).collect();
+    let mut out = Outcome {
+        events: kms.len(),
+        requests: key_ops.len(),
+        ..Outcome::default()
+    };
+    let mut seen_unmade = BTreeSet::new();
+    for r in &key_ops {
+        if !in_span(&r.time, req_from, req_to) {
+            continue;
+        }
+        out.requests_compared += 1;
+        match r.kms_request_id.as_deref() {
+            Some(id) if event_ids.contains(id) => out.matched += 1,
+            _ => {
+                if seen_unmade.insert((r.instance.clone(), r.seq)) {
+                    out.never_made.push(Unmade {
+                        time: r.time.clone(),
+                        instance: r.instance.clone(),
+                        seq: r.seq,
+                        kms_request_id: r.kms_request_id.clone(),
+                        operation: r.operation.clone(),
+                        key_store: r.key_store.clone(),
+                        key_id: r.key_id.clone(),
+                        aws_principal_arn: r.aws_principal_arn.clone(),
+                        access_key_id: r.access_key_id.clone(),
+                        client_addr: r.client_addr.clone(),
+                        status: r.status,
+                    });
+                }
+            }
+        }
+    }
+    for e in &kms {
+        if !in_span(&e.event_time, ev_from, ev_to) {
+            continue;
+        }
+        out.events_compared += 1;
+        if !request_ids.contains(e.request_id.as_str()) {
+            out.never_reached.push(e.clone());
+        }
+    }
+    out
+}
+
+impl Outcome {
+    /// The outcome as text.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "KMS events of external-key-store keys: {} ({} compared)\n\
+             key-operation requests of the trail: {} ({} compared), {} matched to their KMS event\n",
+            self.events, self.events_compared, self.requests, self.requests_compared, self.matched
+        );
+        s.push_str(&format!(
+            "made by KMS, never reached this proxy: {}\n",
+            self.never_reached.len()
+        ));
+        for e in &self.never_reached {
+            s.push_str(&format!(
+                "  {}  {}  requestID {}  key {}{}\n",
+                e.event_time,
+                e.event_name,
+                e.request_id,
+                e.key.as_deref().unwrap_or("-"),
+                e.error_code
+                    .as_deref()
+                    .map(|c| format!("  errorCode {c} (failed in KMS)"))
+                    .unwrap_or_default()
+            ));
+        }
+        if self.never_made.is_empty() {
+            s.push_str("served by the proxy, never made by KMS: 0\n");
+        } else {
+            s.push_str(&format!(
+                "ALARM: served by the proxy, never made by KMS: {} (someone else holds the \
+                 key store's SigV4 credentials)\n",
+                self.never_made.len()
+            ));
+            for r in &self.never_made {
+                s.push_str(&format!(
+                    "  {}  {} seq {}  {} {}/{}  kmsRequestId {}  principal {}  accessKeyId {}  client {}  status {}\n",
+                    r.time,
+                    r.instance,
+                    r.seq,
+                    r.operation.as_deref().unwrap_or("?"),
+                    r.key_store.as_deref().unwrap_or("?"),
+                    r.key_id.as_deref().unwrap_or("-"),
+                    r.kms_request_id.as_deref().unwrap_or("(none)"),
+                    r.aws_principal_arn.as_deref().unwrap_or("-"),
+                    r.access_key_id.as_deref().unwrap_or("-"),
+                    r.client_addr.as_deref().unwrap_or("-"),
+                    r.status
+                ));
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(time: &str, id: &str, op: &str) -> RequestLine {
+        RequestLine {
+            kind: "request".into(),
+            time: time.into(),
+            instance: "i".into(),
+            kms_request_id: Some(id.into()),
+            operation: Some(op.into()),
+            key_id: Some("k".into()),
+            kms_key_arn: Some("arn:aws:kms:us-east-1:111122223333:key/abc".into()),
+            access_key_id: Some("AKID".into()),
+            status: 200,
+            ..RequestLine::default()
+        }
+    }
+
+    fn event(time: &str, id: &str, name: &str) -> Value {
+        serde_json::json!({
+            "eventSource": "kms.amazonaws.com", "eventName": name, "eventTime": time,
+            "requestID": id,
+            "resources": [{"ARN": "arn:aws:kms:us-east-1:111122223333:key/abc"}]
+        })
+    }
+
+    #[test]
+    fn both_one_sided_sets_come_out() {
+        let requests = vec![
+            request("2026-01-01T00:10:00.000000Z", "a", "Encrypt"),
+            request("2026-01-01T00:11:00.000000Z", "rogue", "Decrypt"),
+            request("2026-01-01T00:12:00.000000Z", "h", "GetHealthStatus"),
+        ];
+        let events: Vec<(Value, String)> = [
+            event("2026-01-01T00:10:00Z", "a", "GenerateDataKey"),
+            event("2026-01-01T00:11:30Z", "lost", "Decrypt"),
+            event("2026-01-01T00:11:40Z", "other", "ListKeys"),
+            // After the trail's last record: not compared.
+            event("2026-01-01T00:12:30Z", "late", "Encrypt"),
+        ]
+        .into_iter()
+        .map(|e| (e, "f".to_string()))
+        .collect();
+        let opts = Options {
+            slack: Duration::ZERO,
+            ..Options::default()
+        };
+        let out = reconcile(&events, &requests, &opts);
+        assert_eq!(out.matched, 1);
+        assert_eq!(out.never_made.len(), 1);
+        assert_eq!(out.never_made[0].kms_request_id.as_deref(), Some("rogue"));
+        assert_eq!(out.never_reached.len(), 1);
+        assert_eq!(out.never_reached[0].request_id, "lost");
+        assert_eq!((out.events, out.events_compared), (3, 2));
+        assert!(out.to_text().contains("ALARM"));
+    }
+
+    #[test]
+    fn lookup_events_output_is_read_too() {
+        let text = r#"{"Events":[{"EventId":"x","CloudTrailEvent":"{\"eventSource\":\"kms.amazonaws.com\",\"requestID\":\"r\"}"}]}
+{"Records":[{"eventSource":"kms.amazonaws.com","requestID":"s"}]}"#;
+        let events = parse_cloudtrail(text, "t").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["requestID"], "r");
+        assert!(parse_cloudtrail("{\"foo\":1}", "t").is_err());
+    }
+}

@@ -1,0 +1,316 @@
+//! The handle requests and the lockdown poller write through, and the
+//! accounting that keeps the trail from losing records silently.
+//!
+//! Requests never wait for the disk: records go through a queue to one
+//! writer thread (see `super::writer`). The queue is bounded by
+//! *reservations*: a request that passed authentication takes a [`Slot`]
+//! before it may use a key, and commits its record into it when it is
+//! answered (or, if the client goes away first, the slot's owner commits an
+//! `abandoned` record). A slot that was reserved is always written, so:
+//!
+//! - with `on_failure = "refuse"`, a request that cannot get a slot (queue
+//!   full, or the writer cannot write) is answered 503 before any key is
+//!   touched: nothing is served that the trail does not record;
+//! - with `on_failure = "continue"`, it is served, and the missing record
+//!   is counted, logged, and reported in the trail by a `loss` record.
+//!
+//! Records of requests that never authenticated are taken when there is
+//! room and otherwise counted as lost; they are refused anyway, and a flood
+//! of them must not crowd out the requests that matter.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use std::sync::mpsc::Sender;
+
+use super::config::{is_valid_instance_id, AuditConfig, OnFailure};
+use super::error::AuditError;
+use super::queue::{Entry, Shared};
+use super::record::{LockEvent, RequestRecord};
+use super::sealer::Sealer;
+use super::writer::Writer;
+use crate::telemetry::metrics::Metrics;
+
+/// The running trail of this instance.
+pub struct AuditTrail {
+    tx: Sender<Entry>,
+    shared: Arc<Shared>,
+    on_failure: OnFailure,
+    instance: String,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AuditTrail {
+    /// Opens the trail (creating its directory, taking its lock, finding
+    /// where this instance's chain left off) and starts the writer, which
+    /// writes the `start` record and seals at once. Blocking: file I/O.
+    /// `sealer: None` writes an unsealed chain (unit tests only: every
+    /// real trail is sealed).
+    pub fn start(
+        cfg: &AuditConfig,
+        instance: String,
+        sealer: Option<Box<dyn Sealer>>,
+        metrics: &Metrics,
+    ) -> Result<AuditTrail, AuditError> {
+        if !is_valid_instance_id(&instance) {
+            return Err(AuditError::BadInstance(instance));
+        }
+        let shared = Arc::new(Shared::new(cfg.queue_records, metrics));
+        let writer = Writer::open(cfg, &instance, sealer, shared.clone())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("xks-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(AuditError::Thread)?;
+        tracing::info!(
+            instance = %instance,
+            dir = %cfg.dir.display(),
+            on_failure = cfg.on_failure.as_str(),
+            "audit trail started"
+        );
+        Ok(AuditTrail {
+            tx,
+            shared,
+            on_failure: cfg.on_failure,
+            instance,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// This instance's chain.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// True when a request that cannot get a slot must be refused.
+    pub fn refuses(&self) -> bool {
+        self.on_failure == OnFailure::Refuse
+    }
+
+    /// Whether a reservation would succeed now (for `/ping`).
+    pub fn accepting(&self) -> bool {
+        !self.shared.failing.load(Ordering::Acquire)
+            && self.shared.used.load(Ordering::Acquire) < self.shared.capacity
+    }
+
+    /// A slot for one request's record, or `None` when the trail cannot
+    /// take it (queue full, or the writer failing).
+    pub fn reserve(&self) -> Option<Slot> {
+        if self.shared.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        let before = self.shared.used.fetch_add(1, Ordering::AcqRel);
+        if before >= self.shared.capacity {
+            self.shared.release();
+            return None;
+        }
+        Some(Slot {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+            committed: false,
+        })
+    }
+
+    /// Records a request that holds no slot (it never authenticated, or
+    /// it was served under `on_failure = "continue"` without one): written
+    /// when there is room, else counted as lost.
+    pub fn record(&self, r: RequestRecord) {
+        match self.reserve() {
+            Some(slot) => slot.commit(r),
+            None => self
+                .shared
+                .note_lost("the audit queue is full or its disk is failing"),
+        }
+    }
+
+    /// Counts a request that was served without a record (`continue`).
+    pub fn lost(&self) {
+        self.shared
+            .note_lost("the audit queue is full or its disk is failing");
+    }
+
+    /// Records a lockdown event (rare: always queued).
+    pub fn lock_event(&self, e: LockEvent) {
+        if self.tx.send(Entry::Lock(e)).is_err() {
+            self.shared.note_lost("the audit writer has stopped");
+        }
+    }
+
+    /// Writes the `stop` record and the final seal, and waits for the
+    /// writer to finish (bounded: a seal gives up after a few seconds, and
+    /// so does a disk that cannot be written). Blocking.
+    pub fn close(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.tx.send(Entry::Shutdown);
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("the audit writer thread panicked");
+            }
+        }
+    }
+}
+
+/// Room for one request's record in the queue, taken before the request
+/// may use a key. Dropped without [`Slot::commit`], it gives the room back.
+pub struct Slot {
+    tx: Sender<Entry>,
+    shared: Arc<Shared>,
+    committed: bool,
+}
+
+impl Slot {
+    /// Queues the record (the writer gives the room back once written).
+    pub fn commit(mut self, r: RequestRecord) {
+        self.committed = true;
+        if self.tx.send(Entry::Request(Box::new(r))).is_err() {
+            self.shared.release();
+            self.shared.note_lost("the audit writer has stopped");
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.shared.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    use crate::audit::verify::{expand, verify, SealCheck, Status, TrailFile};
+
+    /// Unit tests write unsealed chains (seals need the HSM: see
+    /// `tests/audit.rs`).
+    struct NoSeals;
+    impl SealCheck for NoSeals {
+        fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, String> {
+            Err("no seals here".into())
+        }
+    }
+
+    fn cfg(dir: &std::path::Path, queue: usize) -> AuditConfig {
+        AuditConfig {
+            dir: dir.to_path_buf(),
+            instance_id: None,
+            on_failure: OnFailure::Refuse,
+            seal_every_records: 1000,
+            seal_every: Duration::from_secs(3600),
+            rotate_bytes: 2000,
+            rotate_every: Duration::from_secs(3600),
+            queue_records: queue,
+            seal_key_label: "seal".into(),
+            create_seal_key: false,
+        }
+    }
+
+    fn request(id: String) -> RequestRecord {
+        RequestRecord {
+            kms_request_id: Some(id),
+            status: 200,
+            ..RequestRecord::default()
+        }
+    }
+
+    #[test]
+    fn the_chain_goes_on_across_rotations_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        for run in 0..2 {
+            let t =
+                AuditTrail::start(&cfg(dir.path(), 1000), "unit".into(), None, &metrics).unwrap();
+            // The run's first file exists once the trail has started.
+            let before = expand(&[dir.path().to_path_buf()]).unwrap().len();
+            for i in 0..10 {
+                t.reserve()
+                    .expect("room in the queue")
+                    .commit(request(format!("run{run}-{i}")));
+            }
+            // Over 2000 bytes: the writer rotates after the batch (waited
+            // for, bounded, before the stop record goes in).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while expand(&[dir.path().to_path_buf()]).unwrap().len() < before + 1
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            t.close();
+        }
+        let files = expand(&[dir.path().to_path_buf()]).unwrap();
+        assert!(
+            files.len() >= 4,
+            "the files rotated at 2000 bytes: {files:?}"
+        );
+        let trail: Vec<TrailFile> = files.iter().map(|f| TrailFile::read(f).unwrap()).collect();
+        let v = verify(&trail, &[], &mut NoSeals).unwrap();
+        assert_eq!(v.len(), 1);
+        // Every link holds; without a sealer nothing is sealed.
+        assert!(
+            matches!(&v[0].status, Status::UnsealedTail { from, .. } if from.seq == Some(0)),
+            "{:?}",
+            v[0]
+        );
+        assert_eq!(v[0].files, files.len());
+        // The second run continued the count and said what it found unsealed.
+        let text: String = trail
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
+            .collect();
+        let seq_of = |id: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!("\"kmsRequestId\":\"{id}\"")))
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .and_then(|v| v["seq"].as_u64())
+                .unwrap()
+        };
+        assert!(seq_of("run1-0") > seq_of("run0-9"));
+        assert!(
+            v[0].notes.iter().any(|n| n.contains("after its last seal")),
+            "{:?}",
+            v[0].notes
+        );
+        assert_eq!(metrics.audit_lost.get(), 0);
+    }
+
+    #[test]
+    fn reservations_are_bounded_and_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let t = AuditTrail::start(&cfg(dir.path(), 3), "bounded".into(), None, &metrics).unwrap();
+        let held: Vec<Slot> = (0..3).map(|_| t.reserve().unwrap()).collect();
+        assert!(t.reserve().is_none(), "the queue holds 3");
+        assert!(!t.accepting());
+        // A request that holds no slot is counted as lost.
+        t.record(request("no-room".into()));
+        assert_eq!(metrics.audit_lost.get(), 1);
+        drop(held);
+        assert!(t.reserve().is_some(), "dropped slots give their room back");
+        t.close();
+        let files = expand(&[dir.path().to_path_buf()]).unwrap();
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(
+            text.contains("\"type\":\"loss\",") && text.contains("\"count\":1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn one_chain_has_one_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let first = AuditTrail::start(&cfg(dir.path(), 10), "solo".into(), None, &metrics).unwrap();
+        let second = AuditTrail::start(&cfg(dir.path(), 10), "solo".into(), None, &metrics);
+        assert!(matches!(second, Err(AuditError::InUse { .. })));
+        assert!(matches!(
+            AuditTrail::start(&cfg(dir.path(), 10), "../x".into(), None, &metrics),
+            Err(AuditError::BadInstance(_))
+        ));
+        first.close();
+    }
+}

@@ -1,0 +1,905 @@
+//! `xks-proxy audit verify`: is the trail what the proxy wrote?
+//!
+//! Files are grouped by instance (each instance has its own chain) and put
+//! in chain order by the `seq` of their first record, whatever their names
+//! or the order they were given in. Then every link is checked (each
+//! record's `prev` is the SHA-256 of the line before it, and `seq` counts
+//! up by one) and every seal's HMAC is checked *in the HSM* with the seal
+//! key, which must be one that cannot leave the token.
+//!
+//! At the first broken link the verifier says what happened and names the
+//! record, looking at the records around it:
+//!
+//! - **modified**: record N's bytes no longer hash to what record N+1
+//!   carries;
+//! - **deleted**: `seq` jumps (N, then N+3) and the missing ones are
+//!   nowhere in the files;
+//! - **inserted**: a record no other record links to, with the chain
+//!   going on around it (or a second copy of a record);
+//! - **reordered**: the missing `seq` turns up later in the files;
+//! - **rewritten**: the links are all right but a seal does not verify —
+//!   someone changed, removed or added records and recomputed every link
+//!   after, which anyone can; the seal's HMAC they could not. The verifier
+//!   then names the range between the last good seal and this one: which
+//!   record in it changed cannot be known.
+//!
+//! **Truncation.** A trail that ends with anything but a seal has an
+//! *unsealed tail*: records nothing has proven yet (the proxy is still
+//! running, it crashed, or the end was cut off and possibly changed). That
+//! is its own verdict (exit code 4), distinct from tampering (3). A trail
+//! cut exactly after a seal cannot be told from one whose instance simply
+//! stopped there, except that a clean stop ends with `stop` and a seal; the
+//! verifier says which it is.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use super::record::{hash_line, seal_input, unhex, Hash, Header, GENESIS};
+use crate::hsm::config::HsmConfig;
+use crate::hsm::{HmacKey, Token};
+
+/// Checks a seal's MAC in the HSM.
+pub trait SealCheck {
+    /// Whether `mac` is the HMAC-SHA256 of `input` under the seal key
+    /// `key`. `Err` when it cannot be checked at all (no HSM, no key).
+    fn check(&mut self, key: &str, input: &[u8], mac: &[u8]) -> Result<bool, String>;
+}
+
+/// One file to verify.
+pub struct TrailFile {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TrailFile {
+    pub fn read(path: &std::path::Path) -> std::io::Result<TrailFile> {
+        Ok(TrailFile {
+            name: path.display().to_string(),
+            bytes: std::fs::read(path)?,
+        })
+    }
+}
+
+/// Where a record is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+    pub seq: Option<u64>,
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.seq {
+            Some(s) => write!(f, "seq {s} ({} line {})", self.file, self.line),
+            None => write!(f, "{} line {}", self.file, self.line),
+        }
+    }
+}
+
+/// What is wrong with a trail: the first problem found, naming the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    NotARecord {
+        at: Place,
+    },
+    ForeignRecord {
+        at: Place,
+        instance: String,
+    },
+    BadGenesis {
+        at: Place,
+    },
+    Modified {
+        record: Place,
+        next: Place,
+    },
+    Deleted {
+        from: u64,
+        to: u64,
+        after: Place,
+        before: Place,
+    },
+    Inserted {
+        record: Place,
+    },
+    Duplicate {
+        record: Place,
+        first: Place,
+    },
+    Reordered {
+        record: Place,
+        after: Place,
+    },
+    SealInvalid {
+        seal: Place,
+        since: Option<Place>,
+        counted: u64,
+        claimed: u64,
+    },
+    SealKey {
+        seal: Place,
+        key: String,
+    },
+    SealMalformed {
+        seal: Place,
+    },
+}
+
+impl Problem {
+    /// The record the problem is named after.
+    pub fn record(&self) -> &Place {
+        match self {
+            Problem::NotARecord { at }
+            | Problem::ForeignRecord { at, .. }
+            | Problem::BadGenesis { at } => at,
+            Problem::Modified { record, .. }
+            | Problem::Inserted { record }
+            | Problem::Duplicate { record, .. }
+            | Problem::Reordered { record, .. } => record,
+            Problem::Deleted { before, .. } => before,
+            Problem::SealInvalid { seal, .. }
+            | Problem::SealKey { seal, .. }
+            | Problem::SealMalformed { seal } => seal,
+        }
+    }
+
+    /// A short name of the kind of problem (for `--json`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Problem::NotARecord { .. } => "not-a-record",
+            Problem::ForeignRecord { .. } => "foreign-record",
+            Problem::BadGenesis { .. } => "bad-genesis",
+            Problem::Modified { .. } => "modified",
+            Problem::Deleted { .. } => "deleted",
+            Problem::Inserted { .. } => "inserted",
+            Problem::Duplicate { .. } => "duplicate",
+            Problem::Reordered { .. } => "reordered",
+            Problem::SealInvalid { .. } => "seal-invalid",
+            Problem::SealKey { .. } => "seal-key",
+            Problem::SealMalformed { .. } => "seal-malformed",
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::NotARecord { at } => write!(f, "{at} is not an audit record"),
+            Problem::ForeignRecord { at, instance } => write!(
+                f,
+                "{at} belongs to instance '{instance}', not to the chain of the file it is in \
+                 (inserted from another trail)"
+            ),
+            Problem::BadGenesis { at } => write!(
+                f,
+                "{at} is the first record of the chain but does not start it (its prev is not \
+                 all zeros)"
+            ),
+            Problem::Modified { record, next } => write!(
+                f,
+                "record {record} was modified: the next record, {next}, carries another hash \
+                 for it (or that record's link was changed)"
+            ),
+            Problem::Deleted {
+                from,
+                to,
+                after,
+                before,
+            } => {
+                if from == to {
+                    write!(f, "record seq {from} was deleted: it should come between {after} and {before}")
+                } else {
+                    write!(f, "records seq {from} to {to} were deleted: they should come between {after} and {before}")
+                }
+            }
+            Problem::Inserted { record } => write!(
+                f,
+                "record {record} was inserted: no record links to it, and the chain goes on \
+                 around it"
+            ),
+            Problem::Duplicate { record, first } => write!(
+                f,
+                "record {record} repeats the seq of {first}: it was inserted or copied"
+            ),
+            Problem::Reordered { record, after } => {
+                write!(f, "record {record} is out of order: it comes after {after}")
+            }
+            Problem::SealInvalid {
+                seal,
+                since,
+                counted,
+                claimed,
+            } => {
+                let range = match since {
+                    Some(s) => format!("after the seal {s}"),
+                    None => "since the start of the given files".into(),
+                };
+                write!(
+                    f,
+                    "the seal {seal} does not verify in the HSM: records {range} up to it were \
+                     changed, deleted or inserted and every link after the change recomputed"
+                )?;
+                if counted != claimed {
+                    write!(
+                        f,
+                        " ({counted} records found where the seal counts {claimed})"
+                    )?;
+                }
+                Ok(())
+            }
+            Problem::SealKey { seal, key } => write!(
+                f,
+                "the seal {seal} names the key '{key}', which is not a seal key being verified \
+                 with (see --seal-key)"
+            ),
+            Problem::SealMalformed { seal } => {
+                write!(f, "the seal {seal} lacks its count, key or HMAC")
+            }
+        }
+    }
+}
+
+/// The verdict on one instance's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Every link holds, every seal verifies, and the last record is a seal.
+    Intact,
+    /// Every link and seal holds, but records after the last seal are
+    /// proven by nothing (see the module docs).
+    UnsealedTail {
+        from: Place,
+        count: u64,
+    },
+    Tampered(Problem),
+}
+
+/// One instance's chain, verified.
+#[derive(Debug, Clone)]
+pub struct InstanceVerdict {
+    pub instance: String,
+    pub files: usize,
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub seals_verified: u64,
+    /// The newest verified seal: its seq and time.
+    pub last_seal: Option<(u64, String)>,
+    /// The trail ends with a clean stop (`stop`, then a seal).
+    pub clean_stop: bool,
+    /// Records reported lost by `loss` records.
+    pub lost: u64,
+    pub status: Status,
+    /// What a reader should know that is not tampering.
+    pub notes: Vec<String>,
+}
+
+impl InstanceVerdict {
+    /// 0 intact, 4 unsealed tail, 3 tampered (the CLI's exit codes).
+    pub fn exit_code(&self) -> u8 {
+        match self.status {
+            Status::Intact => 0,
+            Status::UnsealedTail { .. } => 4,
+            Status::Tampered(_) => 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Seal,
+    Stop,
+    Loss,
+    Other,
+    /// Not a record at all.
+    Bad,
+}
+
+/// What the walk keeps of a record (about 100 bytes).
+struct Rec {
+    file: usize,
+    line: usize,
+    seq: u64,
+    kind: Kind,
+    hash: Hash,
+    prev: Option<Hash>,
+    /// The index into `seals` for a seal, the lost count for a loss.
+    extra: u64,
+}
+
+/// A seal's fields (kept apart: there are few).
+struct SealInfo {
+    time: String,
+    count: Option<u64>,
+    key: Option<String>,
+    hmac: Option<Vec<u8>>,
+}
+
+fn to_hash(s: &str) -> Option<Hash> {
+    unhex(s).and_then(|v| v.try_into().ok())
+}
+
+/// Verifies the chains in `files`. `keys` are the seal key labels seals
+/// may name; `check` verifies their MACs in the HSM. `Err` when a seal
+/// could not be checked at all.
+pub fn verify(
+    files: &[TrailFile],
+    keys: &[String],
+    check: &mut dyn SealCheck,
+) -> Result<Vec<InstanceVerdict>, String> {
+    // Per instance: its records, file by file.
+    let mut by_instance: BTreeMap<String, Vec<(u64, Vec<Rec>)>> = BTreeMap::new();
+    let mut seals: Vec<SealInfo> = Vec::new();
+    let mut early: BTreeMap<String, Problem> = BTreeMap::new();
+    let mut notes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut orphans = Vec::new();
+    for (fi, f) in files.iter().enumerate() {
+        let mut pieces: Vec<&[u8]> = f.bytes.split(|b| *b == b'\n').collect();
+        let torn = pieces.pop().filter(|p| !p.is_empty());
+        let mut instance: Option<String> = None;
+        let mut recs = Vec::with_capacity(pieces.len());
+        for (li, line) in pieces.iter().enumerate() {
+            let place = || Place {
+                file: f.name.clone(),
+                line: li + 1,
+                seq: None,
+            };
+            let rec = match serde_json::from_slice::<Header>(line) {
+                Ok(h) if h.v == 1 => {
+                    match &instance {
+                        None => instance = Some(h.instance.clone()),
+                        Some(i) if *i != h.instance => {
+                            early.entry(i.clone()).or_insert(Problem::ForeignRecord {
+                                at: Place {
+                                    seq: Some(h.seq),
+                                    ..place()
+                                },
+                                instance: h.instance.clone(),
+                            });
+                        }
+                        Some(_) => {}
+                    }
+                    let kind = match h.kind.as_str() {
+                        "seal" => Kind::Seal,
+                        "stop" => Kind::Stop,
+                        "loss" => Kind::Loss,
+                        _ => Kind::Other,
+                    };
+                    let extra = match kind {
+                        Kind::Seal => {
+                            seals.push(SealInfo {
+                                time: h.time.clone(),
+                                count: h.count,
+                                key: h.key.clone(),
+                                hmac: h.hmac.as_deref().and_then(unhex),
+                            });
+                            (seals.len() - 1) as u64
+                        }
+                        Kind::Loss => h.count.unwrap_or(0),
+                        _ => 0,
+                    };
+                    if h.kind == "start" && h.unsealed_before.is_some_and(|n| n > 0) {
+                        notes.entry(h.instance.clone()).or_default().push(format!(
+                            "the run that started at seq {} ({} line {}) found {} record(s) of \
+                             the previous run after its last seal (a crash or kill); they are \
+                             proven only from this run's first seal on",
+                            h.seq,
+                            f.name,
+                            li + 1,
+                            h.unsealed_before.unwrap_or(0)
+                        ));
+                    }
+                    Rec {
+                        file: fi,
+                        line: li + 1,
+                        seq: h.seq,
+                        kind,
+                        hash: hash_line(line),
+                        prev: to_hash(&h.prev),
+                        extra,
+                    }
+                }
+                _ => Rec {
+                    file: fi,
+                    line: li + 1,
+                    seq: u64::MAX,
+                    kind: Kind::Bad,
+                    hash: hash_line(line),
+                    prev: None,
+                    extra: 0,
+                },
+            };
+            recs.push(rec);
+        }
+        match instance {
+            Some(i) => {
+                if let Some(t) = torn {
+                    notes.entry(i.clone()).or_default().push(format!(
+                        "{} ends with a cut-off line ({} bytes, no line break): a write the \
+                         proxy did not finish (a crash); it is not part of the chain",
+                        f.name,
+                        t.len()
+                    ));
+                }
+                let first = recs
+                    .iter()
+                    .find(|r| r.kind != Kind::Bad)
+                    .map_or(0, |r| r.seq);
+                by_instance.entry(i).or_default().push((first, recs));
+            }
+            None => orphans.push(f.name.clone()),
+        }
+    }
+
+    let mut out = Vec::new();
+    for (instance, mut parts) in by_instance {
+        parts.sort_by_key(|(first, _)| *first);
+        let files_n = parts.len();
+        let l: Vec<Rec> = parts.into_iter().flat_map(|(_, r)| r).collect();
+        let mut v = InstanceVerdict {
+            instance: instance.clone(),
+            files: files_n,
+            records: l.iter().filter(|r| r.kind != Kind::Bad).count() as u64,
+            first_seq: l.iter().find(|r| r.kind != Kind::Bad).map(|r| r.seq),
+            last_seq: l.iter().rev().find(|r| r.kind != Kind::Bad).map(|r| r.seq),
+            seals_verified: 0,
+            last_seal: None,
+            clean_stop: false,
+            lost: l
+                .iter()
+                .filter(|r| r.kind == Kind::Loss)
+                .map(|r| r.extra)
+                .sum(),
+            status: Status::Intact,
+            notes: notes.remove(&instance).unwrap_or_default(),
+        };
+        let place = |r: &Rec| Place {
+            file: files[r.file].name.clone(),
+            line: r.line,
+            seq: (r.kind != Kind::Bad).then_some(r.seq),
+        };
+        if let Some(p) = early.remove(&instance) {
+            v.status = Status::Tampered(p);
+            out.push(v);
+            continue;
+        }
+        v.status = walk(&instance, &l, &seals, keys, check, &place, &mut v)?;
+        if v.first_seq.is_some_and(|s| s > 0) {
+            v.notes.push(format!(
+                "the chain starts at seq {}: the files before it were not given (or are gone); \
+                 records from there on are still proven by the seals after them",
+                v.first_seq.unwrap_or(0)
+            ));
+        }
+        if v.lost > 0 {
+            v.notes.push(format!(
+                "{} record(s) were lost when the trail could not take them (audit.on_failure = \
+                 \"continue\", or requests that never authenticated); `loss` records mark where",
+                v.lost
+            ));
+        }
+        if v.status == Status::Intact && !v.clean_stop {
+            v.notes.push(
+                "the trail ends at a periodic seal, not at a clean stop: the instance is still \
+                 running, was killed, or records after this seal were deleted (see docs/audit.md)"
+                    .into(),
+            );
+        }
+        out.push(v);
+    }
+    for name in orphans {
+        out.push(InstanceVerdict {
+            instance: "?".into(),
+            files: 1,
+            records: 0,
+            first_seq: None,
+            last_seq: None,
+            seals_verified: 0,
+            last_seal: None,
+            clean_stop: false,
+            lost: 0,
+            status: Status::Tampered(Problem::NotARecord {
+                at: Place {
+                    file: name,
+                    line: 1,
+                    seq: None,
+                },
+            }),
+            notes: vec!["this file holds no audit record".into()],
+        });
+    }
+    Ok(out)
+}
+
+/// Walks one instance's records in chain order: links, seals, the tail.
+fn walk(
+    instance: &str,
+    l: &[Rec],
+    seals: &[SealInfo],
+    keys: &[String],
+    check: &mut dyn SealCheck,
+    place: &dyn Fn(&Rec) -> Place,
+    v: &mut InstanceVerdict,
+) -> Result<Status, String> {
+    let mut last_seal: Option<usize> = None;
+    let mut since_seal = 0u64;
+    for (i, c) in l.iter().enumerate() {
+        if c.kind == Kind::Bad {
+            return Ok(Status::Tampered(Problem::NotARecord { at: place(c) }));
+        }
+        if i == 0 {
+            if c.seq == 0 && c.prev != Some(GENESIS) {
+                return Ok(Status::Tampered(Problem::BadGenesis { at: place(c) }));
+            }
+        } else {
+            let p = &l[i - 1];
+            if !(c.seq == p.seq.wrapping_add(1) && c.prev == Some(p.hash)) {
+                return Ok(Status::Tampered(classify(l, i, place)));
+            }
+        }
+        if c.kind != Kind::Seal {
+            since_seal += 1;
+            continue;
+        }
+        let s = &seals[c.extra as usize];
+        let (Some(count), Some(key), Some(mac), Some(head)) =
+            (s.count, s.key.as_deref(), s.hmac.as_deref(), c.prev)
+        else {
+            return Ok(Status::Tampered(Problem::SealMalformed { seal: place(c) }));
+        };
+        if !keys.iter().any(|k| k == key) {
+            return Ok(Status::Tampered(Problem::SealKey {
+                seal: place(c),
+                key: key.to_string(),
+            }));
+        }
+        let input = seal_input(instance, c.seq, &s.time, count, key, &head);
+        if !check.check(key, &input, mac)? {
+            return Ok(Status::Tampered(Problem::SealInvalid {
+                seal: place(c),
+                since: last_seal.map(|j| place(&l[j])),
+                counted: since_seal,
+                claimed: count,
+            }));
+        }
+        // The MAC covers the writer's own count; a difference here is the
+        // writer's (a restart that could not count the whole previous
+        // tail, or files before the first one given), not tampering.
+        if count != since_seal && last_seal.is_some() {
+            v.notes.push(format!(
+                "the seal {} counts {count} records since the previous seal; {since_seal} were \
+                 found (the previous run's tail was longer than a restart reads)",
+                place(c)
+            ));
+        }
+        v.seals_verified += 1;
+        v.last_seal = Some((c.seq, s.time.clone()));
+        v.clean_stop = i > 0 && l[i - 1].kind == Kind::Stop;
+        last_seal = Some(i);
+        since_seal = 0;
+    }
+    let tail_from = last_seal.map_or(0, |j| j + 1);
+    if tail_from < l.len() {
+        v.clean_stop = false;
+        return Ok(Status::UnsealedTail {
+            from: place(&l[tail_from]),
+            count: (l.len() - tail_from) as u64,
+        });
+    }
+    Ok(Status::Intact)
+}
+
+/// What broke the link between `l[i-1]` and `l[i]`; see the module docs.
+fn classify(l: &[Rec], i: usize, place: &dyn Fn(&Rec) -> Place) -> Problem {
+    let (p, c) = (&l[i - 1], &l[i]);
+    let expect = p.seq.wrapping_add(1);
+    let linked = |h: &Hash| l.iter().any(|r| r.prev.as_ref() == Some(h));
+    let next = l.get(i + 1);
+    if c.hash == p.hash {
+        return Problem::Duplicate {
+            record: place(c),
+            first: place(p),
+        };
+    }
+    // The chain goes on from p past c, and nothing links to c.
+    if next.is_some_and(|n| n.seq == expect && n.prev == Some(p.hash)) && !linked(&c.hash) {
+        return Problem::Inserted { record: place(c) };
+    }
+    if c.seq > expect && c.seq != u64::MAX {
+        if let Some(j) = (i + 1..l.len()).find(|&j| l[j].seq == expect) {
+            return Problem::Reordered {
+                record: place(&l[j]),
+                after: place(c),
+            };
+        }
+        return Problem::Deleted {
+            from: expect,
+            to: c.seq - 1,
+            after: place(p),
+            before: place(c),
+        };
+    }
+    if c.seq <= p.seq {
+        // c links to the record before p: p is the stranger.
+        if i >= 2
+            && c.seq == l[i - 2].seq.wrapping_add(1)
+            && c.prev == Some(l[i - 2].hash)
+            && !linked(&p.hash)
+        {
+            return Problem::Inserted { record: place(p) };
+        }
+        if let Some(k) = (0..i).find(|&k| l[k].seq == c.seq) {
+            return Problem::Duplicate {
+                record: place(c),
+                first: place(&l[k]),
+            };
+        }
+        return Problem::Reordered {
+            record: place(c),
+            after: place(p),
+        };
+    }
+    Problem::Modified {
+        record: place(p),
+        next: place(c),
+    }
+}
+
+/// Checks seals with the seal key in the configured key managers (the
+/// first that holds the key and says yes). Tokens are opened on first use.
+pub struct TokenVerifier {
+    hsm: HsmConfig,
+    tokens: Vec<Option<Result<Token, String>>>,
+    /// Per (key manager, label): the key, once found and checked.
+    keys: BTreeMap<(usize, String), Option<HmacKey>>,
+}
+
+impl TokenVerifier {
+    pub fn new(hsm: &HsmConfig) -> TokenVerifier {
+        TokenVerifier {
+            hsm: hsm.clone(),
+            tokens: hsm.backends.iter().map(|_| None).collect(),
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl SealCheck for TokenVerifier {
+    fn check(&mut self, key: &str, input: &[u8], mac: &[u8]) -> Result<bool, String> {
+        let mut errors = Vec::new();
+        let mut holders = 0;
+        for i in 0..self.hsm.backends.len() {
+            let token = self.tokens[i].get_or_insert_with(|| {
+                Token::open(&self.hsm, &self.hsm.backends[i]).map_err(|e| e.to_string())
+            });
+            let token = match token {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(e.clone());
+                    continue;
+                }
+            };
+            let k = match self.keys.get(&(i, key.to_string())) {
+                Some(k) => *k,
+                None => {
+                    let found = token.hmac_key(key).map_err(|e| e.to_string())?;
+                    if let Some(k) = found {
+                        if !k.is_protected() {
+                            return Err(format!(
+                                "the seal key '{key}' in key manager {} can leave the token \
+                                 (extractable or not sensitive): a seal made with it proves \
+                                 nothing",
+                                token.ekm_info().id
+                            ));
+                        }
+                    }
+                    self.keys.insert((i, key.to_string()), found);
+                    found
+                }
+            };
+            let Some(k) = k else { continue };
+            holders += 1;
+            if token
+                .verify_hmac(&k, input, mac)
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(true);
+            }
+        }
+        if holders == 0 {
+            return Err(if errors.is_empty() {
+                format!("no configured key manager holds the seal key '{key}'")
+            } else {
+                format!("cannot open the key managers: {}", errors.join("; "))
+            });
+        }
+        Ok(false)
+    }
+}
+
+/// The trail files under `paths` (files as given; directories: their
+/// `*.jsonl` files).
+pub fn expand(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "jsonl") && f.is_file())
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{hex, render, RequestRecord};
+
+    /// Seals need the HSM; these tests check the chain alone.
+    struct NoSeals;
+    impl SealCheck for NoSeals {
+        fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, String> {
+            Err("no seals in this test".into())
+        }
+    }
+
+    /// `n` linked request records of instance "t".
+    fn chain(n: u64) -> Vec<Vec<u8>> {
+        let mut head = GENESIS;
+        (0..n)
+            .map(|seq| {
+                let r = RequestRecord {
+                    kms_request_id: Some(format!("req-{seq}")),
+                    status: 200,
+                    ..RequestRecord::default()
+                };
+                let line = render(
+                    seq,
+                    "request",
+                    "2026-01-01T00:00:00.000000Z",
+                    "t",
+                    &r,
+                    &head,
+                );
+                head = hash_line(&line);
+                line
+            })
+            .collect()
+    }
+
+    fn file(lines: &[Vec<u8>]) -> TrailFile {
+        let mut bytes = Vec::new();
+        for l in lines {
+            bytes.extend_from_slice(l);
+            bytes.push(b'\n');
+        }
+        TrailFile {
+            name: "t.jsonl".into(),
+            bytes,
+        }
+    }
+
+    fn verdict(lines: &[Vec<u8>]) -> Status {
+        let v = verify(&[file(lines)], &[], &mut NoSeals).unwrap();
+        assert_eq!(v.len(), 1);
+        v[0].status.clone()
+    }
+
+    fn problem(lines: &[Vec<u8>]) -> Problem {
+        match verdict(lines) {
+            Status::Tampered(p) => p,
+            other => panic!("not tampered: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_intact_chain_without_a_seal_has_an_unsealed_tail() {
+        let status = verdict(&chain(5));
+        assert_eq!(
+            status,
+            Status::UnsealedTail {
+                from: Place {
+                    file: "t.jsonl".into(),
+                    line: 1,
+                    seq: Some(0)
+                },
+                count: 5
+            }
+        );
+    }
+
+    #[test]
+    fn an_edit_names_the_edited_record() {
+        let mut l = chain(6);
+        l[2] = String::from_utf8(l[2].clone())
+            .unwrap()
+            .replace("req-2", "req-X")
+            .into_bytes();
+        let p = problem(&l);
+        assert!(matches!(p, Problem::Modified { .. }), "{p}");
+        assert_eq!(p.record().seq, Some(2), "{p}");
+    }
+
+    #[test]
+    fn a_deletion_names_the_missing_seq() {
+        let mut l = chain(6);
+        l.remove(3);
+        let p = problem(&l);
+        assert!(matches!(p, Problem::Deleted { from: 3, to: 3, .. }), "{p}");
+    }
+
+    #[test]
+    fn an_insertion_names_the_stranger() {
+        let mut l = chain(6);
+        // A forged record claiming seq 3 and even linking to seq 2.
+        let forged = render(
+            3,
+            "request",
+            "2026-01-01T00:00:00.000000Z",
+            "t",
+            &RequestRecord::default(),
+            &hash_line(&l[2]),
+        );
+        l.insert(3, forged);
+        let p = problem(&l);
+        assert!(matches!(p, Problem::Inserted { .. }), "{p}");
+        assert_eq!(p.record().line, 4, "{p}");
+        // A copy of an existing record.
+        let mut l = chain(6);
+        l.insert(4, l[3].clone());
+        let p = problem(&l);
+        assert!(matches!(p, Problem::Duplicate { .. }), "{p}");
+        assert_eq!(p.record().line, 5, "{p}");
+    }
+
+    #[test]
+    fn a_swap_is_a_reordering() {
+        let mut l = chain(6);
+        l.swap(2, 3);
+        let p = problem(&l);
+        assert!(matches!(p, Problem::Reordered { .. }), "{p}");
+        assert_eq!(p.record().seq, Some(2), "{p}");
+    }
+
+    #[test]
+    fn files_are_put_in_chain_order_and_a_torn_last_line_is_only_a_note() {
+        let l = chain(6);
+        let mut second = file(&l[3..]);
+        second.name = "a-second.jsonl".into();
+        second.bytes.extend_from_slice(b"{\"v\":1,\"seq\"");
+        let first = file(&l[..3]);
+        let v = verify(&[second, first], &[], &mut NoSeals).unwrap();
+        assert!(
+            matches!(v[0].status, Status::UnsealedTail { count: 6, .. }),
+            "{:?}",
+            v[0]
+        );
+        assert!(
+            v[0].notes.iter().any(|n| n.contains("cut-off line")),
+            "{:?}",
+            v[0].notes
+        );
+    }
+
+    #[test]
+    fn a_record_of_another_chain_is_caught() {
+        let mut l = chain(4);
+        l[2] = String::from_utf8(l[2].clone())
+            .unwrap()
+            .replace("\"instance\":\"t\"", "\"instance\":\"u\"")
+            .into_bytes();
+        assert!(matches!(problem(&l), Problem::ForeignRecord { .. }));
+        let mut l = chain(3);
+        l[1] = b"not json".to_vec();
+        assert!(matches!(problem(&l), Problem::NotARecord { .. }));
+        assert_eq!(hex(&GENESIS).len(), 64);
+    }
+}
