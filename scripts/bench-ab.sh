@@ -28,18 +28,8 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then rounds=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 load=("$@")
 [ ${#load[@]} -gt 0 ] || load=(--op encrypt --connections 64 --duration 20)
-[ -f .dev/softhsm2.conf ] || { echo "run scripts/dev-up.sh once first" >&2; exit 2; }
-export SOFTHSM2_CONF=$PWD/.dev/softhsm2.conf
-if curl -s -o /dev/null http://127.0.0.1:8080/ping; then
-  echo "something already serves the dev ports (a dev-up proxy?); stop it first" >&2
-  exit 2
-fi
-# The load generator: $XKS_BENCH, or the dist build of this tree's.
-bench=${XKS_BENCH:-}
-if [ -z "$bench" ]; then
-  cargo build --profile dist --bin xks-bench
-  bench=target/dist/xks-bench
-fi
+. scripts/lib.sh
+bench_setup
 out=$(mktemp -d)
 proxy=
 trap '[ -z "$proxy" ] || kill "$proxy" 2>/dev/null || true; rm -rf "$out"' EXIT

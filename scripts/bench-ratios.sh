@@ -22,17 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/dist/xks-proxy}")
 rounds=${2:-3}
-[ -f .dev/softhsm2.conf ] || { echo "run scripts/dev-up.sh once first" >&2; exit 2; }
-export SOFTHSM2_CONF=$PWD/.dev/softhsm2.conf
-if curl -s -o /dev/null http://127.0.0.1:8080/ping; then
-  echo "something already serves the dev ports (a dev-up proxy?); stop it first" >&2
-  exit 2
-fi
-bench=${XKS_BENCH:-}
-if [ -z "$bench" ]; then
-  cargo build --profile dist --bin xks-bench
-  bench=target/dist/xks-bench
-fi
+. scripts/lib.sh
+bench_setup
 out=$(mktemp -d)
 proxy=
 trap '[ -z "$proxy" ] || kill "$proxy" 2>/dev/null || true; rm -rf "$out"' EXIT
@@ -49,10 +40,7 @@ for n in $(seq "$rounds"); do
     IFS='|' read -r label load raw <<<"$c"
     "$bin" serve --config config/dev.toml 2>"$out/proxy.log" &
     proxy=$!
-    for _ in $(seq 100); do
-      curl -sf http://127.0.0.1:8080/ping >/dev/null 2>&1 && break
-      sleep 0.1
-    done
+    wait_dev_ping || true
     # shellcheck disable=SC2086
     "$bench" $load --connections 64 --duration 15 --server-pid "$proxy" --json \
       | python3 -c 'import json,sys; r=json.load(sys.stdin); r["case"]=sys.argv[1]; r["side"]="proxy"; print(json.dumps(r))' "$label" \

@@ -22,18 +22,9 @@ cd "$(dirname "$0")/.."
 sample=$(realpath "$1")
 proxy_bin=$(realpath "${2:-target/dist/xks-proxy}")
 rounds=${3:-3}
-[ -f .dev/softhsm2.conf ] || { echo "run scripts/dev-up.sh once first" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "needs wrk (Debian package wrk)" >&2; exit 2; }
-export SOFTHSM2_CONF=$PWD/.dev/softhsm2.conf
-if curl -s -o /dev/null http://127.0.0.1:8080/ping; then
-  echo "something already serves the dev ports (a dev-up proxy?); stop it first" >&2
-  exit 2
-fi
-bench=${XKS_BENCH:-}
-if [ -z "$bench" ]; then
-  cargo build --profile dist --bin xks-bench
-  bench=target/dist/xks-bench
-fi
+. scripts/lib.sh
+bench_setup
 out=$(mktemp -d)
 server=
 trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true; rm -rf "$out"' EXIT

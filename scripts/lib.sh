@@ -34,3 +34,29 @@ apt_install() {
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
+
+# For the benchmark scripts: the dev token of scripts/dev-up.sh must exist
+# and its ports be free (its proxy stopped); sets SOFTHSM2_CONF and `bench`,
+# the load generator ($XKS_BENCH, or this tree's dist build).
+bench_setup() {
+  [ -f .dev/softhsm2.conf ] || { echo "run scripts/dev-up.sh once first" >&2; exit 2; }
+  export SOFTHSM2_CONF=$PWD/.dev/softhsm2.conf
+  if curl -s -o /dev/null http://127.0.0.1:8080/ping; then
+    echo "something already serves the dev ports (a dev-up proxy?); stop it first" >&2
+    exit 2
+  fi
+  bench=${XKS_BENCH:-}
+  if [ -z "$bench" ]; then
+    cargo build --profile dist --bin xks-bench
+    bench=target/dist/xks-bench
+  fi
+}
+
+# Waits (at most 10 s) until the dev proxy answers /ping.
+wait_dev_ping() {
+  for _ in $(seq 100); do
+    curl -sf http://127.0.0.1:8080/ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}

@@ -45,10 +45,8 @@ done
 
 "$bin" serve --config config/dev.toml 2>"$out/proxy.log" &
 proxy=$!
-for _ in $(seq 100); do
-  curl -sf http://127.0.0.1:8080/ping >/dev/null 2>&1 && break
-  sleep 0.1
-done
+. scripts/lib.sh
+wait_dev_ping || true
 # Warm up (key cache, sessions, TLS), then count.
 "$bench" "${load[@]}" --rate 400 --duration 3 --warmup 0 >/dev/null
 perf stat -x, "${events[@]}" -p "$proxy" -o "$out/perf.csv" -- sleep 12 &

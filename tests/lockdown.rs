@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use xks_proxy::client::{bodies, tls_config, HttpVersion, XksClient};
+use xks_proxy::client::{bodies, XksClient};
 
 /// The answer to one Encrypt: (status, errorName).
 fn encrypt(c: &XksClient, key: &str) -> (u16, Option<String>) {
@@ -51,19 +51,6 @@ fn until_both(
     took
 }
 
-fn other_store_client(p: &Proxy) -> XksClient {
-    XksClient::new(
-        p.addr,
-        "localhost",
-        OTHER_URI_PATH,
-        AKID_OTHER,
-        &p.secret_other,
-        "us-east-1",
-        tls_config(&p.certs.ca, HttpVersion::Http1).unwrap(),
-        HttpVersion::Http1,
-    )
-}
-
 #[test]
 fn a_lockdown_reaches_every_instance_and_lifts() {
     let mut a = Proxy::start_with(Options {
@@ -98,7 +85,7 @@ fn a_lockdown_reaches_every_instance_and_lifts() {
     // Decrypt too; GetKeyMetadata says DISABLED; health and the other key
     // store are untouched.
     let enc = block_on(async {
-        let oc = other_store_client(&a);
+        let oc = a.other_store_h1();
         let r = oc
             .call(
                 "/keys/other-key/encrypt",
@@ -227,7 +214,7 @@ fn lockdown_commands_check_what_they_are_told() {
     ]);
     let c = p.h1();
     assert!(eventually(30, || encrypt(&c, "key-ed").0 == 200));
-    let oc = other_store_client(&p);
+    let oc = p.other_store_h1();
     assert!(eventually(30, || locked_other(&oc)), "{}", p.log());
     p.cli(&["unlock", "--all"]);
     assert!(eventually(30, || !locked_other(&oc)));

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use common::load::Load;
 use common::*;
 use serde_json::Value;
-use xks_proxy::client::{bodies, tls_config, HttpVersion, XksClient};
+use xks_proxy::client::bodies;
 
 /// The `for:` of every alert in the copy of the rules the test Prometheus
 /// loads (the shipped file says minutes or an hour).
@@ -344,20 +344,6 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A client of the key store "other" (only `other-key`).
-fn other_client(p: &Proxy) -> XksClient {
-    XksClient::new(
-        p.addr,
-        "localhost",
-        OTHER_URI_PATH,
-        AKID_OTHER,
-        &p.secret_other,
-        "us-east-1",
-        tls_config(&p.certs.ca, HttpVersion::Http1).unwrap(),
-        HttpVersion::Http1,
-    )
-}
-
 /// Replaces `to` by `content` by rename (a deploy tool's way), mode 600.
 fn replace_private(to: &Path, content: &[u8]) {
     let tmp = to.with_extension("new");
@@ -503,7 +489,7 @@ fn error_bursts_fire_the_retryable_and_non_retryable_alerts_until_they_stop() {
         );
     }
     let throttled = p.h1();
-    let other = other_client(&p);
+    let other = p.other_store_h1();
 
     // Errors at ~10 a second until both alerts fire (a counter's first
     // sample is its baseline, so a burst inside one scrape would not count).
@@ -711,7 +697,7 @@ fn every_dashboard_query_and_alert_rule_runs_on_metrics_the_proxy_exports() {
     let prom = Prometheus::start(p.admin_addr);
 
     // Traffic: round trips on "other", throttling on "test", a missing key.
-    let other = other_client(&p);
+    let other = p.other_store_h1();
     let load = Load::start(&other, "other-key");
     load.wait_for(30, &p);
     let throttled = p.h1();

@@ -302,6 +302,21 @@ impl Proxy {
         self.client(HttpVersion::Http1)
     }
 
+    /// An HTTP/1.1 client of the second key store ("other", `OTHER_URI_PATH`,
+    /// credential `AKID_OTHER`).
+    pub fn other_store_h1(&self) -> XksClient {
+        XksClient::new(
+            self.addr,
+            "localhost",
+            OTHER_URI_PATH,
+            AKID_OTHER,
+            &self.secret_other,
+            "us-east-1",
+            tls_config(&self.certs.ca, HttpVersion::Http1).unwrap(),
+            HttpVersion::Http1,
+        )
+    }
+
     /// An HTTP/1.1 client of the test key store that connects to `addr` (a
     /// load balancer in front of the proxy) instead of the proxy itself.
     pub fn h1_via(&self, addr: SocketAddr) -> XksClient {
