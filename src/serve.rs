@@ -124,7 +124,7 @@ pub async fn run(
             Some(Arc::new(trail))
         }
     };
-    // The lockdowns in force, read once before serving, then every second.
+    // The lockdowns in force, read once before serving, then twice a second.
     let locks = Arc::new(LockBoard::default());
     let mut poller = Poller::new(hsm.clone(), locks.clone(), audit.clone(), metrics.clone());
     poller.poll_once().await;

@@ -97,7 +97,9 @@ impl AuditTrail {
     /// A slot for one request's record, or `None` when the trail cannot
     /// take it (queue full, or the writer failing).
     pub fn reserve(&self) -> Option<Slot> {
-        if self.shared.failing.load(Ordering::Acquire) {
+        // Stopping: a record reserved now might miss the final seal, so under
+        // "refuse" the request is refused rather than served unrecorded.
+        if self.shared.failing.load(Ordering::Acquire) || self.shared.stop.load(Ordering::Acquire) {
             return None;
         }
         let before = self.shared.used.fetch_add(1, Ordering::AcqRel);

@@ -689,7 +689,7 @@ impl SealCheck for TokenVerifier {
                         if !k.is_protected() {
                             return Err(format!(
                                 "the seal key '{key}' in key manager {} can leave the token \
-                                 (extractable or not sensitive): a seal made with it proves \
+                                 (extractable, not sensitive, or not generated in the token): a seal made with it proves \
                                  nothing",
                                 token.ekm_info().id
                             ));

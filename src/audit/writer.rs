@@ -169,7 +169,14 @@ fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
         match serde_json::from_slice::<Header>(line) {
             Ok(h) => {
                 if seq.is_none() {
-                    seq = Some(h.seq + 1 + after_parsed);
+                    // A number from disk: it must not overflow (a crafted
+                    // file would otherwise wrap the chain back to 0).
+                    seq = Some(h.seq.checked_add(1 + after_parsed).ok_or_else(|| {
+                        AuditError::Resume {
+                            file: path.clone(),
+                            why: "a record's seq is too large to continue the chain".into(),
+                        }
+                    })?);
                 }
                 if h.kind == "seal" {
                     sealed = true;

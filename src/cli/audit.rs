@@ -301,8 +301,8 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
                 match token.hmac_key(&label).map_err(|e| e.to_string())? {
                     Some(k) if k.is_protected() => Ok(format!("{label}: exists")),
                     Some(_) => Err(format!(
-                        "{label}: exists but can leave the token (extractable or not \
-                         sensitive); seals made with it would prove nothing: delete it with the \
+                        "{label}: exists but can leave the token or came from outside it \
+                         (extractable, not sensitive, or imported); seals made with it would prove nothing: delete it with the \
                          HSM's tools"
                     )),
                     None => {

@@ -100,6 +100,11 @@ fn purge_expired(token: &Token) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest `--for`: a lock meant to outlast a year is a lock without
+/// `--for`, lifted by `unlock`; and a far end date must not overflow (a lock
+/// whose end cannot be read back would never lift).
+const MAX_LOCK_SPAN: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
 pub fn lockdown(args: LockdownArgs) -> Result<(), ExitCode> {
     let (hsm, chosen, cfg) = selected(&args.target)?;
     let named = chosen.len() > 1;
@@ -110,8 +115,10 @@ pub fn lockdown(args: LockdownArgs) -> Result<(), ExitCode> {
     let lasting = args
         .lasting
         .as_deref()
-        .map(|s| parse_span(s).filter(|d| !d.is_zero()))
-        .map(|d| d.ok_or_else(|| usage_error("--for: a span like 90s, 30m, 12h or 2d")))
+        .map(|s| parse_span(s).filter(|d| !d.is_zero() && *d <= MAX_LOCK_SPAN))
+        .map(|d| {
+            d.ok_or_else(|| usage_error("--for: a span like 90s, 30m, 12h or 2d, at most 366d"))
+        })
         .transpose()?;
     let reason = args.reason.unwrap_or_default();
     if reason.trim().is_empty() {

@@ -20,12 +20,22 @@ pub struct HmacKey {
     pub handle: ObjectHandle,
     pub sensitive: bool,
     pub extractable: bool,
+    /// Generated in this token and never readable since: a key that was
+    /// imported (its value known to whoever imported it) or extractable
+    /// once proves nothing either.
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+    pub local: bool,
 }
 
 impl HmacKey {
     /// A key whose value can leave the token proves nothing.
     pub fn is_protected(&self) -> bool {
-        self.sensitive && !self.extractable
+        self.sensitive
+            && !self.extractable
+            && self.always_sensitive
+            && self.never_extractable
+            && self.local
     }
 }
 
@@ -47,14 +57,26 @@ pub(crate) fn describe(session: &Session, label: &str) -> Result<Vec<HmacKey>, P
             handle,
             sensitive: false,
             extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+            local: false,
         };
         for a in session.get_attributes(
             handle,
-            &[AttributeType::Sensitive, AttributeType::Extractable],
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
+            ],
         )? {
             match a {
                 Attribute::Sensitive(b) => key.sensitive = b,
                 Attribute::Extractable(b) => key.extractable = b,
+                Attribute::AlwaysSensitive(b) => key.always_sensitive = b,
+                Attribute::NeverExtractable(b) => key.never_extractable = b,
+                Attribute::Local(b) => key.local = b,
                 _ => {}
             }
         }

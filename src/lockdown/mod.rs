@@ -6,7 +6,7 @@
 //!
 //! - [`lock`]: a lock and its marker object in the token;
 //! - [`board`]: the locks in force, read by every request;
-//! - [`poller`]: each instance reading the markers every second.
+//! - [`poller`]: each instance reading the markers twice a second.
 //!
 //! Why the token: it is the one thing every instance of a fleet shares,
 //! and whoever may lock a key store must be able to log in to it anyway.
