@@ -328,9 +328,15 @@ fn overload_turns_into_fast_errors_with_flat_memory() {
         "{by_status:?}"
     );
     assert!(by_status.values().sum::<u64>() > 100, "{by_status:?}");
+    // Bounded by the deadlines (queue 20 ms, operation 60 ms), not by the
+    // hung HSM, which answers nothing until `net.cont()` after both runs: a
+    // request that waited for it would have taken seconds. The bound is
+    // loose on purpose: on a machine busy with other work, a request's wall
+    // time in the proxy also counts the time its threads wait for a CPU
+    // (271 ms was seen with two test suites sharing two cores).
     let server_max_us = access_micros(&p).into_iter().max().unwrap();
     assert!(
-        server_max_us < 250_000,
+        server_max_us < 2_000_000,
         "slowest request took the proxy {server_max_us} µs"
     );
     assert!(
