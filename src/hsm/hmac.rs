@@ -14,6 +14,8 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use super::objects::protected_key_template;
+
 /// An HMAC key found in the token, with what makes its seals trustworthy.
 #[derive(Debug, Clone, Copy)]
 pub struct HmacKey {
@@ -88,26 +90,17 @@ pub(crate) fn describe(session: &Session, label: &str) -> Result<Vec<HmacKey>, P
 /// Generates a 256-bit HMAC key in the token: private, sensitive,
 /// non-extractable, sign and verify only. Needs a read-write session.
 pub(crate) fn generate(session: &Session, label: &str) -> Result<ObjectHandle, P11Error> {
-    session.generate_key(
-        &Mechanism::GenericSecretKeyGen,
-        &[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Verify(true),
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ],
-    )
+    let mut template = protected_key_template(KeyType::GENERIC_SECRET, label);
+    template.extend([
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]);
+    session.generate_key(&Mechanism::GenericSecretKeyGen, &template)
 }
 
 /// HMAC-SHA256 of `data`, computed in the token.

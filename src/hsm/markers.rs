@@ -23,15 +23,16 @@ pub struct Marker {
     pub value: Vec<u8>,
 }
 
-fn handles(
+/// The markers of one kind (any kind: `None`) with this label (any: `None`).
+pub(crate) fn handles(
     session: &Session,
-    application: &[u8],
+    application: Option<&[u8]>,
     label: Option<&str>,
 ) -> Result<Vec<ObjectHandle>, P11Error> {
-    let mut template = vec![
-        Attribute::Class(ObjectClass::DATA),
-        Attribute::Application(application.to_vec()),
-    ];
+    let mut template = vec![Attribute::Class(ObjectClass::DATA)];
+    if let Some(a) = application {
+        template.push(Attribute::Application(a.to_vec()));
+    }
     if let Some(l) = label {
         template.push(Attribute::Label(l.as_bytes().to_vec()));
     }
@@ -41,7 +42,7 @@ fn handles(
 /// Every marker of one kind, sorted by label.
 pub(crate) fn list(session: &Session, application: &[u8]) -> Result<Vec<Marker>, P11Error> {
     let mut out = Vec::new();
-    for h in handles(session, application, None)? {
+    for h in handles(session, Some(application), None)? {
         let mut m = Marker {
             label: String::new(),
             value: Vec::new(),
@@ -68,7 +69,7 @@ pub(crate) fn put(
     label: &str,
     value: &[u8],
 ) -> Result<(), P11Error> {
-    let old = handles(session, application, Some(label))?;
+    let old = handles(session, Some(application), Some(label))?;
     session.create_object(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
@@ -90,7 +91,7 @@ pub(crate) fn remove(
     application: &[u8],
     label: Option<&str>,
 ) -> Result<usize, P11Error> {
-    let found = handles(session, application, label)?;
+    let found = handles(session, Some(application), label)?;
     for h in &found {
         session.destroy_object(*h)?;
     }

@@ -5,7 +5,7 @@
 use std::time::SystemTime;
 
 use cryptoki::error::Error as P11Error;
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::key_spec::KeySpec;
@@ -89,6 +89,22 @@ pub struct KeyDetails {
 }
 
 /// Secret keys carrying exactly this label.
+/// The attributes every secret key the proxy generates shares: a 256-bit
+/// token object, private, sensitive and never extractable (the key's value
+/// never leaves the HSM). Callers add the usages.
+pub(crate) fn protected_key_template(key_type: KeyType, label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
 pub(crate) fn find_secret_keys(
     session: &Session,
     label: &str,

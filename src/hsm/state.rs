@@ -20,7 +20,7 @@
 use std::time::SystemTime;
 
 use cryptoki::error::{Error as P11Error, RvError};
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 
 /// Label prefix of the marker objects.
@@ -29,15 +29,17 @@ pub const MARKER_PREFIX: &str = "xks-proxy-disabled:";
 /// A `CK_DATE` as its `YYYYMMDD` ASCII digits.
 pub(crate) type CkDate = [u8; 8];
 
-fn marker_label(label: &str) -> Vec<u8> {
-    format!("{MARKER_PREFIX}{label}").into_bytes()
+/// The kind (`CKA_APPLICATION`) of the markers `keys disable` writes.
+const APPLICATION: &[u8] = b"xks-proxy";
+
+fn marker_label(label: &str) -> String {
+    format!("{MARKER_PREFIX}{label}")
 }
 
+/// The key's markers, of any kind: one made with an HSM's own tools (a
+/// data object with just the label) disables the key too.
 fn markers(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, P11Error> {
-    session.find_objects(&[
-        Attribute::Class(ObjectClass::DATA),
-        Attribute::Label(marker_label(label)),
-    ])
+    super::markers::handles(session, None, Some(&marker_label(label)))
 }
 
 /// The key's start and end dates as `YYYYMMDD` (None when empty), or `Err`
@@ -84,14 +86,7 @@ pub(crate) fn is_enabled(
 /// Disables the key by creating its marker object (idempotent).
 pub(crate) fn disable(session: &Session, label: &str) -> Result<(), P11Error> {
     if markers(session, label)?.is_empty() {
-        session.create_object(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Label(marker_label(label)),
-            Attribute::Application(b"xks-proxy".to_vec()),
-            Attribute::Value(b"disabled".to_vec()),
-        ])?;
+        super::markers::put(session, APPLICATION, &marker_label(label), b"disabled")?;
     }
     Ok(())
 }

@@ -16,7 +16,9 @@ use cryptoki::types::AuthPin;
 use super::config::{BackendConfig, HsmConfig, TokenSelector};
 use super::hmac::HmacKey;
 use super::markers::Marker;
-use super::objects::{find_keys, find_secret_keys, read_key_info, KeyDetails, KeyInfo, Usages};
+use super::objects::{
+    find_keys, find_secret_keys, protected_key_template, read_key_info, KeyDetails, KeyInfo, Usages,
+};
 
 /// A failure to reach or use the token outside a request (startup, CLI).
 #[derive(Debug, thiserror::Error)]
@@ -144,14 +146,8 @@ impl Token {
         {
             return Err(HsmError::KeyExists(label.to_string()));
         }
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
+        let mut template = protected_key_template(KeyType::AES, label);
+        template.extend([
             Attribute::Modifiable(true),
             Attribute::Encrypt(usages.encrypt),
             Attribute::Decrypt(usages.decrypt),
@@ -160,8 +156,7 @@ impl Token {
             Attribute::Sign(usages.sign),
             Attribute::Verify(usages.verify),
             Attribute::Derive(usages.derive),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ];
+        ]);
         let handle = self
             .session
             .generate_key(&Mechanism::AesKeyGen, &template)
