@@ -113,12 +113,22 @@ fn json(line: &str) -> Value {
 /// `audit verify` on these lines (written as the fixture's file, in a
 /// directory of their own): (exit code, what it printed).
 fn verify_lines(f: &Fixture, lines: &[String]) -> (i32, String) {
+    verify_lines_with(f, lines, &[])
+}
+
+/// [`verify_lines`] with more arguments for `audit verify`.
+fn verify_lines_with(f: &Fixture, lines: &[String], args: &[&str]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join(f.file.file_name().unwrap());
     std::fs::write(&copy, lines.join("\n") + "\n").unwrap();
-    let out = f
-        .proxy
-        .cli_raw(&["audit", "verify", dir.path().to_str().unwrap()]);
+    let mut all = vec!["audit", "verify"];
+    all.extend_from_slice(args);
+    all.push(dir.path().to_str().unwrap());
+    verify_output(f.proxy.cli_raw(&all))
+}
+
+/// (exit code, stdout and stderr) of an `audit verify`.
+fn verify_output(out: std::process::Output) -> (i32, String) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -275,8 +285,11 @@ fn a_reordering_is_named() {
     );
 }
 
+/// A trail cut after a request: the HSM witnessed the seals after it, so
+/// the cut is tampering; given as a range of the trail (`--partial`), it is
+/// an unsealed tail.
 #[test]
-fn a_truncated_trail_has_an_unsealed_tail() {
+fn a_truncated_trail_is_caught_by_the_witness() {
     let f = fixture();
     // Cut after the last request: its seal, the stop and the final seal go.
     let last_request = f
@@ -290,12 +303,130 @@ fn a_truncated_trail_has_an_unsealed_tail() {
         .rposition(|l| json(l)["type"] == "seal")
         .map_or(0, |i| i + 1);
     let seq = json(&cut[first_unsealed])["seq"].as_u64().unwrap();
+    let last_seal = json(f.lines.last().unwrap())["seq"].as_u64().unwrap();
     let (code, out) = verify_lines(&f, cut);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("TAMPERED: the trail was cut")
+            && out.contains(&format!("witnessed a seal at seq {last_seal} ")),
+        "{out}"
+    );
+    let (code, out) = verify_lines_with(&f, cut, &["--partial"]);
     assert_eq!(code, 4, "{out}");
     assert!(
         out.contains("UNSEALED TAIL") && out.contains(&format!("from seq {seq} ")),
         "{out}"
     );
+}
+
+/// Cutting the trail back to an earlier seal while the proxy is stopped
+/// leaves files that end sealed, as if the instance had stopped there. The
+/// HSM's witness of the newest seal catches it; the restarted proxy does not
+/// build on the cut files, and the gap stays in the chain until the removed
+/// records are given back.
+#[test]
+fn a_trail_cut_while_stopped_stays_caught_across_a_restart() {
+    let mut p = Proxy::start_with(Options {
+        extra_sections: audit_section("instance_id = \"cut\""),
+        ..Options::default()
+    });
+    let c = p.h1();
+    block_on(async {
+        for _ in 0..9 {
+            let r = c
+                .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        }
+    });
+    assert!(p.terminate().success());
+    let dir = p.dir.path().join("audit");
+    let files = trail_files(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let original = std::fs::read_to_string(&files[0]).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    let last_seal = json(lines.last().unwrap())["seq"].as_u64().unwrap();
+    // Back to the second seal: what is left ends with a seal that verifies.
+    let cut_at = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| json(l)["type"] == "seal")
+        .map(|(i, _)| i)
+        .nth(1)
+        .unwrap();
+    let kept_seq = json(lines[cut_at])["seq"].as_u64().unwrap();
+    assert!(kept_seq + 3 < last_seal, "{original}");
+    std::fs::write(&files[0], lines[..=cut_at].join("\n") + "\n").unwrap();
+
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 3, "{out}\n{}", p.log());
+    assert!(
+        out.contains(&format!("it ends at seq {kept_seq} "))
+            && out.contains(&format!("witnessed a seal at seq {last_seal} ")),
+        "{out}"
+    );
+    // Without the witness this was an intact trail: its seals all verify.
+    assert!(out.contains("seal(s) verified in the HSM"), "{out}");
+
+    // Restarted, the proxy goes on from the witnessed seal, not from the
+    // cut files, and says so.
+    p.start_again();
+    assert!(
+        p.wait_for_log("the audit files end before the newest seal the HSM witnessed"),
+        "{}",
+        p.log()
+    );
+    block_on(async {
+        let r = p
+            .h1()
+            .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    });
+    assert!(p.terminate().success());
+    let files = trail_files(&dir);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let second = std::fs::read_to_string(&files[1]).unwrap();
+    let start = json(second.lines().nth(1).unwrap());
+    assert_eq!(start["type"], "start", "{second}");
+    assert_eq!(start["witnessSeq"], last_seal, "{second}");
+    assert_eq!(start["filesNextSeq"], kept_seq + 1, "{second}");
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains(&format!(
+            "records seq {} to {last_seal} were deleted",
+            kept_seq + 1
+        )),
+        "{out}"
+    );
+    // The same without the cut file: the new run's start record names the
+    // gap.
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify", files[1].to_str().unwrap()]));
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("were removed while the instance was stopped"),
+        "{out}"
+    );
+
+    // Given back (from an archive, say), the removed records close the gap.
+    let restored = tempfile::tempdir().unwrap();
+    std::fs::write(
+        restored.path().join(files[0].file_name().unwrap()),
+        &original,
+    )
+    .unwrap();
+    std::fs::copy(
+        &files[1],
+        restored.path().join(files[1].file_name().unwrap()),
+    )
+    .unwrap();
+    let (code, out) =
+        verify_output(p.cli_raw(&["audit", "verify", restored.path().to_str().unwrap()]));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("INTACT"), "{out}");
 }
 
 #[test]

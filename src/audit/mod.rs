@@ -5,7 +5,9 @@
 //! - [`record`]: what a record holds, the chain and the seal construction;
 //! - [`trail`]: the handle requests write through (reservations, the
 //!   `on_failure` rule); `queue`: what it shares with the writer;
-//! - [`Sealer`]: what computes seals in the HSM;
+//! - [`Sealer`]: what the trail asks of the HSM (seals, the witness);
+//! - [`witness`]: the HSM's record of each chain's newest seal, so that a
+//!   trail cut back while the proxy was stopped is caught;
 //! - `writer`: the one thread that writes files, rotates and seals;
 //! - [`verify`]: checking a trail's links and seals (`audit verify`);
 //! - [`report`]: who used which key (`audit report`, `keys disable
@@ -28,6 +30,7 @@ pub mod report;
 mod sealer;
 pub mod trail;
 pub mod verify;
+pub mod witness;
 mod writer;
 
 pub use config::{AuditConfig, OnFailure};
@@ -35,3 +38,4 @@ pub use error::AuditError;
 pub use record::{Decision, LockEvent, LockEventKind, RequestRecord};
 pub use sealer::{HsmSealer, Sealer};
 pub use trail::{AuditTrail, Slot};
+pub use witness::Witness;

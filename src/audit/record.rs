@@ -263,6 +263,15 @@ pub(crate) struct StartBody<'a> {
     /// its final seal (a crash, a kill), so nothing proved them until this
     /// run's first seal.
     pub unsealed_before: u64,
+    /// Set when the files ended before the seal the HSM witnessed (see
+    /// `super::witness`): the newest seal's `seq`, whose successor this
+    /// run continues from...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub witness_seq: Option<u64>,
+    /// ...and the `seq` the files would have gone on with (0: no files),
+    /// so the records from there to `witness_seq` are missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_next_seq: Option<u64>,
 }
 
 /// A proxy run ends cleanly.
@@ -333,6 +342,8 @@ pub(crate) struct Header {
     pub key: Option<String>,
     pub hmac: Option<String>,
     pub unsealed_before: Option<u64>,
+    pub witness_seq: Option<u64>,
+    pub files_next_seq: Option<u64>,
 }
 
 #[cfg(test)]

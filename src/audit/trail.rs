@@ -250,7 +250,7 @@ mod tests {
             "the files rotated at 2000 bytes: {files:?}"
         );
         let trail: Vec<TrailFile> = files.iter().map(|f| TrailFile::read(f).unwrap()).collect();
-        let v = verify(&trail, &[], &mut NoSeals).unwrap();
+        let v = verify(&trail, &[], &mut NoSeals, &Default::default()).unwrap();
         assert_eq!(v.len(), 1);
         // Every link holds; without a sealer nothing is sealed.
         assert!(

@@ -30,12 +30,21 @@
 //! cut exactly after a seal cannot be told from one whose instance simply
 //! stopped there, except that a clean stop ends with `stop` and a seal; the
 //! verifier says which it is.
+//!
+//! **The witness.** The HSM also holds which seal of each chain is the
+//! newest (see [`super::witness`]), read before the files. A trail that
+//! ends before that seal, or holds another record in its place, was cut
+//! back: tampered, unless the files are declared a range of the trail
+//! (`--partial`), when it is a note. A run that started on files already
+//! cut says so in its `start` record; the records it found missing must be
+//! in the files given.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
 use super::record::{hash_line, seal_input, unhex, Hash, Header, GENESIS};
+use super::witness::{Witness, APPLICATION};
 use crate::hsm::config::HsmConfig;
 use crate::hsm::{HmacKey, Token};
 
@@ -126,6 +135,25 @@ pub enum Problem {
     SealMalformed {
         seal: Place,
     },
+    /// The files end before the seal the HSM witnessed (`last`: their
+    /// last record; no seq when there is none).
+    Truncated {
+        last: Place,
+        witnessed: u64,
+        time: String,
+    },
+    /// Another record where the HSM witnessed the newest seal.
+    WitnessMismatch {
+        record: Place,
+        time: String,
+    },
+    /// A run started on files that ended before the witnessed seal, and the
+    /// records it found missing are not in the files given.
+    Cut {
+        start: Place,
+        witnessed: u64,
+        files_next: u64,
+    },
 }
 
 impl Problem {
@@ -143,6 +171,9 @@ impl Problem {
             Problem::SealInvalid { seal, .. }
             | Problem::SealKey { seal, .. }
             | Problem::SealMalformed { seal } => seal,
+            Problem::Truncated { last, .. } => last,
+            Problem::WitnessMismatch { record, .. } => record,
+            Problem::Cut { start, .. } => start,
         }
     }
 
@@ -160,6 +191,9 @@ impl Problem {
             Problem::SealInvalid { .. } => "seal-invalid",
             Problem::SealKey { .. } => "seal-key",
             Problem::SealMalformed { .. } => "seal-malformed",
+            Problem::Truncated { .. } => "truncated",
+            Problem::WitnessMismatch { .. } => "witness-mismatch",
+            Problem::Cut { .. } => "cut-while-stopped",
         }
     }
 }
@@ -238,6 +272,50 @@ impl fmt::Display for Problem {
             Problem::SealMalformed { seal } => {
                 write!(f, "the seal {seal} lacks its count, key or HMAC")
             }
+            Problem::Truncated {
+                last,
+                witnessed,
+                time,
+            } => match last.seq {
+                Some(_) => write!(
+                    f,
+                    "the trail was cut: it ends at {last}, but the HSM witnessed a seal at seq \
+                     {witnessed} ({time}); the records after {last} were removed"
+                ),
+                None => write!(
+                    f,
+                    "the trail is gone: no file of this instance in {}, but the HSM witnessed a \
+                     seal at seq {witnessed} ({time})",
+                    last.file
+                ),
+            },
+            Problem::WitnessMismatch { record, time } => write!(
+                f,
+                "record {record} is not the seal the HSM witnessed there ({time}): the trail \
+                 was cut back and rewritten from before it"
+            ),
+            Problem::Cut {
+                start,
+                witnessed,
+                files_next,
+            } => {
+                if files_next <= witnessed {
+                    write!(
+                        f,
+                        "records seq {files_next} to {witnessed} were removed while the instance \
+                         was stopped: the HSM witnessed the seal at seq {witnessed}, the run that \
+                         started at {start} found the files ending before seq {files_next}, and \
+                         those records are not in the files given"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "the seal at seq {witnessed} was replaced while the instance was stopped: \
+                         the run that started at {start} found another record in its place, and \
+                         the witnessed seal is not in the files given"
+                    )
+                }
+            }
         }
     }
 }
@@ -254,6 +332,22 @@ pub enum Status {
         count: u64,
     },
     Tampered(Problem),
+}
+
+/// What the HSM witnessed, to compare the files with (see the module
+/// docs). The default: nothing witnessed.
+#[derive(Debug, Clone, Default)]
+pub struct Witnesses {
+    /// The newest seal of each instance, read before the files.
+    pub newest: BTreeMap<String, Witness>,
+    /// The files are a range of the trail, not all of it: where they end
+    /// says nothing, so an end before the witness is a note, not tampering.
+    pub partial: bool,
+    /// This instance's files were expected (the configured instance, when
+    /// verifying the configured directory): with a witness and no file, the
+    /// trail is gone. Other instances' witnesses without files belong to
+    /// other hosts sharing the token.
+    pub expect: Option<(String, String)>,
 }
 
 /// One instance's chain, verified.
@@ -277,6 +371,28 @@ pub struct InstanceVerdict {
 }
 
 impl InstanceVerdict {
+    /// The verdict on `files` files that hold no record of `instance`.
+    fn without_records(
+        instance: &str,
+        files: usize,
+        problem: Problem,
+        note: Option<&str>,
+    ) -> InstanceVerdict {
+        InstanceVerdict {
+            instance: instance.to_string(),
+            files,
+            records: 0,
+            first_seq: None,
+            last_seq: None,
+            seals_verified: 0,
+            last_seal: None,
+            clean_stop: false,
+            lost: 0,
+            status: Status::Tampered(problem),
+            notes: note.map(str::to_string).into_iter().collect(),
+        }
+    }
+
     /// 0 intact, 4 unsealed tail, 3 tampered (the CLI's exit codes).
     pub fn exit_code(&self) -> u8 {
         match self.status {
@@ -328,12 +444,15 @@ pub fn verify(
     files: &[TrailFile],
     keys: &[String],
     check: &mut dyn SealCheck,
+    witnesses: &Witnesses,
 ) -> Result<Vec<InstanceVerdict>, String> {
     // Per instance: its records, file by file.
     let mut by_instance: BTreeMap<String, Vec<(u64, Vec<Rec>)>> = BTreeMap::new();
     let mut seals: Vec<SealInfo> = Vec::new();
     let mut early: BTreeMap<String, Problem> = BTreeMap::new();
     let mut notes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Per instance: runs that started on cut files (see the module docs).
+    let mut cuts: BTreeMap<String, Vec<(Place, u64, u64)>> = BTreeMap::new();
     let mut orphans = Vec::new();
     for (fi, f) in files.iter().enumerate() {
         let mut pieces: Vec<&[u8]> = f.bytes.split(|b| *b == b'\n').collect();
@@ -380,6 +499,15 @@ pub fn verify(
                         Kind::Loss => h.count.unwrap_or(0),
                         _ => 0,
                     };
+                    if let (true, Some(w), Some(n)) =
+                        (h.kind == "start", h.witness_seq, h.files_next_seq)
+                    {
+                        let at = Place {
+                            seq: Some(h.seq),
+                            ..place()
+                        };
+                        cuts.entry(h.instance.clone()).or_default().push((at, w, n));
+                    }
                     if h.kind == "start" && h.unsealed_before.is_some_and(|n| n > 0) {
                         notes.entry(h.instance.clone()).or_default().push(format!(
                             "the run that started at seq {} ({} line {}) found {} record(s) of \
@@ -466,6 +594,18 @@ pub fn verify(
             continue;
         }
         v.status = walk(&instance, &l, &seals, keys, check, &place, &mut v)?;
+        if !matches!(v.status, Status::Tampered(_)) {
+            if let Some(p) = against_witness(
+                &l,
+                &place,
+                witnesses.newest.get(&instance),
+                cuts.remove(&instance).unwrap_or_default(),
+                witnesses.partial,
+                &mut v.notes,
+            ) {
+                v.status = Status::Tampered(p);
+            }
+        }
         if v.first_seq.is_some_and(|s| s > 0) {
             v.notes.push(format!(
                 "the chain starts at seq {}: the files before it were not given (or are gone); \
@@ -489,26 +629,36 @@ pub fn verify(
         }
         out.push(v);
     }
-    for name in orphans {
-        out.push(InstanceVerdict {
-            instance: "?".into(),
-            files: 1,
-            records: 0,
-            first_seq: None,
-            last_seq: None,
-            seals_verified: 0,
-            last_seal: None,
-            clean_stop: false,
-            lost: 0,
-            status: Status::Tampered(Problem::NotARecord {
-                at: Place {
-                    file: name,
-                    line: 1,
+    if let Some((instance, dir)) = &witnesses.expect {
+        let seen = out
+            .iter()
+            .any(|v: &InstanceVerdict| v.instance == *instance);
+        if let (false, false, Some(w)) = (seen, witnesses.partial, witnesses.newest.get(instance)) {
+            let gone = Problem::Truncated {
+                last: Place {
+                    file: dir.clone(),
+                    line: 0,
                     seq: None,
                 },
-            }),
-            notes: vec!["this file holds no audit record".into()],
-        });
+                witnessed: w.seq,
+                time: w.time.clone(),
+            };
+            out.push(InstanceVerdict::without_records(instance, 0, gone, None));
+        }
+    }
+    for name in orphans {
+        let at = Place {
+            file: name,
+            line: 1,
+            seq: None,
+        };
+        let note = "this file holds no audit record";
+        out.push(InstanceVerdict::without_records(
+            "?",
+            1,
+            Problem::NotARecord { at },
+            Some(note),
+        ));
     }
     Ok(out)
 }
@@ -591,6 +741,63 @@ fn walk(
     Ok(Status::Intact)
 }
 
+/// The chain `l` (whose links and seals hold) against what the HSM
+/// witnessed: its newest seal `w`, and the `cuts` runs found at their
+/// start (place, witnessed seq, seq the files went on with). A problem
+/// when the files lack what was witnessed; with `partial` files, a note.
+fn against_witness(
+    l: &[Rec],
+    place: &dyn Fn(&Rec) -> Place,
+    w: Option<&Witness>,
+    cuts: Vec<(Place, u64, u64)>,
+    partial: bool,
+    notes: &mut Vec<String>,
+) -> Option<Problem> {
+    let at_seq = |seq: u64| l.iter().find(|r| r.kind != Kind::Bad && r.seq == seq);
+    for (start, witnessed, files_next) in cuts {
+        if at_seq(witnessed).is_some() {
+            // The missing records were given: the links decided.
+            continue;
+        }
+        let p = Problem::Cut {
+            start,
+            witnessed,
+            files_next,
+        };
+        if !partial {
+            return Some(p);
+        }
+        notes.push(format!(
+            "{p} (if these files are the whole trail, it was tampered with)"
+        ));
+    }
+    let w = w?;
+    let last = l.iter().rev().find(|r| r.kind != Kind::Bad)?;
+    match at_seq(w.seq) {
+        Some(r) if r.hash == w.hash => None,
+        Some(r) => Some(Problem::WitnessMismatch {
+            record: place(r),
+            time: w.time.clone(),
+        }),
+        None if last.seq < w.seq => {
+            let p = Problem::Truncated {
+                last: place(last),
+                witnessed: w.seq,
+                time: w.time.clone(),
+            };
+            if !partial {
+                return Some(p);
+            }
+            notes.push(format!(
+                "{p} (if these files are the whole trail, it was tampered with)"
+            ));
+            None
+        }
+        // The witnessed seal is older than the files given: a later range.
+        None => None,
+    }
+}
+
 /// What broke the link between `l[i-1]` and `l[i]`; see the module docs.
 fn classify(l: &[Rec], i: usize, place: &dyn Fn(&Rec) -> Place) -> Problem {
     let (p, c) = (&l[i - 1], &l[i]);
@@ -664,6 +871,50 @@ impl TokenVerifier {
             keys: BTreeMap::new(),
         }
     }
+
+    /// The newest witness of each instance among the configured key
+    /// managers (see [`super::witness`]). An error when none could be read.
+    pub fn witnesses(&mut self) -> Result<BTreeMap<String, Witness>, String> {
+        let mut errors = Vec::new();
+        let mut read = false;
+        let mut out: BTreeMap<String, Witness> = BTreeMap::new();
+        for i in 0..self.hsm.backends.len() {
+            let markers = match open_token(&mut self.tokens, &self.hsm, i) {
+                Ok(t) => t.markers(APPLICATION).map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            match markers {
+                Ok(markers) => {
+                    read = true;
+                    for w in markers
+                        .iter()
+                        .filter_map(|m| Witness::parse(&m.label, &m.value))
+                    {
+                        if out.get(&w.instance).is_none_or(|o| o.seq < w.seq) {
+                            out.insert(w.instance.clone(), w);
+                        }
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !read {
+            return Err(format!(
+                "cannot read the audit witnesses from the key managers: {}",
+                errors.join("; ")
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Key manager `i`'s token, opened on first use.
+fn open_token<'a>(
+    tokens: &'a mut [Option<Result<Token, String>>],
+    hsm: &HsmConfig,
+    i: usize,
+) -> &'a Result<Token, String> {
+    tokens[i].get_or_insert_with(|| Token::open(hsm, &hsm.backends[i]).map_err(|e| e.to_string()))
 }
 
 impl SealCheck for TokenVerifier {
@@ -671,10 +922,7 @@ impl SealCheck for TokenVerifier {
         let mut errors = Vec::new();
         let mut holders = 0;
         for i in 0..self.hsm.backends.len() {
-            let token = self.tokens[i].get_or_insert_with(|| {
-                Token::open(&self.hsm, &self.hsm.backends[i]).map_err(|e| e.to_string())
-            });
-            let token = match token {
+            let token = match open_token(&mut self.tokens, &self.hsm, i) {
                 Ok(t) => t,
                 Err(e) => {
                     errors.push(e.clone());
@@ -788,7 +1036,7 @@ mod tests {
     }
 
     fn verdict(lines: &[Vec<u8>]) -> Status {
-        let v = verify(&[file(lines)], &[], &mut NoSeals).unwrap();
+        let v = verify(&[file(lines)], &[], &mut NoSeals, &Witnesses::default()).unwrap();
         assert_eq!(v.len(), 1);
         v[0].status.clone()
     }
@@ -876,7 +1124,7 @@ mod tests {
         second.name = "a-second.jsonl".into();
         second.bytes.extend_from_slice(b"{\"v\":1,\"seq\"");
         let first = file(&l[..3]);
-        let v = verify(&[second, first], &[], &mut NoSeals).unwrap();
+        let v = verify(&[second, first], &[], &mut NoSeals, &Witnesses::default()).unwrap();
         assert!(
             matches!(v[0].status, Status::UnsealedTail { count: 6, .. }),
             "{:?}",
@@ -901,5 +1149,139 @@ mod tests {
         l[1] = b"not json".to_vec();
         assert!(matches!(problem(&l), Problem::NotARecord { .. }));
         assert_eq!(hex(&GENESIS).len(), 64);
+    }
+
+    /// A witness of record `seq` of `lines` (its hash), as the HSM holds it.
+    fn witnessed(lines: &[Vec<u8>], seq: u64) -> Witnesses {
+        let w = Witness {
+            instance: "t".into(),
+            seq,
+            hash: lines.get(seq as usize).map_or([5; 32], |l| hash_line(l)),
+            time: "2026-01-01T00:00:00.000000Z".into(),
+        };
+        Witnesses {
+            newest: BTreeMap::from([("t".to_string(), w)]),
+            ..Witnesses::default()
+        }
+    }
+
+    fn verdict_with(lines: &[Vec<u8>], w: &Witnesses) -> InstanceVerdict {
+        let mut v = verify(&[file(lines)], &[], &mut NoSeals, w).unwrap();
+        assert_eq!(v.len(), 1);
+        v.remove(0)
+    }
+
+    #[test]
+    fn a_trail_cut_back_before_the_witnessed_seal_is_tampered() {
+        let l = chain(8);
+        // Reaching the witnessed record (or past it: a later range is fine).
+        let v = verdict_with(&l, &witnessed(&l, 7));
+        assert!(matches!(v.status, Status::UnsealedTail { .. }), "{v:?}");
+        let v = verdict_with(&l, &witnessed(&l, 3));
+        assert!(matches!(v.status, Status::UnsealedTail { .. }), "{v:?}");
+        // Cut after seq 4: the records up to the witnessed 7 are gone.
+        let w = witnessed(&l, 7);
+        let v = verdict_with(&l[..5], &w);
+        match &v.status {
+            Status::Tampered(p @ Problem::Truncated { witnessed: 7, .. }) => {
+                assert_eq!(p.record().seq, Some(4), "{p}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // As a declared range of the trail, only a note.
+        let partial = Witnesses {
+            partial: true,
+            ..w.clone()
+        };
+        let v = verdict_with(&l[..5], &partial);
+        assert!(matches!(v.status, Status::UnsealedTail { .. }), "{v:?}");
+        assert!(
+            v.notes.iter().any(|n| n.contains("was cut")),
+            "{:?}",
+            v.notes
+        );
+        // Another record where the witnessed one was: cut back, then
+        // rewritten from before it (here: the HSM witnessed other bytes).
+        let mut other = chain(8);
+        other[7] = l[6].clone();
+        let v = verdict_with(&l, &witnessed(&other, 7));
+        assert!(
+            matches!(&v.status, Status::Tampered(Problem::WitnessMismatch { record, .. }) if record.seq == Some(7)),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_run_that_started_on_cut_files_needs_the_missing_records() {
+        use crate::audit::record::{render, StartBody};
+        // The files ended at seq 2 (next 3); the HSM had witnessed seq 5:
+        // the new run goes on at 6, linked to the witnessed record.
+        let old = chain(6);
+        let start = render(
+            6,
+            "start",
+            "2026-01-01T00:00:01.000000Z",
+            "t",
+            &StartBody {
+                version: "test",
+                pid: 1,
+                on_failure: "refuse",
+                unsealed_before: 0,
+                witness_seq: Some(5),
+                files_next_seq: Some(3),
+            },
+            &hash_line(&old[5]),
+        );
+        let new_run = file(std::slice::from_ref(&start));
+        let mut kept = file(&old[..3]);
+        kept.name = "t0.jsonl".into();
+        let none = Witnesses::default();
+        // What the directory holds: the gap is named...
+        let v = verify(&[kept, new_run], &[], &mut NoSeals, &none).unwrap();
+        assert!(
+            matches!(
+                &v[0].status,
+                Status::Tampered(Problem::Deleted { from: 3, to: 5, .. })
+            ),
+            "{:?}",
+            v[0]
+        );
+        // ...also when every older file is gone too...
+        let v = verify(
+            &[file(std::slice::from_ref(&start))],
+            &[],
+            &mut NoSeals,
+            &none,
+        )
+        .unwrap();
+        assert!(
+            matches!(&v[0].status, Status::Tampered(p @ Problem::Cut { witnessed: 5, files_next: 3, .. }) if p.to_string().contains("seq 3 to 5 were removed")),
+            "{:?}",
+            v[0]
+        );
+        // ...and with the archive given, the chain is whole.
+        let mut all = old.clone();
+        all.push(start);
+        let v = verify(&[file(&all)], &[], &mut NoSeals, &none).unwrap();
+        assert!(
+            matches!(v[0].status, Status::UnsealedTail { .. }),
+            "{:?}",
+            v[0]
+        );
+    }
+
+    #[test]
+    fn the_configured_instance_without_files_is_gone() {
+        let l = chain(3);
+        let mut w = witnessed(&l, 2);
+        w.expect = Some(("t".into(), "/var/lib/xks-proxy/audit".into()));
+        let v = verify(&[], &[], &mut NoSeals, &w).unwrap();
+        assert!(
+            matches!(&v[0].status, Status::Tampered(p @ Problem::Truncated { .. }) if p.to_string().contains("no file of this instance")),
+            "{v:?}"
+        );
+        // Another instance's witness (another host on the token) is not ours.
+        w.expect = Some(("u".into(), "/var/lib/xks-proxy/audit".into()));
+        assert!(verify(&[], &[], &mut NoSeals, &w).unwrap().is_empty());
     }
 }

@@ -21,6 +21,13 @@
 //! previous run came after its last seal (a clean stop leaves none), and the
 //! first seal of the new run follows at once.
 //!
+//! **The witness.** After each seal is on disk, the writer stores which seal
+//! is the newest in the HSM (see `super::witness`). At start it reads it
+//! back: files that end before the witnessed seal were cut while the proxy
+//! was stopped, and the chain then goes on from the witnessed seal rather
+//! than from what is left, with the `start` record saying where the files
+//! ended (so the missing records are a gap `verify` names).
+//!
 //! **One writer per chain.** An exclusive lock on `<instance>.lock` (held
 //! until the process ends) keeps two processes from writing one chain.
 //!
@@ -46,6 +53,7 @@ use super::record::{
     SealBody, StartBody, StopBody, GENESIS,
 };
 use super::sealer::Sealer;
+use super::witness::Witness;
 use crate::spec::time::{format_amz_date, format_timestamp_micros};
 
 /// Records taken from the queue per batch at most.
@@ -57,6 +65,8 @@ const RESUME_WINDOW: u64 = 16 * 1024 * 1024;
 const STOP_WRITE_PATIENCE: Duration = Duration::from_secs(5);
 /// After a failed seal, the wait before the next attempt.
 const SEAL_RETRY: Duration = Duration::from_secs(1);
+/// How long reading the witness at startup may take.
+const WITNESS_READ_WITHIN: Duration = Duration::from_secs(2);
 /// How long a seal may take in the HSM. The writer waits for it while
 /// records queue: short, so that a hung key manager stalls the trail for a
 /// fraction of a second (the queue holds that); a failed seal is retried a
@@ -92,6 +102,8 @@ pub(crate) struct Writer {
     next_seal_attempt: Instant,
     /// The last seal failed (logged once until one succeeds).
     seal_failing: bool,
+    /// The last witness could not be stored (logged once until one is).
+    witness_failing: bool,
     next_rotation_attempt: Instant,
     /// Rendered records not yet written.
     out: Vec<u8>,
@@ -229,7 +241,14 @@ fn create_file(dir: &Path, instance: &str, seq: u64) -> Result<(File, String), A
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
         match o.open(&path) {
-            Ok(f) => return Ok((f, name)),
+            Ok(f) => {
+                // The new name must survive a power loss as the records in
+                // it do (they are synced at every seal).
+                if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "fsync of the audit directory failed");
+                }
+                return Ok((f, name));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(source) => return Err(AuditError::File { file: path, source }),
         }
@@ -283,10 +302,32 @@ impl Writer {
                 break;
             }
         }
-        let (seq, head, previous, unsealed) = match &resume {
+        let (mut seq, mut head, previous, mut unsealed) = match &resume {
             Some(r) => (r.seq, r.head, Some(r.file.clone()), r.unsealed),
             None => (0, GENESIS, None, 0),
         };
+        let witness = match &sealer {
+            Some(s) => match s.witness(instance, WITNESS_READ_WITHIN) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(instance = %instance, error = %e, "cannot read the audit chain's witness from the HSM; continuing from the files as they are (`audit verify` still compares them with it)");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut behind = None;
+        if let Some(w) = witness.filter(|w| files_behind(w, seq, &head)) {
+            tracing::error!(
+                instance = %instance,
+                witnessed_seq = w.seq,
+                witnessed_time = %w.time,
+                files_next_seq = seq,
+                "the audit files end before the newest seal the HSM witnessed: records were removed while the proxy was stopped; the chain goes on from the witnessed seal, and `xks-proxy audit verify` reports the gap"
+            );
+            behind = Some((w.seq, seq));
+            (seq, head, unsealed) = (w.seq + 1, w.hash, 0);
+        }
         let (file, file_name) = create_file(&dir, instance, seq)?;
         let now = Instant::now();
         let mut w = Writer {
@@ -305,6 +346,7 @@ impl Writer {
             last_seal: now,
             next_seal_attempt: now,
             seal_failing: false,
+            witness_failing: false,
             next_rotation_attempt: now,
             out: Vec::with_capacity(64 * 1024),
             _lock: lock,
@@ -325,6 +367,8 @@ impl Writer {
                 pid: std::process::id(),
                 on_failure: cfg.on_failure.as_str(),
                 unsealed_before: unsealed,
+                witness_seq: behind.map(|(w, _)| w),
+                files_next_seq: behind.map(|(_, f)| f),
             },
         );
         if unsealed > 0 {
@@ -457,6 +501,7 @@ impl Writer {
                     self.seal_failing = false;
                     tracing::warn!("audit seals work again");
                 }
+                self.put_witness(seq, &time);
                 // The log is a second copy of every seal, off this disk
                 // when logs are shipped: a witness of the chain head.
                 tracing::info!(
@@ -481,6 +526,34 @@ impl Writer {
                     tracing::error!(error = %e, key = %label, "cannot seal the audit trail in the HSM; retrying (records keep being chained, unsealed)");
                 }
             }
+        }
+    }
+
+    /// Stores the seal just written and synced (`seq`, the chain head) as
+    /// the newest in the HSM. A failure is logged once until one works:
+    /// the trail goes on, but a cut made meanwhile is caught only by the
+    /// seals the witness did hold.
+    fn put_witness(&mut self, seq: u64, time: &str) {
+        let Some(sealer) = &self.sealer else {
+            return;
+        };
+        let w = Witness {
+            instance: self.instance.clone(),
+            seq,
+            hash: self.head,
+            time: time.to_string(),
+        };
+        match sealer.put_witness(&w, SEAL_WITHIN) {
+            Ok(()) if self.witness_failing => {
+                self.witness_failing = false;
+                tracing::warn!("the audit witness is stored in the HSM again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.witness_failing => {
+                self.witness_failing = true;
+                tracing::error!(error = %e, "cannot store the audit chain's witness in the HSM; retrying at every seal");
+            }
+            Err(_) => {}
         }
     }
 
@@ -616,9 +689,35 @@ impl Writer {
     }
 }
 
+/// Whether files that would go on at `next_seq` from `head` end before the
+/// witnessed seal: it is not among them (`next_seq` not past it), or the
+/// record in its place is another one.
+fn files_behind(w: &Witness, next_seq: u64, head: &Hash) -> bool {
+    next_seq <= w.seq || (next_seq == w.seq + 1 && *head != w.hash)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_behind_the_witness_when_they_end_before_its_seal() {
+        let w = Witness {
+            instance: "a".into(),
+            seq: 10,
+            hash: [1; 32],
+            time: "t".into(),
+        };
+        // Files that end at the witnessed seal, or went on after it (a crash
+        // between the seal and storing its witness; the newer seals prove
+        // what follows).
+        assert!(!files_behind(&w, 11, &[1; 32]));
+        assert!(!files_behind(&w, 15, &[9; 32]));
+        // Cut back, gone, or another record where the seal was.
+        assert!(files_behind(&w, 7, &[9; 32]));
+        assert!(files_behind(&w, 0, &GENESIS));
+        assert!(files_behind(&w, 11, &[9; 32]));
+    }
 
     #[test]
     fn chain_files_are_recognized_by_instance_and_seq() {

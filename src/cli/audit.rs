@@ -15,7 +15,7 @@ use super::exit::{load, usage_error};
 use super::target::{on_each, selected, Target};
 use crate::audit::reconcile::{self, parse_cloudtrail, Options};
 use crate::audit::report::{read_requests, Filter, Report, RequestLine};
-use crate::audit::verify::{expand, verify, Status, TokenVerifier, TrailFile};
+use crate::audit::verify::{expand, verify, Status, TokenVerifier, TrailFile, Witnesses};
 use crate::config::Config;
 use crate::spec::time::{format_timestamp_micros, parse_span, parse_timestamp_any};
 
@@ -36,6 +36,11 @@ pub enum AuditCommand {
         seal_keys: Vec<String>,
         #[arg(long)]
         json: bool,
+        /// The files are a range of the trail (archived files, say), not all
+        /// of it: ending before the newest seal the HSM witnessed is then a
+        /// note, not tampering.
+        #[arg(long)]
+        partial: bool,
         /// Trail files or directories; default: audit.dir.
         files: Vec<PathBuf>,
     },
@@ -176,10 +181,42 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
             config,
             seal_keys,
             json,
+            partial,
             files,
         } => {
             let cfg = load(&config)?;
-            let files = trail_files(&files, Some(&cfg))?;
+            // The witness first: a running writer stores it only once its
+            // seal is on disk, so the files read next hold that seal.
+            let mut check = TokenVerifier::new(&cfg.hsm);
+            let newest = check.witnesses().map_err(fail)?;
+            // The configured instance, in the configured directory, must
+            // have files if the HSM witnessed a seal of it.
+            let expect = match (&cfg.audit, files.is_empty()) {
+                (Some(a), true) => a
+                    .instance_id
+                    .clone()
+                    .map(|i| (i, a.dir.display().to_string())),
+                _ => None,
+            };
+            let witnesses = Witnesses {
+                newest,
+                partial,
+                expect,
+            };
+            let files = match trail_files(&files, Some(&cfg)) {
+                Ok(f) => f,
+                // None at all, where that instance's were expected: the
+                // verdict says so.
+                Err(_)
+                    if witnesses
+                        .expect
+                        .as_ref()
+                        .is_some_and(|(i, _)| witnesses.newest.contains_key(i)) =>
+                {
+                    Vec::new()
+                }
+                Err(code) => return Err(code),
+            };
             let mut keys = seal_keys;
             keys.push(
                 cfg.audit
@@ -190,8 +227,7 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
                 .iter()
                 .map(|f| TrailFile::read(f).map_err(|e| fail(format!("{}: {e}", f.display()))))
                 .collect::<Result<_, _>>()?;
-            let mut check = TokenVerifier::new(&cfg.hsm);
-            let verdicts = verify(&trail, &keys, &mut check)
+            let verdicts = verify(&trail, &keys, &mut check, &witnesses)
                 .map_err(|e| fail(format!("cannot verify the seals: {e}")))?;
             if json {
                 let v: Vec<serde_json::Value> = verdicts.iter().map(verdict_json).collect();

@@ -431,6 +431,40 @@ impl KeyManagers {
         }))
     }
 
+    /// The markers of one kind in each open key manager, read one after
+    /// the other by their control threads within `within` in all; what each
+    /// said. Blocks: for plain threads (the audit writer).
+    pub fn markers_blocking(
+        &self,
+        application: &'static [u8],
+        within: Duration,
+    ) -> Vec<Result<Vec<Marker>, Fault>> {
+        let deadline = Instant::now() + within;
+        self.backends()
+            .iter()
+            .filter_map(Backend::pool)
+            .map(|pool| pool.markers_blocking(application, deadline))
+            .collect()
+    }
+
+    /// Stores a marker in every open key manager, one after the other,
+    /// within `within` in all; what each said. Blocks: for plain threads
+    /// (the audit writer).
+    pub fn put_marker_blocking(
+        &self,
+        application: &'static [u8],
+        label: &str,
+        value: &[u8],
+        within: Duration,
+    ) -> Vec<Result<(), Fault>> {
+        let deadline = Instant::now() + within;
+        self.backends()
+            .iter()
+            .filter_map(Backend::pool)
+            .map(|pool| pool.put_marker_blocking(application, label, value, deadline))
+            .collect()
+    }
+
     /// One round of health work for key manager `b`: open it if it is not
     /// open; else, when `deep`, probe it with the health-check key, or else
     /// check that it answers at all (a heartbeat). Returns when the next deep

@@ -14,9 +14,10 @@
 //!
 //! Beside the request threads, each pool has one **control** thread with
 //! its own session and its own small queue, for the proxy's own work that
-//! must not wait behind requests: reading the lockdown markers every second
-//! and sealing the audit trail. A flood of requests (the very moment a
-//! lockdown is called for) fills the request queue, not this one.
+//! must not wait behind requests: reading the lockdown markers twice a
+//! second, sealing the audit trail and storing its witness (the one write:
+//! this session alone is read-write). A flood of requests (the very moment
+//! a lockdown is called for) fills the request queue, not this one.
 //!
 //! The pool also knows how long each thread has been inside its current job:
 //! a key manager whose threads all sit in one call for seconds is hung (a
@@ -143,7 +144,7 @@ impl Pool {
         }
         let control_busy = Arc::new(Busy::new(1));
         let control_queue = Arc::new(JobQueue::new(CONTROL_QUEUE));
-        let worker = Worker::new(shared.clone(), control_busy.clone(), 0);
+        let worker = Worker::new(shared.clone(), control_busy.clone(), 0).writable();
         let control = {
             let queue = control_queue.clone();
             std::thread::Builder::new()
@@ -357,6 +358,30 @@ impl Pool {
     ) -> Result<Vec<Marker>, Fault> {
         self.run_control("markers", deadline, move |w| w.markers(application))
             .await
+    }
+
+    /// [`Self::markers`] for a plain thread that may block.
+    pub fn markers_blocking(
+        &self,
+        application: &'static [u8],
+        deadline: Instant,
+    ) -> Result<Vec<Marker>, Fault> {
+        self.run_control_blocking("markers", deadline, move |w| w.markers(application))
+    }
+
+    /// Stores a marker (control thread); blocks the calling (non-runtime)
+    /// thread until `deadline`.
+    pub fn put_marker_blocking(
+        &self,
+        application: &'static [u8],
+        label: &str,
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<(), Fault> {
+        let (label, value) = (label.to_owned(), value.to_vec());
+        self.run_control_blocking("marker_put", deadline, move |w| {
+            w.put_marker(application, &label, &value)
+        })
     }
 
     /// Whether the token holds a protected HMAC key labelled `label`

@@ -120,6 +120,9 @@ pub(crate) struct Worker {
     /// Where this thread records how long it has been inside a job.
     busy: Arc<Busy>,
     index: usize,
+    /// A read-write session (the control thread: it stores markers); the
+    /// request threads' sessions are read-only, which is all they need.
+    writes: bool,
 }
 
 /// GCM IVs from the HSM's random generator, fetched in batches: one
@@ -216,7 +219,14 @@ impl Worker {
             ivs: IvPool::new(),
             busy,
             index,
+            writes: false,
         }
+    }
+
+    /// The same, with a read-write session.
+    pub fn writable(mut self) -> Self {
+        self.writes = true;
+        self
     }
 
     fn ekm(&self) -> String {
@@ -281,7 +291,18 @@ impl Worker {
             RvError::SlotIdInvalid,
             cryptoki::context::Function::OpenSession,
         ))?;
-        let s = m.ctx().open_ro_session_no_drop(slot)?;
+        let s = match self.writes {
+            true => match m.ctx().open_rw_session_no_drop(slot) {
+                Ok(s) => s,
+                // A token that takes no writes: read-only, so that locks
+                // and seals still work; storing markers fails, and says so.
+                Err(P11Error::Pkcs11(RvError::TokenWriteProtected, _)) => {
+                    m.ctx().open_ro_session_no_drop(slot)?
+                }
+                Err(e) => return Err(e),
+            },
+            false => m.ctx().open_ro_session_no_drop(slot)?,
+        };
         if let Err(e) = login_raw(&s, &self.shared.pin) {
             let _ = s.close();
             return Err(e);
@@ -556,6 +577,18 @@ impl Worker {
     /// The markers of one kind (see [`super::markers`]).
     pub fn markers(&mut self, application: &[u8]) -> Result<Vec<Marker>, Fault> {
         let result = markers::list(self.session()?, application);
+        result.map_err(|e| self.map_p11(e, OpKind::Lookup))
+    }
+
+    /// Stores a marker, replacing one of the same kind and label (see
+    /// [`super::markers::put`]).
+    pub fn put_marker(
+        &mut self,
+        application: &[u8],
+        label: &str,
+        value: &[u8],
+    ) -> Result<(), Fault> {
+        let result = markers::put(self.session()?, application, label, value);
         result.map_err(|e| self.map_p11(e, OpKind::Lookup))
     }
 
