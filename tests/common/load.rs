@@ -23,6 +23,17 @@ async fn timed(
     (r, took)
 }
 
+/// The longest a request may take, seen from the client, while a key
+/// manager hangs, dies or comes back. The proxy's deadlines (queue 150 ms,
+/// operation 200 ms by default, shorter in some tests) bound every request,
+/// and this says so; a request that waited for the failed HSM would take
+/// as long as the outage, seconds. It is not KMS's 250 ms: on a machine busy
+/// with other work, a request's wall time also counts the time the client's
+/// and the proxy's threads wait for a CPU, which no deadline bounds (271 ms
+/// was seen with two test suites sharing two cores). The 250 ms budget is
+/// met by the deadlines' configuration and measured by the benchmark.
+pub const DEADLINE_BOUND: Duration = Duration::from_secs(1);
+
 /// One failed request as the client saw it.
 #[derive(Debug)]
 pub struct Failure {
