@@ -31,12 +31,29 @@ async fn post(
 }
 
 async fn round_trip(c: &XksClient, key: &str, plaintext: &[u8], aad: Option<&[u8]>, cdiv: bool) {
+    if let Err(r) = checked_round_trip(c, key, plaintext, aad, cdiv).await {
+        panic!("{} {:?}", r.status, r.body);
+    }
+}
+
+/// One encrypt → decrypt round trip with every field checked; `Err` with
+/// the answer when the proxy shed a request (see [`shed`]).
+async fn checked_round_trip(
+    c: &XksClient,
+    key: &str,
+    plaintext: &[u8],
+    aad: Option<&[u8]>,
+    cdiv: bool,
+) -> Result<(), xks_proxy::client::XksResponse> {
     let enc = post(
         c,
         &format!("/keys/{key}/encrypt"),
         bodies::encrypt(plaintext, aad, cdiv),
     )
     .await;
+    if shed(&enc) {
+        return Err(enc);
+    }
     assert_eq!(enc.status, 200, "{:?}", enc.body);
     let e = enc.json();
     let ct = b64(&e["ciphertext"]);
@@ -67,8 +84,12 @@ async fn round_trip(c: &XksClient, key: &str, plaintext: &[u8], aad: Option<&[u8
         bodies::decrypt_from(&e, aad).to_string(),
     )
     .await;
+    if shed(&dec) {
+        return Err(dec);
+    }
     assert_eq!(dec.status, 200, "{:?}", dec.body);
     assert_eq!(b64(&dec.json()["plaintext"]), plaintext);
+    Ok(())
 }
 
 #[test]
@@ -522,26 +543,42 @@ fn invalid_ciphertexts_do_not_use_up_hsm_sessions() {
     });
 }
 
+/// 64 round trips at once over both protocols, 4 sessions: each gets its
+/// own answer, never another's. A request may also be shed (503
+/// DependencyTimeoutException, retried by KMS) when no session becomes free
+/// within the queue deadline (150 ms), which happens on a machine busy with
+/// other work; whether and how often it does is the scheduler's business,
+/// so it is counted and printed, not failed (the benchmark measures
+/// throughput). What must hold is that every answer is right.
 #[test]
 fn sixty_four_concurrent_round_trips() {
     let p = Proxy::start_with(Options {
         sessions: 4,
         ..Options::default()
     });
-    block_on(async {
+    let served = block_on(async {
         let mut tasks = Vec::new();
         for i in 0..64u32 {
             let c = if i % 2 == 0 { p.h1() } else { p.h2() };
             tasks.push(tokio::spawn(async move {
                 let pt = format!("data key number {i:04} ......").into_bytes();
                 let aad = format!("ctx={i}").into_bytes();
-                round_trip(&c, "key-ed", &pt, Some(&aad), true).await;
+                checked_round_trip(&c, "key-ed", &pt, Some(&aad), true)
+                    .await
+                    .is_ok()
             }));
         }
+        let mut served = 0;
         for t in tasks {
-            t.await.unwrap();
+            served += usize::from(t.await.unwrap());
         }
+        served
     });
+    eprintln!(
+        "64 concurrent round trips: {served} served, {} shed",
+        64 - served
+    );
+    assert!(served > 0, "none of the 64 round trips was served");
 }
 
 #[test]
