@@ -30,6 +30,21 @@ async fn post(
     c.call(suffix, body).await.unwrap()
 }
 
+/// Encrypt (no CDIV) of `plaintext` under `key`: the answer.
+async fn encrypt(
+    c: &XksClient,
+    key: &str,
+    plaintext: &[u8],
+    aad: Option<&[u8]>,
+) -> xks_proxy::client::XksResponse {
+    post(
+        c,
+        &format!("/keys/{key}/encrypt"),
+        bodies::encrypt(plaintext, aad, false),
+    )
+    .await
+}
+
 async fn round_trip(c: &XksClient, key: &str, plaintext: &[u8], aad: Option<&[u8]>, cdiv: bool) {
     if let Err(r) = checked_round_trip(c, key, plaintext, aad, cdiv).await {
         panic!("{} {:?}", r.status, r.body);
@@ -115,20 +130,8 @@ fn encrypt_is_randomized_and_decrypt_needs_everything_intact() {
         let c = p.h1();
         let aad: &[u8] = b"department=marketing";
         let pt = b"a 32-byte data key.............";
-        let e1 = post(
-            &c,
-            "/keys/key-ed/encrypt",
-            bodies::encrypt(pt, Some(aad), false),
-        )
-        .await
-        .json();
-        let e2 = post(
-            &c,
-            "/keys/key-ed/encrypt",
-            bodies::encrypt(pt, Some(aad), false),
-        )
-        .await
-        .json();
+        let e1 = encrypt(&c, "key-ed", pt, Some(aad)).await.json();
+        let e2 = encrypt(&c, "key-ed", pt, Some(aad)).await.json();
         assert_ne!(e1["initializationVector"], e2["initializationVector"]);
         assert_ne!(e1["ciphertext"], e2["ciphertext"]);
 
@@ -173,9 +176,7 @@ fn encrypt_is_randomized_and_decrypt_needs_everything_intact() {
 
         // The "metadata moved into the AAD" attack the spec's length prefixes stop:
         // encrypt without AAD, then decrypt passing the returned metadata as AAD.
-        let e = post(&c, "/keys/key-ed/encrypt", bodies::encrypt(pt, None, false))
-            .await
-            .json();
+        let e = encrypt(&c, "key-ed", pt, None).await.json();
         let mut moved = bodies::decrypt_from(&e, None);
         moved.as_object_mut().unwrap().remove("ciphertextMetadata");
         moved["additionalAuthenticatedData"] = md.clone().into();
@@ -225,12 +226,7 @@ fn key_usage_is_enforced() {
     block_on(async {
         let c = p.h1();
         // Encrypt with the encrypt-only key to get a ciphertext for decrypt tests.
-        let e = post(
-            &c,
-            "/keys/key-e/encrypt",
-            bodies::encrypt(b"x", None, false),
-        )
-        .await;
+        let e = encrypt(&c, "key-e", b"x", None).await;
         assert_eq!(e.status, 200);
         let dec_body = bodies::decrypt_from(&e.json(), None).to_string();
         for (key, op, body) in [
@@ -266,13 +262,7 @@ fn invalid_requests_are_validation_errors() {
     let p = Proxy::start();
     block_on(async {
         let c = p.h1();
-        let e = post(
-            &c,
-            "/keys/key-ed/encrypt",
-            bodies::encrypt(b"secret", None, false),
-        )
-        .await
-        .json();
+        let e = encrypt(&c, "key-ed", b"secret", None).await.json();
         let good = bodies::decrypt_from(&e, None);
         let with = |field: &str, v: Value| {
             let mut b = good.clone();
@@ -465,19 +455,9 @@ fn routing_errors() {
         let other = c
             .with_uri_path(OTHER_URI_PATH)
             .with_credentials(AKID_OTHER, &p.secret_other);
-        let r = post(
-            &other,
-            "/keys/other-key/encrypt",
-            bodies::encrypt(b"x", None, false),
-        )
-        .await;
+        let r = encrypt(&other, "other-key", b"x", None).await;
         assert_eq!(r.status, 200);
-        let r = post(
-            &other,
-            "/keys/key-ed/encrypt",
-            bodies::encrypt(b"x", None, false),
-        )
-        .await;
+        let r = encrypt(&other, "key-ed", b"x", None).await;
         assert_eq!(r.error_name().as_deref(), Some("KeyNotFoundException"));
         // Invalid characters in the key id.
         let r = post(&c, "/keys/bad%20key/metadata", bodies::metadata()).await;
@@ -515,13 +495,7 @@ fn invalid_ciphertexts_do_not_use_up_hsm_sessions() {
     let p = Proxy::start();
     block_on(async {
         let c = p.h1();
-        let e = post(
-            &c,
-            "/keys/key-ed/encrypt",
-            bodies::encrypt(b"payload", None, false),
-        )
-        .await
-        .json();
+        let e = encrypt(&c, "key-ed", b"payload", None).await.json();
         let mut bad = bodies::decrypt_from(&e, None);
         bad["authenticationTag"] = B64.encode([0u8; 16]).into();
         let mut conn = c.connect().await.unwrap();

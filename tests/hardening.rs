@@ -186,11 +186,7 @@ fn the_log_cannot_be_flooded_stretched_split_or_used_to_stall_the_proxy() {
         for _ in 0..150 {
             let mut batch = tokio::task::JoinSet::new();
             for _ in 0..100 {
-                let req = signed(
-                    &c,
-                    "/keys/key-ed/encrypt",
-                    bodies::encrypt(b"k", None, false),
-                );
+                let req = signed_encrypt(&c);
                 let send = conn.send_owned(req);
                 batch.spawn(async move {
                     let t = Instant::now();
@@ -515,11 +511,7 @@ fn replay_protection_refuses_a_signed_request_seen_before() {
     });
     block_on(async {
         let c = p.h1();
-        let req = signed(
-            &c,
-            "/keys/key-ed/encrypt",
-            bodies::encrypt(b"k", None, false),
-        );
+        let req = signed_encrypt(&c);
         let copy = req.clone();
         let mut conn = c.connect().await.unwrap();
         assert_eq!(conn.send(req).await.unwrap().status, 200);

@@ -61,66 +61,25 @@ fn config_errors_name_the_field_and_the_rule() {
     assert!(ok, "valid config refused: {out}");
     let text = std::fs::read_to_string(&config).unwrap();
 
-    type Edit = Box<dyn Fn(&str) -> String>;
-    let cases: Vec<(&str, Edit, &str)> = vec![
-        (
-            "bad uri path",
-            Box::new(|t| t.replace(URI_PATH, "/test/kms/xks/v2")),
-            "uri_path",
-        ),
-        (
-            "bad access key id",
-            Box::new(|t| t.replace(AKID_A, "lowercase-id-000000000")),
-            "access_key_id",
-        ),
-        (
-            "duplicate access key id",
-            Box::new(|t| t.replace(AKID_OTHER, AKID_A)),
-            "already used",
-        ),
-        (
-            "fleet size zero",
-            Box::new(|t| t.replace("fleet_size = 3", "fleet_size = 0")),
-            "server.fleet_size",
-        ),
-        (
-            "unknown field",
-            Box::new(|t| t.replace("[server]", "[server]\nlisten_port = 1")),
-            "listen_port",
-        ),
-        (
-            "health interval",
-            Box::new(|t| t.replace("interval_secs = 5", "interval_secs = 90")),
-            "health.interval_secs",
-        ),
-        (
-            "missing cert",
-            Box::new(|t| t.replace("server.crt", "nope.crt")),
-            "tls.cert",
-        ),
-        (
-            "health key served",
-            Box::new(|t| {
-                t.replace(
-                    "keys = [\"other-key\"]",
-                    &format!("keys = [\"{HEALTH_KEY}\"]"),
-                )
-            }),
-            "health-check key",
-        ),
-        (
-            "queue timeout",
-            Box::new(|t| t.replace("sessions = 2", "sessions = 2\nqueue_timeout_ms = 400")),
-            "hsm.queue_timeout_ms",
-        ),
-        (
-            "no pin source",
-            Box::new(|t| t.replace("pin_file = \"hsm-pin\"", "")),
-            "hsm.pin_file / hsm.pin_env",
-        ),
+    // (what is wrong, the text replaced, its replacement, what the message
+    // must name)
+    let served_health_key = format!("keys = [\"{HEALTH_KEY}\"]");
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("bad uri path", URI_PATH, "/test/kms/xks/v2", "uri_path"),
+        ("bad access key id", AKID_A, "lowercase-id-000000000", "access_key_id"),
+        ("duplicate access key id", AKID_OTHER, AKID_A, "already used"),
+        ("fleet size zero", "fleet_size = 3", "fleet_size = 0", "server.fleet_size"),
+        ("unknown field", "[server]", "[server]\nlisten_port = 1", "listen_port"),
+        ("health interval", "interval_secs = 5", "interval_secs = 90", "health.interval_secs"),
+        ("missing cert", "server.crt", "nope.crt", "tls.cert"),
+        ("health key served", "keys = [\"other-key\"]", &served_health_key, "health-check key"),
+        ("queue timeout", "sessions = 2", "sessions = 2\nqueue_timeout_ms = 400", "hsm.queue_timeout_ms"),
+        ("no pin source", "pin_file = \"hsm-pin\"", "", "hsm.pin_file / hsm.pin_env"),
     ];
-    for (name, edit, expect) in cases {
-        std::fs::write(&config, edit(&text)).unwrap();
+    for (name, from, to, expect) in cases {
+        assert!(text.contains(from), "{name}: the config has no '{from}'");
+        std::fs::write(&config, text.replace(from, to)).unwrap();
         let (ok, out) = check_config(&config);
         assert!(!ok, "{name}: accepted");
         assert!(
@@ -493,6 +452,15 @@ fn credentials_new_list_revoke_take_effect_without_restart() {
     assert_eq!(json["XksProxyUriPath"], OTHER_URI_PATH);
 }
 
+/// What the load of [`rotation_under_continuous_load_fails_no_request`] saw.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    /// Shed as overload (see `shed`).
+    shed: AtomicU64,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
 /// KMS-style rotation while traffic flows: add a credential, move the load to
 /// it, revoke the old one, reload by signal and by file, swap the certificate.
 /// Not one request may fail and no connection may drop (a request shed as
@@ -503,19 +471,11 @@ fn rotation_under_continuous_load_fails_no_request() {
     let p = Proxy::start();
     let current: Arc<std::sync::RwLock<XksClient>> = Arc::new(std::sync::RwLock::new(p.h1()));
     let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let shed_count = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let tally = Arc::new(Tally::default());
     let base_h1 = p.h1();
     let base_h2 = p.h2();
     let loader = {
-        let (current, stop, ok, failures, shed_count) = (
-            current.clone(),
-            stop.clone(),
-            ok.clone(),
-            failures.clone(),
-            shed_count.clone(),
-        );
+        let (current, stop, tally) = (current.clone(), stop.clone(), tally.clone());
         std::thread::spawn(move || {
             block_on(async move {
                 let mut tasks = Vec::new();
@@ -525,13 +485,7 @@ fn rotation_under_continuous_load_fails_no_request() {
                     } else {
                         base_h2.clone()
                     };
-                    let (current, stop, ok, failures, shed_count) = (
-                        current.clone(),
-                        stop.clone(),
-                        ok.clone(),
-                        failures.clone(),
-                        shed_count.clone(),
-                    );
+                    let (current, stop, tally) = (current.clone(), stop.clone(), tally.clone());
                     tasks.push(tokio::spawn(async move {
                         // One connection for the whole test: a reload must not drop it.
                         let mut conn = base.connect().await.unwrap();
@@ -544,19 +498,21 @@ fn rotation_under_continuous_load_fails_no_request() {
                             );
                             match conn.send(req).await {
                                 Ok(r) if r.status == 200 => {
-                                    ok.fetch_add(1, Ordering::Relaxed);
+                                    tally.ok.fetch_add(1, Ordering::Relaxed);
                                 }
                                 // Overload on a busy machine, not the
                                 // rotation's doing (see `shed`).
                                 Ok(r) if shed(&r) => {
-                                    shed_count.fetch_add(1, Ordering::Relaxed);
+                                    tally.shed.fetch_add(1, Ordering::Relaxed);
                                 }
-                                Ok(r) => failures
+                                Ok(r) => tally
+                                    .failures
                                     .lock()
                                     .unwrap()
                                     .push(format!("{} {:?}", r.status, r.body)),
                                 Err(e) => {
-                                    failures.lock().unwrap().push(format!("connection: {e}"));
+                                    let e = format!("connection: {e}");
+                                    tally.failures.lock().unwrap().push(e);
                                     return;
                                 }
                             }
@@ -570,8 +526,8 @@ fn rotation_under_continuous_load_fails_no_request() {
         })
     };
     let wait_for_requests = |n: u64| {
-        let target = ok.load(Ordering::Relaxed) + n;
-        assert!(eventually(20, || ok.load(Ordering::Relaxed) >= target));
+        let target = tally.ok.load(Ordering::Relaxed) + n;
+        assert!(eventually(20, || tally.ok.load(Ordering::Relaxed) >= target));
     };
     wait_for_requests(200);
 
@@ -611,11 +567,11 @@ fn rotation_under_continuous_load_fails_no_request() {
 
     stop.store(true, Ordering::Relaxed);
     loader.join().unwrap();
-    let failures = failures.lock().unwrap();
+    let failures = tally.failures.lock().unwrap();
     eprintln!(
         "rotation under load: {} served, {} shed as overload",
-        ok.load(Ordering::Relaxed),
-        shed_count.load(Ordering::Relaxed)
+        tally.ok.load(Ordering::Relaxed),
+        tally.shed.load(Ordering::Relaxed)
     );
     assert!(
         failures.is_empty(),
@@ -624,7 +580,7 @@ fn rotation_under_continuous_load_fails_no_request() {
         &failures[..failures.len().min(5)],
         p.log()
     );
-    assert!(ok.load(Ordering::Relaxed) >= 1400);
+    assert!(tally.ok.load(Ordering::Relaxed) >= 1400);
     let (_, metrics) = p.admin_get("/metrics");
     assert!(metrics.contains(r#"xks_config_reloads_total{result="ok",trigger="signal"}"#));
     assert!(metrics.contains(r#"xks_config_reloads_total{result="ok",trigger="file"}"#));

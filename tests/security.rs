@@ -273,14 +273,7 @@ fn a_key_store_over_its_quota_gets_429_and_health_is_exempt() {
         let mut statuses = Vec::new();
         let mut names = Vec::new();
         for _ in 0..12 {
-            let r = conn
-                .send(signed(
-                    &c,
-                    "/keys/key-ed/encrypt",
-                    bodies::encrypt(b"k", None, false),
-                ))
-                .await
-                .unwrap();
+            let r = conn.send(signed_encrypt(&c)).await.unwrap();
             statuses.push(r.status.as_u16());
             names.push(r.error_name());
         }

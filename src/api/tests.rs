@@ -283,6 +283,15 @@ fn expect(a: &Answer, status: u16, error_name: &str) {
 #[cfg(feature = "authorization")]
 const DECRYPT_ONLY: &str = r#"permit (principal, action == Xks::Action::"Decrypt", resource);"#;
 
+/// A harness whose policies allow only Decrypt.
+#[cfg(feature = "authorization")]
+fn decrypt_only() -> Harness {
+    harness(Setup {
+        policies: Some(DECRYPT_ONLY),
+        ..Setup::default()
+    })
+}
+
 #[test]
 fn the_path_is_checked_before_anything_else() {
     run(async {
@@ -406,10 +415,7 @@ fn the_key_id_is_checked_before_the_body() {
 #[test]
 fn the_body_is_validated_before_authorization() {
     run(async {
-        let h = harness(Setup {
-            policies: Some(DECRYPT_ONLY),
-            ..Setup::default()
-        });
+        let h = decrypt_only();
         let path = format!("/keys/{KEY}/encrypt");
         expect(
             &h.call(&path, "{not json").await,
@@ -435,10 +441,7 @@ fn the_body_is_validated_before_authorization() {
 #[test]
 fn health_checks_are_never_authorized_away() {
     run(async {
-        let h = harness(Setup {
-            policies: Some(DECRYPT_ONLY),
-            ..Setup::default()
-        });
+        let h = decrypt_only();
         let a = h
             .call("/health", bodies::health("ConnectCustomKeyStore"))
             .await;

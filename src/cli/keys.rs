@@ -226,11 +226,11 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             v["latestVersion"] = token.latest_version(&id).map_err(fail)?.into();
             v["startDate"] = d.start_date.clone().into();
             v["endDate"] = d.end_date.clone().into();
-            v["sensitive"] = d.sensitive.into();
-            v["extractable"] = d.extractable.into();
-            v["alwaysSensitive"] = d.always_sensitive.into();
-            v["neverExtractable"] = d.never_extractable.into();
-            v["generatedInToken"] = d.local.into();
+            v["sensitive"] = d.protection.sensitive.into();
+            v["extractable"] = d.protection.extractable.into();
+            v["alwaysSensitive"] = d.protection.always_sensitive.into();
+            v["neverExtractable"] = d.protection.never_extractable.into();
+            v["generatedInToken"] = d.protection.local.into();
             if json {
                 println!("{v}");
             } else if let Some(obj) = v.as_object() {

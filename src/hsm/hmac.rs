@@ -11,33 +11,22 @@
 
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::objects::protected_key_template;
+use super::objects::{protected_key_template, Protection};
 
 /// An HMAC key found in the token, with what makes its seals trustworthy.
 #[derive(Debug, Clone, Copy)]
 pub struct HmacKey {
     pub handle: ObjectHandle,
-    pub sensitive: bool,
-    pub extractable: bool,
-    /// Generated in this token and never readable since: a key that was
-    /// imported (its value known to whoever imported it) or extractable
-    /// once proves nothing either.
-    pub always_sensitive: bool,
-    pub never_extractable: bool,
-    pub local: bool,
+    pub protection: Protection,
 }
 
 impl HmacKey {
-    /// A key whose value can leave the token proves nothing.
+    /// A key whose value can leave the token (or once could) proves nothing.
     pub fn is_protected(&self) -> bool {
-        self.sensitive
-            && !self.extractable
-            && self.always_sensitive
-            && self.never_extractable
-            && self.local
+        self.protection.is_protected()
     }
 }
 
@@ -55,34 +44,10 @@ pub(crate) fn find(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, 
 pub(crate) fn describe(session: &Session, label: &str) -> Result<Vec<HmacKey>, P11Error> {
     let mut keys = Vec::new();
     for handle in find(session, label)? {
-        let mut key = HmacKey {
+        keys.push(HmacKey {
             handle,
-            sensitive: false,
-            extractable: true,
-            always_sensitive: false,
-            never_extractable: false,
-            local: false,
-        };
-        for a in session.get_attributes(
-            handle,
-            &[
-                AttributeType::Sensitive,
-                AttributeType::Extractable,
-                AttributeType::AlwaysSensitive,
-                AttributeType::NeverExtractable,
-                AttributeType::Local,
-            ],
-        )? {
-            match a {
-                Attribute::Sensitive(b) => key.sensitive = b,
-                Attribute::Extractable(b) => key.extractable = b,
-                Attribute::AlwaysSensitive(b) => key.always_sensitive = b,
-                Attribute::NeverExtractable(b) => key.never_extractable = b,
-                Attribute::Local(b) => key.local = b,
-                _ => {}
-            }
-        }
-        keys.push(key);
+            protection: Protection::read(session, handle)?,
+        });
     }
     Ok(keys)
 }

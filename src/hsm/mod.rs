@@ -44,5 +44,5 @@ pub use health::EkmStatus;
 pub use hmac::HmacKey;
 pub use key_spec::KeySpec;
 pub use markers::Marker;
-pub use objects::{KeyAttributes, KeyDetails, KeyInfo, Usages};
+pub use objects::{KeyAttributes, KeyDetails, KeyInfo, Protection, Usages};
 pub use token::{EkmInfo, HsmError, Token};

@@ -80,12 +80,64 @@ pub struct KeyDetails {
     pub info: KeyInfo,
     pub start_date: Option<String>,
     pub end_date: Option<String>,
+    pub protection: Protection,
+}
+
+/// Whether a key's value can leave the token, and whether it ever could:
+/// what PKCS#11 says of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protection {
     pub sensitive: bool,
     pub extractable: bool,
+    /// Sensitive since it was made, and never extractable: a key that was
+    /// readable once may have been read.
     pub always_sensitive: bool,
     pub never_extractable: bool,
-    /// Generated inside the token (not imported).
+    /// Generated inside the token (not imported: an imported key's value is
+    /// known to whoever imported it).
     pub local: bool,
+}
+
+impl Protection {
+    /// The attributes of `handle`; the absent ones count as unprotected.
+    pub(crate) fn read(session: &Session, handle: ObjectHandle) -> Result<Protection, P11Error> {
+        let mut p = Protection {
+            sensitive: false,
+            extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+            local: false,
+        };
+        for a in session.get_attributes(
+            handle,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
+            ],
+        )? {
+            match a {
+                Attribute::Sensitive(b) => p.sensitive = b,
+                Attribute::Extractable(b) => p.extractable = b,
+                Attribute::AlwaysSensitive(b) => p.always_sensitive = b,
+                Attribute::NeverExtractable(b) => p.never_extractable = b,
+                Attribute::Local(b) => p.local = b,
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+
+    /// Generated in the token, and its value never readable since.
+    pub fn is_protected(&self) -> bool {
+        self.sensitive
+            && !self.extractable
+            && self.always_sensitive
+            && self.never_extractable
+            && self.local
+    }
 }
 
 /// Secret keys carrying exactly this label.

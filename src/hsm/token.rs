@@ -17,7 +17,8 @@ use super::config::{BackendConfig, HsmConfig, TokenSelector};
 use super::hmac::HmacKey;
 use super::markers::Marker;
 use super::objects::{
-    find_keys, find_secret_keys, protected_key_template, read_key_info, KeyDetails, KeyInfo, Usages,
+    find_keys, find_secret_keys, protected_key_template, read_key_info, KeyDetails, KeyInfo,
+    Protection, Usages,
 };
 
 /// A failure to reach or use the token outside a request (startup, CLI).
@@ -198,19 +199,6 @@ impl Token {
         let handle = self.find_one(label)?;
         let info = read_key_info(&self.session, handle, label, SystemTime::now())
             .map_err(p11("C_GetAttributeValue"))?;
-        let attrs = self
-            .session
-            .get_attributes(
-                handle,
-                &[
-                    AttributeType::Sensitive,
-                    AttributeType::Extractable,
-                    AttributeType::AlwaysSensitive,
-                    AttributeType::NeverExtractable,
-                    AttributeType::Local,
-                ],
-            )
-            .map_err(p11("C_GetAttributeValue"))?;
         let show = |b: [u8; 8]| {
             let s: String = b
                 .iter()
@@ -222,27 +210,13 @@ impl Token {
             Ok((s, e)) => (s.map(show), e.map(show)),
             Err(e) => (None, Some(format!("unreadable ({e})"))),
         };
-        let mut d = KeyDetails {
+        Ok(KeyDetails {
             info,
             start_date,
             end_date,
-            sensitive: false,
-            extractable: true,
-            always_sensitive: false,
-            never_extractable: false,
-            local: false,
-        };
-        for a in attrs {
-            match a {
-                Attribute::Sensitive(b) => d.sensitive = b,
-                Attribute::Extractable(b) => d.extractable = b,
-                Attribute::AlwaysSensitive(b) => d.always_sensitive = b,
-                Attribute::NeverExtractable(b) => d.never_extractable = b,
-                Attribute::Local(b) => d.local = b,
-                _ => {}
-            }
-        }
-        Ok(d)
+            protection: Protection::read(&self.session, handle)
+                .map_err(p11("C_GetAttributeValue"))?,
+        })
     }
 
     /// Enables or disables a key for KMS; see [`super::state`] for how the

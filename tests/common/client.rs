@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use xks_proxy::client::{tls_config, HttpVersion, XksClient, XksResponse};
+use xks_proxy::client::{bodies, tls_config, HttpVersion, XksClient, XksResponse};
 
 use super::*;
 
@@ -40,6 +40,16 @@ pub fn signed(
 ) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     c.signed_request(suffix, body.into(), std::time::SystemTime::now())
         .unwrap()
+}
+
+/// A signed Encrypt of a short data key (no AAD, no CDIV) under `key-ed`,
+/// the test key every load and flood sends.
+pub fn signed_encrypt(c: &XksClient) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    signed(
+        c,
+        "/keys/key-ed/encrypt",
+        bodies::encrypt(b"k", None, false),
+    )
 }
 
 /// `xks-proxy check` arguments for the test key store with credential A.
