@@ -2,10 +2,12 @@
 //! state every proxy instance sharing the token must see.
 //!
 //! `keys disable` keeps its state this way (see [`super::state`]), and so
-//! does the fleet-wide kill switch (`xks-proxy lockdown`, see the
-//! `lockdown` layer): the token is the one thing all instances of a fleet
-//! share, its objects survive restarts, and creating, finding and destroying
-//! a data object are calls every module implements correctly.
+//! do the fleet-wide kill switch (`xks-proxy lockdown`, see the `lockdown`
+//! layer) and the audit trail's witness of its newest seal (see
+//! `audit::witness`): the token is the one thing all instances of a fleet
+//! share, its objects survive restarts (and cannot be changed without the
+//! HSM), and creating, finding and destroying a data object are calls every
+//! module implements correctly.
 //!
 //! A kind of marker is named by its `CKA_APPLICATION`, so one
 //! `C_FindObjects` lists all markers of that kind whatever their labels
