@@ -58,7 +58,6 @@ impl Sealer for HsmSealer {
     /// The newest copy among the key managers that answered; an error only
     /// when none did.
     fn witness(&self, instance: &str, within: Duration) -> Result<Option<Witness>, String> {
-        let label = Witness::label(instance);
         let mut copies = Vec::new();
         let mut error = None;
         let mut answered = false;
@@ -69,7 +68,6 @@ impl Sealer for HsmSealer {
                     copies.extend(
                         markers
                             .iter()
-                            .filter(|m| m.label == label)
                             .filter_map(|m| Witness::parse(&m.label, &m.value)),
                     );
                 }
@@ -79,6 +77,6 @@ impl Sealer for HsmSealer {
         if !answered {
             return Err(error.unwrap_or_else(|| "no key manager is open".into()));
         }
-        Ok(Witness::newest(copies))
+        Ok(Witness::newest_per_instance(copies).remove(instance))
     }
 }

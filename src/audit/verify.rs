@@ -877,7 +877,7 @@ impl TokenVerifier {
     pub fn witnesses(&mut self) -> Result<BTreeMap<String, Witness>, String> {
         let mut errors = Vec::new();
         let mut read = false;
-        let mut out: BTreeMap<String, Witness> = BTreeMap::new();
+        let mut copies = Vec::new();
         for i in 0..self.hsm.backends.len() {
             let markers = match open_token(&mut self.tokens, &self.hsm, i) {
                 Ok(t) => t.markers(APPLICATION).map_err(|e| e.to_string()),
@@ -886,14 +886,11 @@ impl TokenVerifier {
             match markers {
                 Ok(markers) => {
                     read = true;
-                    for w in markers
-                        .iter()
-                        .filter_map(|m| Witness::parse(&m.label, &m.value))
-                    {
-                        if out.get(&w.instance).is_none_or(|o| o.seq < w.seq) {
-                            out.insert(w.instance.clone(), w);
-                        }
-                    }
+                    copies.extend(
+                        markers
+                            .iter()
+                            .filter_map(|m| Witness::parse(&m.label, &m.value)),
+                    );
                 }
                 Err(e) => errors.push(e),
             }
@@ -904,7 +901,7 @@ impl TokenVerifier {
                 errors.join("; ")
             ));
         }
-        Ok(out)
+        Ok(Witness::newest_per_instance(copies))
     }
 }
 

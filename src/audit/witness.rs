@@ -23,6 +23,8 @@
 //!   read after it hold that seal) and calls a trail that ends before the
 //!   witnessed seal, or holds another record in its place, tampered.
 
+use std::collections::BTreeMap;
+
 use super::record::{hex, unhex, Hash};
 
 /// `CKA_APPLICATION` of witness markers.
@@ -82,10 +84,18 @@ impl Witness {
         })
     }
 
-    /// Of several copies (one per key manager; one that was down for a
-    /// while holds an older one), the newest.
-    pub fn newest(copies: impl IntoIterator<Item = Witness>) -> Option<Witness> {
-        copies.into_iter().max_by_key(|w| w.seq)
+    /// Of several copies per instance (one per key manager; one that was
+    /// down for a while holds an older one), each instance's newest.
+    pub fn newest_per_instance(
+        copies: impl IntoIterator<Item = Witness>,
+    ) -> BTreeMap<String, Witness> {
+        let mut out: BTreeMap<String, Witness> = BTreeMap::new();
+        for w in copies {
+            if out.get(&w.instance).is_none_or(|o| o.seq < w.seq) {
+                out.insert(w.instance.clone(), w);
+            }
+        }
+        out
     }
 }
 
@@ -110,6 +120,12 @@ mod tests {
             seq: 12,
             ..w.clone()
         };
-        assert_eq!(Witness::newest([older, w.clone()]), Some(w));
+        let other = Witness {
+            instance: "proxy-b-443".into(),
+            ..older.clone()
+        };
+        let newest = Witness::newest_per_instance([older, w.clone(), other.clone()]);
+        assert_eq!(newest.get("proxy-a-443"), Some(&w));
+        assert_eq!(newest.get("proxy-b-443"), Some(&other));
     }
 }
