@@ -195,7 +195,7 @@ fn health_goes_unavailable_and_recovers_without_restart() {
 /// A proxy whose HSM generates the GCM IVs itself (`mode` of the filter
 /// module: "parameter", "appended", or "none" for plain SoftHSM).
 fn proxy_with_hsm_ivs(dir: &std::path::Path, iv_source: &str, mode: &'static str) -> Proxy {
-    let module = ivgen_module(dir);
+    let module = vendor_module(dir);
     Proxy::start_with(Options {
         module: module.to_str().unwrap().to_string(),
         extra_hsm: format!("iv_source = \"{iv_source}\""),

@@ -1,16 +1,17 @@
 //! The `xks-proxy` command line: `serve`, `check-config`, `keys`,
 //! `credentials`, `check`, `import-sample-config`, `kms-commands`, `audit`,
-//! `lockdown` and `unlock`.
+//! `lockdown`, `unlock` and `hsm probe`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage;
 //! `check` adds 3 (connected, but the key cannot serve KMS); `audit verify`
 //! 3 (tampered) and 4 (unsealed tail); `audit reconcile` 3 (requests KMS
-//! never made).
+//! never made); `hsm probe` 0 ready, 1 not usable, 2 usable with changes.
 
 mod audit;
 mod check;
 mod credentials;
 mod exit;
+mod hsm;
 mod import;
 mod keys;
 mod kms_commands;
@@ -70,6 +71,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// The PKCS#11 token itself: `hsm probe` tells whether it will serve KMS.
+    Hsm {
+        #[command(subcommand)]
+        command: hsm::HsmCommand,
     },
     /// Manage the SigV4 credentials of the key stores.
     Credentials {
@@ -157,6 +163,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
         }
         Command::Keys { command } => keys::run(command),
         Command::Credentials { command } => credentials::run(command),
+        Command::Hsm { command } => hsm::run(command),
         Command::Check(args) => check::run(*args, runtime()?),
         Command::ImportSampleConfig(args) => import::run(args),
         Command::KmsCommands(args) => kms_commands::run(args),

@@ -253,3 +253,19 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     };
     Ok(cfg)
 }
+
+/// A secret named on the command line (`--pin-file` or `--pin-env`), read
+/// under the same rules as one named in the config: exactly one source, a
+/// file private to its owner, trailing newlines trimmed.
+pub fn read_secret_arg(
+    file: Option<std::path::PathBuf>,
+    env: Option<String>,
+) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+    secrets::read_secret(
+        "--pin-file",
+        "--pin-env",
+        file,
+        env,
+        std::path::Path::new("."),
+    )
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::hsm::config::IvSource;
+use crate::hsm::config::{IvSource, SessionKind};
 use crate::telemetry::logging::LogFormat;
 
 // The file as written
@@ -143,6 +143,8 @@ pub(super) struct RawHsm {
     pub(super) operation_timeout_ms: u64,
     #[serde(default)]
     pub(super) iv_source: IvSource,
+    #[serde(default)]
+    pub(super) session_kind: SessionKind,
     #[serde(default = "default_key_cache_ttl")]
     pub(super) key_cache_ttl_ms: u64,
     pub(super) ekm_vendor: Option<String>,

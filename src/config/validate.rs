@@ -335,6 +335,7 @@ pub(super) fn validate_hsm(raw: RawHsm, base: &Path) -> Result<HsmConfig, Config
         queue_timeout: Duration::from_millis(raw.queue_timeout_ms),
         operation_timeout: Duration::from_millis(raw.operation_timeout_ms),
         iv_source: raw.iv_source,
+        session_kind: raw.session_kind,
         key_cache_ttl: Duration::from_millis(raw.key_cache_ttl_ms),
         ekm_vendor: raw.ekm_vendor,
         // Set from `[audit]` once that section is read.

@@ -27,6 +27,24 @@ pub enum IvSource {
     HsmGeneratedAppended,
 }
 
+/// Which kind of session the request threads open.
+///
+/// Read-only is the default because a request never writes to the token:
+/// a session that cannot create or destroy token objects is one less way for
+/// a bug to touch key material. Not every vendor offers it (AWS CloudHSM's
+/// Client SDK 5 lists "Read Only Session is not supported" among its known
+/// issues), hence `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionKind {
+    /// Read-only; read-write from the first time the token refuses one
+    /// (logged once, reported by `hsm probe`).
+    #[default]
+    Auto,
+    ReadOnly,
+    ReadWrite,
+}
+
 /// How the proxy finds its token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSelector {
@@ -44,6 +62,7 @@ pub struct HsmConfig {
     pub queue_timeout: Duration,
     pub operation_timeout: Duration,
     pub iv_source: IvSource,
+    pub session_kind: SessionKind,
     pub key_cache_ttl: Duration,
     pub ekm_vendor: Option<String>,
     /// HMAC keys made in each key manager that lacks one when it opens
@@ -57,6 +76,7 @@ impl std::fmt::Debug for HsmConfig {
             .field("backends", &self.backends)
             .field("sessions", &self.sessions)
             .field("iv_source", &self.iv_source)
+            .field("session_kind", &self.session_kind)
             .finish_non_exhaustive()
     }
 }

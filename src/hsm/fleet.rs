@@ -38,6 +38,10 @@ use crate::telemetry::metrics::Metrics;
 
 /// Longest wait between attempts to open a key manager that is not open.
 const OPEN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long startup keeps trying a key manager whose failure looks
+/// transient before it counts as not there (and, if it is the only one,
+/// the proxy does not start).
+const STARTUP_RETRY: Duration = Duration::from_secs(5);
 
 /// One key manager.
 pub struct Backend {
@@ -139,7 +143,7 @@ impl KeyManagers {
         };
         let mut first_error = None;
         for b in fleet.backends() {
-            match fleet.open_backend(b) {
+            match fleet.open_backend_at_startup(b) {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::error!(
@@ -172,9 +176,27 @@ impl KeyManagers {
         if let Some((_, m)) = modules.iter().find(|(p, _)| p == path) {
             return Ok(m.clone());
         }
-        let m = Module::new(load_module(path)?);
+        let m = Module::new(load_module(path)?, path.clone());
         modules.push((path.clone(), m.clone()));
         Ok(m)
+    }
+
+    /// [`Self::open_backend`], tried again for up to [`STARTUP_RETRY`] while
+    /// the failure looks transient ([`HsmError::is_transient`]): a token that
+    /// another process is writing at this instant is not a missing token.
+    fn open_backend_at_startup(&self, b: &Backend) -> Result<(), HsmError> {
+        let give_up = Instant::now() + STARTUP_RETRY;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.open_backend(b) {
+                Err(e) if e.is_transient() && Instant::now() + pause < give_up => {
+                    tracing::info!(ekm = %b.info().id, error = %e, "the token did not answer as expected; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Opens one key manager: its token (re-initializing the module when the

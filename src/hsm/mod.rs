@@ -7,6 +7,7 @@
 //! - [`fleet`]: several key managers: routing, failover, the supervisor that
 //!   probes each one and opens those that were not there at startup;
 //! - [`health`]: what a key manager's ACTIVE / DEGRADED / UNAVAILABLE mean;
+//! - [`gcm`]: the AES-GCM core (IV shapes, seal, open), shared with `hsm probe`;
 //! - `pool`: one key manager's session pool (bounded queue, deadlines, hang
 //!   detection) over its `worker` threads, which do the PKCS#11 calls;
 //! - `module`: a loaded PKCS#11 library shared by key managers, and recovery
@@ -14,6 +15,10 @@
 //! - [`token`]: opening a token, and the administrative operations;
 //! - [`objects`], [`key_spec`], `state`, `keys`: key objects, their spec,
 //!   their enabled/disabled state, and the key-handle cache;
+//! - [`token_info`]: what a token says of itself, read leniently (the one
+//!   `unsafe` island: `cryptoki`'s strict reading rejects real tokens);
+//! - [`mechanisms`]: the mechanisms the proxy needs, asked of the token;
+//! - [`probe`]: `hsm probe`, whether a token will do and how to configure it;
 //! - [`markers`]: small data objects that carry fleet-wide state in the
 //!   token (disabled keys, lockdowns);
 //! - [`hmac`]: HMAC keys that never leave the token (the audit seal key);
@@ -25,17 +30,21 @@
 pub mod config;
 pub mod fault;
 pub mod fleet;
+pub mod gcm;
 pub mod health;
 pub mod hmac;
 pub mod key_spec;
 mod keys;
 pub mod markers;
+pub mod mechanisms;
 mod module;
 pub mod objects;
 mod pool;
+pub mod probe;
 mod queue;
 mod state;
 pub mod token;
+pub mod token_info;
 mod worker;
 
 pub use fault::Fault;

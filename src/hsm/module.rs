@@ -30,6 +30,7 @@
 //! whole module is lost.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -51,6 +52,9 @@ const REINIT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// manager that uses the module.
 pub(crate) struct Module {
     pub ctx: Pkcs11,
+    /// Where it was loaded from (token info is read through a second handle,
+    /// see [`super::token_info`]).
+    pub path: PathBuf,
     generation: AtomicU64,
     gate: Gate,
     /// Whether each key manager on this module (by index) can serve now,
@@ -90,9 +94,10 @@ impl Drop for Inside<'_> {
 }
 
 impl Module {
-    pub fn new(ctx: Pkcs11) -> Arc<Module> {
+    pub fn new(ctx: Pkcs11, path: PathBuf) -> Arc<Module> {
         Arc::new(Module {
             ctx,
+            path,
             generation: AtomicU64::new(0),
             gate: Gate {
                 state: Mutex::new(GateState {
@@ -263,10 +268,10 @@ impl ModuleSlot {
     /// re-initialization, or to see whether a lost token is back); logs only
     /// when that changes.
     fn refind_slot(&self, ekm: &str) -> bool {
-        let found = find_slot(&self.module.ctx, &self.selector);
+        let found = find_slot(&self.module.ctx, &self.module.path, &self.selector);
         let was = self.last_found.swap(found.is_ok(), Ordering::AcqRel);
         match found {
-            Ok(slot) => {
+            Ok((slot, _)) => {
                 self.slot.store(slot.id(), Ordering::Release);
                 if !was {
                     self.module.reset_backoff();

@@ -39,7 +39,7 @@ use super::module::ModuleSlot;
 use super::objects::KeyInfo;
 use super::queue::{JobQueue, PushError};
 use super::token::{EkmInfo, HsmError, Token};
-use super::worker::{check_key, Busy, Job, OpKind, Shared, Worker};
+use super::worker::{check_key, Busy, Job, OpKind, SessionOpener, Shared, Worker};
 use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::telemetry::metrics::Metrics;
 
@@ -92,6 +92,8 @@ impl Drop for Inner {
         match m
             .ctx()
             .open_ro_session(slot)
+            // A token that refuses read-only sessions (see SessionKind).
+            .or_else(|_| m.ctx().open_rw_session(slot))
             .and_then(|session| session.logout())
         {
             Ok(()) => tracing::info!(ekm = %self.ekm.id, "logged out of the HSM"),
@@ -127,6 +129,7 @@ impl Pool {
             pin: token.pin.clone(),
             keys: KeyCache::new(cfg.key_cache_ttl),
             iv_source: cfg.iv_source,
+            sessions: SessionOpener::new(cfg.session_kind),
             health_key: health_key.to_string(),
             metrics: metrics.clone(),
         });

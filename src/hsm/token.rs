@@ -20,6 +20,7 @@ use super::objects::{
     find_keys, find_secret_keys, protected_key_template, read_key_info, KeyDetails, KeyInfo,
     Protection, Usages,
 };
+use super::token_info::TokenInfo;
 
 /// A failure to reach or use the token outside a request (startup, CLI).
 #[derive(Debug, thiserror::Error)]
@@ -28,15 +29,19 @@ pub enum HsmError {
     Load { module: PathBuf, source: P11Error },
     #[error("no token found: the module lists no slot")]
     NoSlot,
-    #[error("no token found: no initialized token in slot {0}")]
-    NoTokenInSlot(u64),
+    #[error("no token found: no initialized token in slot {slot} ({seen})")]
+    NoTokenInSlot { slot: u64, seen: SlotsSeen },
     #[error(
-        "no token found: no initialized token labelled '{label}' (tokens seen: {seen:?}); for \
-         SoftHSM check that SOFTHSM2_CONF points at the right token directory"
+        "no token found: no initialized token labelled '{label}' ({seen}); for SoftHSM check \
+         that SOFTHSM2_CONF points at the right token directory"
     )]
-    NoTokenLabelled { label: String, seen: Vec<String> },
+    NoTokenLabelled { label: String, seen: SlotsSeen },
+    #[error("token '{token}' cannot serve KMS: {why}")]
+    MissingMechanism { token: String, why: String },
     #[error("login to the token failed: {0} (check hsm.pin_file / hsm.pin_env)")]
     Login(P11Error),
+    #[error("{context}: {why}")]
+    Info { context: &'static str, why: String },
     #[error("{context}: {source}")]
     Pkcs11 {
         context: &'static str,
@@ -61,8 +66,72 @@ impl HsmError {
     pub fn is_token_missing(&self) -> bool {
         matches!(
             self,
-            HsmError::NoSlot | HsmError::NoTokenInSlot(_) | HsmError::NoTokenLabelled { .. }
+            HsmError::NoSlot | HsmError::NoTokenInSlot { .. } | HsmError::NoTokenLabelled { .. }
         )
+    }
+
+    /// Worth trying again in a moment: the token was not found while some
+    /// slot could not describe itself (another process initializing or
+    /// writing the same SoftHSM token answers `CKR_GENERAL_ERROR` for an
+    /// instant), or the module failed generally.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HsmError::NoTokenInSlot { seen, .. } | HsmError::NoTokenLabelled { seen, .. } => {
+                seen.any_unreadable()
+            }
+            HsmError::Pkcs11 { source, .. } => matches!(
+                source,
+                P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// What looking for a token saw in each slot, so that a token that is not
+/// found is never a silent skip: every slot is named with why it was not
+/// the one.
+#[derive(Debug, Clone, Default)]
+pub struct SlotsSeen(Vec<(u64, SlotSeen)>);
+
+/// One slot, as the search saw it.
+#[derive(Debug, Clone)]
+pub enum SlotSeen {
+    /// An initialized token with another label (or in another slot).
+    Other(String),
+    /// A token that is not initialized.
+    Uninitialized(String),
+    /// `C_GetTokenInfo` failed.
+    Unreadable(String),
+}
+
+impl SlotsSeen {
+    fn any_unreadable(&self) -> bool {
+        self.0
+            .iter()
+            .any(|(_, s)| matches!(s, SlotSeen::Unreadable(_)))
+    }
+}
+
+impl std::fmt::Display for SlotsSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("the module lists no slot with a token");
+        }
+        f.write_str("slots seen: ")?;
+        for (n, (slot, seen)) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str("; ")?;
+            }
+            match seen {
+                SlotSeen::Other(l) => write!(f, "slot {slot}: token '{l}'")?,
+                SlotSeen::Uninitialized(l) => {
+                    write!(f, "slot {slot}: token '{l}', not initialized")?
+                }
+                SlotSeen::Unreadable(e) => write!(f, "slot {slot}: token info unreadable ({e})")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -100,22 +169,32 @@ impl Token {
         backend: &BackendConfig,
         ekm_vendor: Option<&str>,
     ) -> Result<Token, HsmError> {
-        let slot = find_slot(&ctx, &backend.token)?;
-        let ti = ctx.get_token_info(slot).map_err(p11("C_GetTokenInfo"))?;
+        let (slot, ti) = find_slot(&ctx, &backend.module, &backend.token)?;
+        for quirk in ti.quirks() {
+            tracing::info!(token = %ti.label, "{quirk}");
+        }
+        if let Some(why) = super::mechanisms::missing_required(&ctx, slot) {
+            return Err(HsmError::MissingMechanism {
+                token: ti.label,
+                why,
+            });
+        }
         let info = EkmInfo {
             vendor: ekm_vendor
                 .map(str::to_owned)
-                .unwrap_or_else(|| ti.manufacturer_id().trim().to_string()),
+                .unwrap_or_else(|| ti.manufacturer.clone()),
             id: backend
                 .name
                 .clone()
-                .unwrap_or_else(|| format!("{}-{}", ti.label().trim(), ti.serial_number().trim())),
+                .unwrap_or_else(|| format!("{}-{}", ti.label, ti.serial)),
             model: format!(
-                "{} {} (hw {}, fw {})",
-                ti.manufacturer_id().trim(),
-                ti.model().trim(),
-                ti.hardware_version(),
-                ti.firmware_version()
+                "{} {} (hw {}.{}, fw {}.{})",
+                ti.manufacturer,
+                ti.model,
+                ti.hardware_version.0,
+                ti.hardware_version.1,
+                ti.firmware_version.0,
+                ti.firmware_version.1
             ),
         };
         let pin = AuthPin::from(backend.pin.as_str().to_owned());
@@ -351,8 +430,11 @@ pub fn first_slot_token_label(module: &Path) -> Result<String, HsmError> {
         .into_iter()
         .next()
         .ok_or(HsmError::NoSlot)?;
-    let info = ctx.get_token_info(slot).map_err(p11("C_GetTokenInfo"))?;
-    Ok(info.label().trim().to_string())
+    let info = super::token_info::read(module, slot).map_err(|e| HsmError::Info {
+        context: "C_GetTokenInfo",
+        why: e.to_string(),
+    })?;
+    Ok(info.label)
 }
 
 /// Loads a PKCS#11 module and initializes it for multi-threaded use.
@@ -368,33 +450,46 @@ pub(crate) fn load_module(module: &Path) -> Result<Pkcs11, HsmError> {
     }
 }
 
-/// Finds the slot of a key manager's token. A slot whose token cannot
+/// Finds the slot of a key manager's token in the module loaded from
+/// `module`, and what the token says of itself. A slot whose token cannot
 /// describe itself (a lost token in SoftHSM answers `CKR_GENERAL_ERROR`) is
-/// skipped, not fatal: it must not hide another key manager's token.
-pub(crate) fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
+/// not the one, but it must not hide another key manager's token: it is
+/// skipped, and named with its error if the token is not found.
+pub(crate) fn find_slot(
+    ctx: &Pkcs11,
+    module: &Path,
+    selector: &TokenSelector,
+) -> Result<(Slot, TokenInfo), HsmError> {
     let slots = ctx.get_slots_with_token().map_err(p11("C_GetSlotList"))?;
-    let initialized = slots
-        .into_iter()
-        .filter_map(|s| match ctx.get_token_info(s) {
-            Ok(ti) if ti.token_initialized() => Some((s, ti.label().trim().to_string())),
-            _ => None,
-        });
-    let mut labels = Vec::new();
-    for (slot, token_label) in initialized {
+    let mut seen = SlotsSeen::default();
+    for slot in slots {
+        let wanted_slot = matches!(selector, TokenSelector::Slot(id) if slot.id() == *id);
+        let ti = match super::token_info::read(module, slot) {
+            Ok(ti) => ti,
+            Err(e) => {
+                seen.0
+                    .push((slot.id(), SlotSeen::Unreadable(e.to_string())));
+                continue;
+            }
+        };
+        if !ti.initialized {
+            seen.0.push((slot.id(), SlotSeen::Uninitialized(ti.label)));
+            continue;
+        }
         let found = match selector {
-            TokenSelector::Slot(id) => slot.id() == *id,
-            TokenSelector::Label(label) => token_label == *label,
+            TokenSelector::Slot(_) => wanted_slot,
+            TokenSelector::Label(label) => ti.label == *label,
         };
         if found {
-            return Ok(slot);
+            return Ok((slot, ti));
         }
-        labels.push(token_label);
+        seen.0.push((slot.id(), SlotSeen::Other(ti.label)));
     }
     Err(match selector {
-        TokenSelector::Slot(id) => HsmError::NoTokenInSlot(*id),
+        TokenSelector::Slot(id) => HsmError::NoTokenInSlot { slot: *id, seen },
         TokenSelector::Label(label) => HsmError::NoTokenLabelled {
             label: label.clone(),
-            seen: labels,
+            seen,
         },
     })
 }

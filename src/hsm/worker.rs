@@ -13,15 +13,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as P11Error, RvError};
-use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::config::IvSource;
+use super::config::{IvSource, SessionKind};
 use super::fault::Fault;
+use super::gcm::{self, GcmError, IvInput, Sealed};
 use super::hmac;
 use super::keys::KeyCache;
 use super::markers::{self, Marker};
@@ -31,7 +30,6 @@ use super::queue::JobQueue;
 use super::token::login_raw;
 use crate::spec::aead::{
     cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
-    TAG_LEN,
 };
 use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::telemetry::metrics::Metrics;
@@ -105,9 +103,61 @@ pub(crate) struct Shared {
     pub pin: cryptoki::types::AuthPin,
     pub keys: KeyCache,
     pub iv_source: IvSource,
+    /// Which kind of session the request threads open.
+    pub sessions: SessionOpener,
     /// The health-check key, used to tell a bad ciphertext from a sick HSM.
     pub health_key: String,
     pub metrics: Metrics,
+}
+
+/// Opens the request threads' sessions as `hsm.session_kind` says, and
+/// remembers (for every thread of the key manager) when `auto` found that
+/// the token refuses read-only sessions.
+pub(crate) struct SessionOpener {
+    kind: SessionKind,
+    refused_read_only: std::sync::atomic::AtomicBool,
+}
+
+impl SessionOpener {
+    pub fn new(kind: SessionKind) -> Self {
+        SessionOpener {
+            kind,
+            refused_read_only: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A session that is not closed on drop (see [`Worker::discard_session`]).
+    fn open(
+        &self,
+        ctx: &cryptoki::context::Pkcs11,
+        slot: cryptoki::slot::Slot,
+        ekm: &str,
+    ) -> Result<Session, P11Error> {
+        let read_only = match self.kind {
+            SessionKind::ReadOnly => true,
+            SessionKind::ReadWrite => false,
+            SessionKind::Auto => !self.refused_read_only.load(Ordering::Relaxed),
+        };
+        if !read_only {
+            return ctx.open_rw_session_no_drop(slot);
+        }
+        match ctx.open_ro_session_no_drop(slot) {
+            Ok(s) => Ok(s),
+            // Some tokens refuse read-only sessions outright (AWS CloudHSM
+            // SDK 5). If a read-write one opens where a read-only one did
+            // not, that was a refusal, not a fault: use read-write from now.
+            Err(ro) if self.kind == SessionKind::Auto => {
+                let Ok(s) = ctx.open_rw_session_no_drop(slot) else {
+                    return Err(ro);
+                };
+                if !self.refused_read_only.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(ekm = %ekm, error = %ro, "the token refused a read-only session; using read-write sessions (set hsm.session_kind = \"read-write\" to skip the attempt)");
+                }
+                Ok(s)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// One pool thread's state: its session (opened lazily, reopened after faults).
@@ -175,6 +225,14 @@ impl From<Fault> for OpError {
 impl From<P11Error> for OpError {
     fn from(e: P11Error) -> Self {
         OpError::P11(e)
+    }
+}
+impl From<GcmError> for OpError {
+    fn from(e: GcmError) -> Self {
+        match e {
+            GcmError::P11(e) => OpError::P11(e),
+            GcmError::Misconfigured(why) => OpError::Misconfigured(why),
+        }
     }
 }
 
@@ -301,7 +359,10 @@ impl Worker {
                 }
                 Err(e) => return Err(e),
             },
-            false => m.ctx().open_ro_session_no_drop(slot)?,
+            false => self
+                .shared
+                .sessions
+                .open(m.ctx(), slot, &self.shared.ekm_id)?,
         };
         if let Err(e) = login_raw(&s, &self.shared.pin) {
             let _ = s.close();
@@ -545,7 +606,7 @@ impl Worker {
             let mut layouts = input.layouts.iter().peekable();
             while let Some(&layout) = layouts.next() {
                 let aad = layout.hsm_aad(input.aad.as_deref(), &input.metadata);
-                match gcm_decrypt(
+                match gcm::open(
                     s,
                     key.handle,
                     &input.iv,
@@ -708,19 +769,6 @@ pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), Fault> {
     }
 }
 
-/// Where the IV of one encryption comes from.
-#[derive(Clone, Copy)]
-enum IvInput {
-    /// From the HSM's RNG beforehand, passed in the GCM parameters.
-    Given([u8; IV_LEN]),
-    /// The HSM generates it and writes it into the parameters' IV buffer
-    /// (12 zero bytes going in), as AWS CloudHSM does.
-    HsmIntoParameter,
-    /// The HSM generates it for an empty IV and appends it to the output,
-    /// after the tag, as Thales Luna does.
-    HsmAppended,
-}
-
 /// Encrypt, then (when a CDIV is requested) compute the CDIV *first* and only
 /// then prove the output decrypts in the HSM, as Appendix C prescribes: a bit
 /// flip after the CDIV was computed is then caught by the verification decrypt.
@@ -731,57 +779,17 @@ fn encrypt_once(
     metadata: &[u8],
     input: &EncryptInput,
 ) -> Result<EncryptOutput, OpError> {
-    let mut iv = match iv_input {
-        IvInput::Given(iv) => iv.to_vec(),
-        IvInput::HsmIntoParameter => vec![0u8; IV_LEN],
-        IvInput::HsmAppended => Vec::new(),
-    };
     let aad = hsm_aad(&input.aad, metadata);
-    let mut out = {
-        let params = GcmParams::new(&mut iv, &aad, ((TAG_LEN * 8) as u64).into())?;
-        s.encrypt(&Mechanism::AesGcm(params), key, &input.plaintext)?
-    };
-    let sealed_len = input.plaintext.len() + TAG_LEN;
-    match iv_input {
-        IvInput::Given(_) => {}
-        // An HSM that does not generate IVs leaves the zeros: GCM under a
-        // fixed IV gives the key away, so nothing made with it goes out.
-        IvInput::HsmIntoParameter if iv.iter().all(|b| *b == 0) => {
-            return Err(OpError::Misconfigured(
-                "iv_source = \"hsm-generated\", but the key manager did not write a generated \
-                 IV into the GCM parameters; use \"hsm-rng\" or \"hsm-generated-appended\" for it"
-                    .into(),
-            ))
-        }
-        IvInput::HsmIntoParameter => {}
-        IvInput::HsmAppended => {
-            let appended = out.len().saturating_sub(sealed_len);
-            if out.len() < sealed_len || (appended != 12 && appended != 16) {
-                return Err(OpError::Misconfigured(format!(
-                    "iv_source = \"hsm-generated-appended\", but the key manager returned {} \
-                     bytes for {} bytes of plaintext (expected the ciphertext, a 16-byte tag and \
-                     a 12- or 16-byte IV); use \"hsm-rng\" or \"hsm-generated\" for it",
-                    out.len(),
-                    input.plaintext.len()
-                )));
-            }
-            iv = out.split_off(sealed_len);
-        }
-    }
-    if out.len() != sealed_len {
-        return Err(OpError::Misconfigured(format!(
-            "the key manager returned {} bytes for {} bytes of plaintext",
-            out.len(),
-            input.plaintext.len()
-        )));
-    }
-    let tag = out.split_off(input.plaintext.len());
-    let ciphertext = out;
+    let Sealed {
+        ciphertext,
+        tag,
+        iv,
+    } = gcm::seal(s, key, iv_input, &aad, &input.plaintext)?;
     let cdiv = input
         .cdiv
         .then(|| cdiv_sha256(&input.aad, metadata, &iv, &ciphertext, &tag));
     if input.cdiv {
-        let check = gcm_decrypt(s, key, &iv, &aad, &ciphertext, &tag)?;
+        let check = gcm::open(s, key, &iv, &aad, &ciphertext, &tag)?;
         if !bool::from(check.as_slice().ct_eq(input.plaintext.as_slice())) {
             return Err(OpError::Misconfigured(
                 "the verification decrypt of the fresh ciphertext did not return the plaintext"
@@ -796,21 +804,4 @@ fn encrypt_once(
         metadata: metadata.to_vec(),
         cdiv,
     })
-}
-
-fn gcm_decrypt(
-    s: &Session,
-    key: ObjectHandle,
-    iv: &[u8],
-    aad: &[u8],
-    ciphertext: &[u8],
-    tag: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, P11Error> {
-    let mut iv = iv.to_vec();
-    let mut data = Vec::with_capacity(ciphertext.len() + tag.len());
-    data.extend_from_slice(ciphertext);
-    data.extend_from_slice(tag);
-    let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
-    s.decrypt(&Mechanism::AesGcm(params), key, &data)
-        .map(Zeroizing::new)
 }

@@ -1,7 +1,7 @@
 //! SoftHSM tokens: a token directory of its own per test, more tokens beside
 //! it, key imports and OpenSC's `pkcs11-tool` to change a token behind the
 //! proxy's back, and the IV-generating filter module built from
-//! `tests/fixtures/ivgen-module.c`.
+//! `tests/fixtures/vendor-module.c`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,15 +84,15 @@ impl SoftHsm {
 }
 
 /// Builds the IV-generating PKCS#11 filter module (`tests/fixtures/
-/// ivgen-module.c`: SoftHSM, returning generated IVs the way CloudHSM or
+/// vendor-module.c`: SoftHSM, returning generated IVs the way CloudHSM or
 /// Luna do) into `dir`; returns its path.
-pub fn ivgen_module(dir: &Path) -> PathBuf {
+pub fn vendor_module(dir: &Path) -> PathBuf {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = dir.join("ivgen-module.so");
+    let out = dir.join("vendor-module.so");
     let status = Command::new("cc")
         .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
         .arg(&out)
-        .arg(format!("{root}/tests/fixtures/ivgen-module.c"))
+        .arg(format!("{root}/tests/fixtures/vendor-module.c"))
         // pkcs11.h from p11-kit: the one scripts/p11-kit-rpc.sh built, or Debian's.
         .arg(format!("-I{root}/target/p11-kit/include/p11-kit-1"))
         .arg("-I/usr/include/p11-kit-1")
