@@ -12,10 +12,12 @@
 #
 # Features: no defaults (those want OpenSSL >= 3.2 for EdDSA; Debian 12 has
 # 3.0). "dynamic" links the system libssl, "sqlitedb" is the token storage
-# (and pulls in AES), "hash_all" gives SHA-2 and the HMAC mechanisms.
+# (and pulls in AES), "hash_all" gives SHA-2 and the HMAC mechanisms, "rsa"
+# and "ecdsa" the key pairs the tests make to check that non-AES keys are
+# described but never used.
 #
 # Usage: scripts/kryoptic.sh [DIR]
-#   DIR defaults to ${XKS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy}/kryoptic-<version>-<sha12>
+#   DIR defaults to ${XKS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy}/kryoptic-<version>-<sha12>-<features hash>
 # Prints the absolute path of libkryoptic_pkcs11.so, nothing else on stdout.
 # Idempotent: does nothing when DIR is already built.
 set -euo pipefail
@@ -24,9 +26,11 @@ cd "$(dirname "$0")/.."
 
 version=1.5.4
 sha256=21b64b7679ce821f19a7a48b7e40146f26fbb9daa64ee2acb6376788a26d7ae8
-features="kryoptic-lib/dynamic kryoptic-lib/sqlitedb kryoptic-lib/hash_all"
+features="kryoptic-lib/dynamic kryoptic-lib/sqlitedb kryoptic-lib/hash_all kryoptic-lib/rsa kryoptic-lib/ecdsa"
 cache="${XKS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy}"
-dir="$(realpath -m "${1:-$cache/kryoptic-$version-${sha256:0:12}}")"
+# The features are part of the key: another set is another library.
+fkey="$(printf '%s' "$features" | sha256sum | cut -c1-8)"
+dir="$(realpath -m "${1:-$cache/kryoptic-$version-${sha256:0:12}-$fkey}")"
 lib="$dir/libkryoptic_pkcs11.so"
 
 if [ -f "$lib" ] && [ -f "$dir/.built" ]; then

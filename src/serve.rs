@@ -92,6 +92,13 @@ pub async fn run(
             .await??
     };
     hsm.probe_all().await;
+    {
+        // Keys held by several key managers are compared before they are
+        // used (and here, for all of them, so that a difference is reported
+        // at startup, not at the first request).
+        let fleet = hsm.clone();
+        tokio::spawn(async move { fleet.check_agreement(None).await });
+    }
     for (ekm, status) in hsm.details() {
         tracing::info!(status = status.as_str(), ekm = %ekm.id, "first health probe done");
     }

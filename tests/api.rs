@@ -373,12 +373,15 @@ fn health_status_is_deep_and_spec_shaped() {
                     .as_str()
                     .unwrap()
                     .starts_with("xks-proxy "));
-                assert_eq!(v["ekmVendor"], "SoftHSM project");
+                assert_eq!(v["ekmVendor"], implementation().manufacturer());
                 let fleet = v["ekmFleetDetails"].as_array().unwrap();
                 assert_eq!(fleet.len(), 1);
                 assert_eq!(fleet[0]["healthStatus"], "ACTIVE");
                 assert!(fleet[0]["id"].as_str().unwrap().starts_with("xks-test-"));
-                assert!(fleet[0]["model"].as_str().unwrap().contains("SoftHSM"));
+                assert!(fleet[0]["model"]
+                    .as_str()
+                    .unwrap()
+                    .contains(implementation().name()));
             }
         }
         // Without requestMetadata, or without its kmsRequestId or

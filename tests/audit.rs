@@ -698,7 +698,7 @@ fn a_full_disk_refuses_key_operations_but_not_health() {
     let p = Proxy::start_with(Options {
         extra_sections: "[audit]\ndir = \"audit\"\nseal_every_records = 100000\n".into(),
         wrapper,
-        setup: Some(std::sync::Arc::new(|dir: &Path, _: &SoftHsm| {
+        setup: Some(std::sync::Arc::new(|dir: &Path, _: &TestToken| {
             let audit = dir.join("audit");
             std::fs::create_dir_all(&audit).unwrap();
             vec![(

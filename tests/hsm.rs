@@ -199,8 +199,11 @@ fn proxy_with_hsm_ivs(dir: &std::path::Path, iv_source: &str, mode: &'static str
     Proxy::start_with(Options {
         module: module.to_str().unwrap().to_string(),
         extra_hsm: format!("iv_source = \"{iv_source}\""),
-        setup: Some(std::sync::Arc::new(move |_, _| {
-            vec![("XKS_TEST_IVGEN_MODE".to_string(), mode.to_string())]
+        setup: Some(std::sync::Arc::new(move |_, hsm: &TestToken| {
+            vec![
+                ("XKS_TEST_IVGEN_MODE".to_string(), mode.to_string()),
+                ("XKS_TEST_IVGEN_TARGET".to_string(), hsm.module()),
+            ]
         })),
         ..Options::default()
     })

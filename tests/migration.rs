@@ -252,7 +252,7 @@ fn ciphertexts_of_the_aws_sample_decrypt_where_compat_is_on_and_only_there() {
 }
 
 /// The sample's settings for a SoftHSM token, as an operator would have them.
-fn sample_settings(dir: &Path, hsm: &SoftHsm, certs: &Certs, secret: &str) -> String {
+fn sample_settings(dir: &Path, hsm: &TestToken, certs: &Certs, secret: &str) -> String {
     format!(
         r#"
 [server]

@@ -30,7 +30,7 @@ fn health_status(c: &XksClient) -> u16 {
 // ---------------------------------------------------------------------------
 
 /// A config directory whose files are all valid, for one-setting-wrong tests.
-fn valid_setup() -> (tempfile::TempDir, std::path::PathBuf, SoftHsm) {
+fn valid_setup() -> (tempfile::TempDir, std::path::PathBuf, TestToken) {
     let dir = tempfile::tempdir().unwrap();
     let hsm = make_token(dir.path(), "xks-test");
     let certs = make_certs(dir.path());
@@ -41,10 +41,11 @@ fn valid_setup() -> (tempfile::TempDir, std::path::PathBuf, SoftHsm) {
     (dir, config, hsm)
 }
 
-fn check_config(config: &std::path::Path) -> (bool, String) {
+fn check_config(config: &std::path::Path, hsm: &TestToken) -> (bool, String) {
     let out = Command::new(bin())
         .args(["check-config", "--config"])
         .arg(config)
+        .env(hsm.env_var(), &hsm.conf)
         .env("XKS_TEST_SECRET_B", "C".repeat(44))
         .output()
         .unwrap();
@@ -56,8 +57,8 @@ fn check_config(config: &std::path::Path) -> (bool, String) {
 
 #[test]
 fn config_errors_name_the_field_and_the_rule() {
-    let (dir, config, _hsm) = valid_setup();
-    let (ok, out) = check_config(&config);
+    let (dir, config, hsm) = valid_setup();
+    let (ok, out) = check_config(&config, &hsm);
     assert!(ok, "valid config refused: {out}");
     let text = std::fs::read_to_string(&config).unwrap();
 
@@ -76,11 +77,16 @@ fn config_errors_name_the_field_and_the_rule() {
         ("health key served", "keys = [\"other-key\"]", &served_health_key, "health-check key"),
         ("queue timeout", "sessions = 2", "sessions = 2\nqueue_timeout_ms = 400", "hsm.queue_timeout_ms"),
         ("no pin source", "pin_file = \"hsm-pin\"", "", "hsm.pin_file / hsm.pin_env"),
+        // The key manager is opened as `serve` would: every slot named.
+        ("no such token", "token_label = \"xks-test\"", "token_label = \"no-such-token\"",
+         "no initialized token labelled 'no-such-token' (slots seen: slot"),
+        ("wrong PIN", "pin_file = \"hsm-pin\"", "pin_file = \"wrong-pin\"", "login to the token failed"),
     ];
+    write_private(&dir.path().join("wrong-pin"), "not-the-pin");
     for (name, from, to, expect) in cases {
         assert!(text.contains(from), "{name}: the config has no '{from}'");
         std::fs::write(&config, text.replace(from, to)).unwrap();
-        let (ok, out) = check_config(&config);
+        let (ok, out) = check_config(&config, &hsm);
         assert!(!ok, "{name}: accepted");
         assert!(
             out.contains(expect),
@@ -93,7 +99,7 @@ fn config_errors_name_the_field_and_the_rule() {
     use std::os::unix::fs::PermissionsExt;
     let secret = dir.path().join("secret-a");
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (ok, out) = check_config(&config);
+    let (ok, out) = check_config(&config, &hsm);
     assert!(!ok);
     assert!(
         out.contains("secret_file") && out.contains("chmod 600"),
@@ -104,7 +110,7 @@ fn config_errors_name_the_field_and_the_rule() {
 
     // A secret of the wrong format is refused without echoing it.
     write_private(&secret, "short-secret");
-    let (ok, out) = check_config(&config);
+    let (ok, out) = check_config(&config, &hsm);
     assert!(
         !ok && out.contains("43 to 64") && !out.contains("short-secret"),
         "{out}"
@@ -807,6 +813,6 @@ fn sigterm_finishes_in_flight_requests_and_logs_out() {
     );
     let status = p.terminate();
     assert!(status.success(), "{status:?}");
-    assert!(p.wait_for_log("logged out of the HSM"));
+    assert!(p.wait_for_log("logged out of the HSM"), "{}", p.log());
     assert!(p.wait_for_log("stopped"));
 }

@@ -62,10 +62,17 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         instance_id: Option<String>,
     },
-    /// Validate a configuration file (including secret files and TLS material) and exit.
+    /// Validate a configuration file (including secret files and TLS
+    /// material), then open each key manager as `serve` would (token found,
+    /// required mechanisms present, PIN accepted) and exit. Exit 2 for a
+    /// configuration error or a key manager that can never serve (a missing
+    /// mechanism), 1 when no key manager can be reached now.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Skip the key managers (a config checked away from its HSM).
+        #[arg(long)]
+        no_hsm: bool,
     },
     /// Manage the AES-256 keys in the configured token.
     Keys {
@@ -139,7 +146,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
                 },
             )
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, no_hsm } => {
             let cfg = load(&config)?;
             let refuse = |e: &dyn std::fmt::Display| {
                 eprintln!("xks-proxy: configuration error: {e}");
@@ -149,6 +156,9 @@ fn run(command: Command) -> Result<(), ExitCode> {
             // state (policies compiled) and the certificate.
             cfg.live(None).map_err(|e| refuse(&e))?;
             crate::net::tls::load_cert(&cfg.tls).map_err(|e| refuse(&e))?;
+            if !no_hsm {
+                check_key_managers(&cfg)?;
+            }
             println!(
                 "{}: OK ({} key store(s): {})",
                 config.display(),
@@ -170,6 +180,40 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Audit { command } => audit::run(command),
         Command::Lockdown(args) => lockdown::lockdown(*args),
         Command::Unlock(args) => lockdown::unlock(args),
+    }
+}
+
+/// `check-config`'s look at the key managers, as `serve` would open them:
+/// one that can never serve (no token by that name, a missing mechanism, a
+/// wrong PIN) is a configuration error; one that cannot be reached now is
+/// reported, and is an error only when none can be (then `serve` would not
+/// start either).
+fn check_key_managers(cfg: &crate::config::Config) -> Result<(), ExitCode> {
+    use crate::hsm::HsmError;
+    let mut reachable = 0;
+    let mut refused = false;
+    for b in &cfg.hsm.backends {
+        let name = target::name_of(b);
+        match crate::hsm::Token::open(&cfg.hsm, b) {
+            Ok(t) => {
+                reachable += 1;
+                println!(
+                    "key manager {name}: {} ({}): OK",
+                    t.ekm_info().id,
+                    t.ekm_info().model
+                );
+            }
+            Err(e @ (HsmError::MissingMechanism { .. } | HsmError::Login(_))) => {
+                refused = true;
+                eprintln!("xks-proxy: configuration error: key manager {name}: {e}");
+            }
+            Err(e) => eprintln!("xks-proxy: key manager {name} cannot be reached now: {e}"),
+        }
+    }
+    match (refused, reachable) {
+        (true, _) => Err(ExitCode::from(2)),
+        (false, 0) => Err(ExitCode::from(1)),
+        _ => Ok(()),
     }
 }
 

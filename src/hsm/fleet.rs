@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+use super::agreement::{Agreement, Known, Verdict};
 use super::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use super::fault::Fault;
 use super::health::{classify, EkmStatus, HealthState, RETRY_INTERVAL};
@@ -38,6 +39,8 @@ use crate::telemetry::metrics::Metrics;
 
 /// Longest wait between attempts to open a key manager that is not open.
 const OPEN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The time one background comparison of two key managers' keys may take.
+const AGREEMENT_BUDGET: Duration = Duration::from_secs(2);
 /// How long startup keeps trying a key manager whose failure looks
 /// transient before it counts as not there (and, if it is the only one,
 /// the proxy does not start).
@@ -52,6 +55,9 @@ pub struct Backend {
     /// The session pool, once the key manager is open.
     pool: ArcSwapOption<Pool>,
     pub health: HealthState,
+    /// The AES-256 keys its token held when it opened: the labels to
+    /// compare with the other key managers (see [`super::agreement`]).
+    labels: Mutex<Vec<String>>,
 }
 
 impl Backend {
@@ -76,6 +82,8 @@ struct Inner {
     /// that use it (a library is initialized once per process).
     modules: Mutex<Vec<(PathBuf, Arc<Module>)>>,
     next: AtomicUsize,
+    /// Which key managers hold the same key under a label.
+    agreement: Agreement,
     hsm: HsmConfig,
     health: HealthConfig,
     metrics: Metrics,
@@ -129,6 +137,7 @@ impl KeyManagers {
                 }),
                 pool: ArcSwapOption::empty(),
                 health: HealthState::default(),
+                labels: Mutex::new(Vec::new()),
             })
             .collect();
         let fleet = KeyManagers {
@@ -136,6 +145,7 @@ impl KeyManagers {
                 backends,
                 modules: Mutex::new(Vec::new()),
                 next: AtomicUsize::new(0),
+                agreement: Agreement::new(hsm.key_cache_ttl),
                 hsm: hsm.clone(),
                 health: health.clone(),
                 metrics: metrics.clone(),
@@ -215,7 +225,13 @@ impl KeyManagers {
             Err(e) => return Err(e),
         };
         let label = &inner.health.key_label;
-        if !token.list_keys()?.iter().any(|k| &k.label == label) {
+        let keys = token.list_keys()?;
+        *b.labels.lock().unwrap_or_else(|p| p.into_inner()) = keys
+            .iter()
+            .filter(|k| k.spec.is_aes256() && &k.label != label && !k.label.contains('#'))
+            .map(|k| k.label.clone())
+            .collect();
+        if !keys.iter().any(|k| &k.label == label) {
             let usages = Usages {
                 encrypt: true,
                 decrypt: true,
@@ -250,8 +266,190 @@ impl KeyManagers {
     pub fn details(&self) -> Vec<(Arc<EkmInfo>, EkmStatus)> {
         self.backends()
             .iter()
-            .map(|b| (b.info(), b.status(&self.inner.health).0))
+            .map(|b| (b.info(), self.status_of(b).0))
             .collect()
+    }
+
+    /// A key manager's status, DEGRADED (at best) while it holds another
+    /// key than the reference under some label: it serves, but not every
+    /// key.
+    pub fn status_of(&self, b: &Backend) -> (EkmStatus, Option<String>) {
+        let (status, detail) = b.status(&self.inner.health);
+        let diverging = self.inner.agreement.diverging(b.index);
+        match diverging.first() {
+            Some((key, reference)) if status == EkmStatus::Active => (
+                EkmStatus::Degraded,
+                Some(format!(
+                    "holds different key material than '{reference}' for {} key(s) (first: \
+                     '{key}'), not used for them",
+                    diverging.len()
+                )),
+            ),
+            _ => (status, detail),
+        }
+    }
+
+    /// Whether key manager `index` may serve `label`: unless another open
+    /// key manager is known to hold the label too, yes; else by the
+    /// verdict of a comparison (see [`super::agreement`]). With no verdict
+    /// yet, the comparison runs now, within `deadline`; an old verdict
+    /// stands while a new comparison runs in the background. A comparison
+    /// that cannot tell (the reference is down) leaves what was known: a key
+    /// manager never compared serves.
+    async fn may_serve(&self, label: &str, index: usize, deadline: Instant) -> bool {
+        if self
+            .backends()
+            .iter()
+            .filter(|b| b.pool().is_some())
+            .count()
+            < 2
+        {
+            return true;
+        }
+        match self.inner.agreement.known(label, index) {
+            Known::Fresh(v) => v == Verdict::Same,
+            Known::Stale(v) => {
+                let fleet = self.clone();
+                let label = label.to_owned();
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + AGREEMENT_BUDGET;
+                    fleet.compare(&label, index, deadline).await;
+                });
+                v == Verdict::Same
+            }
+            Known::Unknown => self
+                .compare(label, index, deadline)
+                .await
+                .is_none_or(|v| v == Verdict::Same),
+        }
+    }
+
+    /// Compares the key labelled `label` in key manager `candidate` with the
+    /// reference's: the first key manager in the configuration that holds
+    /// it and answers encrypts a random probe, the candidate decrypts it.
+    /// Records and returns the verdict; `None` when it cannot tell.
+    async fn compare(&self, label: &str, candidate: usize, deadline: Instant) -> Option<Verdict> {
+        let cand = self.backends().get(candidate)?.pool()?;
+        let mut plaintext = zeroize::Zeroizing::new(vec![0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut plaintext).ok()?;
+        let aad = b"xks-proxy: do the key managers agree?".to_vec();
+        let probe = Arc::new(EncryptInput {
+            plaintext: plaintext.clone(),
+            aad: aad.clone(),
+            cdiv: false,
+        });
+        // Only when every key manager before the candidate said it lacks
+        // the key is the candidate the reference: one that is down may be
+        // the reference the candidate differs from.
+        let mut all_lack_it = true;
+        for b in self.backends() {
+            if b.index == candidate {
+                return all_lack_it.then(|| self.settle(label, candidate, Verdict::Same));
+            }
+            let Some(reference) = b.pool() else {
+                all_lack_it = false;
+                continue;
+            };
+            let sealed = match reference.encrypt(label, probe.clone(), deadline).await {
+                Ok(sealed) => sealed,
+                Err(Fault::KeyNotFound { .. }) => continue,
+                Err(e) if e.is_key_manager_fault() => {
+                    all_lack_it = false;
+                    continue;
+                }
+                // Disabled, or no ENCRYPT usage: nothing to compare with.
+                Err(_) => return None,
+            };
+            let input = Arc::new(DecryptInput {
+                ciphertext: sealed.ciphertext,
+                iv: sealed.iv,
+                tag: sealed.tag,
+                aad: Some(aad),
+                metadata: sealed.metadata,
+                layouts: &[crate::spec::aead::AadLayout::Spec],
+            });
+            let verdict = match cand.decrypt(label, input, deadline).await {
+                Ok(out) if *out.plaintext == *plaintext => Verdict::Same,
+                Ok(_) | Err(Fault::BadCiphertext) => Verdict::Differs {
+                    reference: reference.ekm_info().id.clone(),
+                },
+                // Missing here, or a fault: the request path answers that.
+                Err(_) => return None,
+            };
+            return Some(self.settle(label, candidate, verdict));
+        }
+        None
+    }
+
+    /// Records a verdict, and says so when it changes.
+    fn settle(&self, label: &str, candidate: usize, verdict: Verdict) -> Verdict {
+        let b = &self.backends()[candidate];
+        let before = self
+            .inner
+            .agreement
+            .record(label, candidate, verdict.clone());
+        if before.as_ref() != Some(&verdict) {
+            match &verdict {
+                Verdict::Differs { reference } => tracing::error!(
+                    key = %label,
+                    ekm = %b.info().id,
+                    reference = %reference,
+                    "this key manager holds different key material for the key than the reference \
+                     key manager: it is not used for the key (what one encrypts, the other cannot \
+                     decrypt); make the key managers hold the same key (replication, or restore \
+                     the key from the reference)"
+                ),
+                Verdict::Same if before.is_some() => tracing::warn!(
+                    key = %label,
+                    ekm = %b.info().id,
+                    "this key manager holds the same key as the reference again; it serves the key"
+                ),
+                Verdict::Same => {}
+            }
+        }
+        self.inner
+            .metrics
+            .hsm_keys_diverging
+            .with_label_values(&[b.info().id.as_str()])
+            .set(self.inner.agreement.diverging(candidate).len() as i64);
+        verdict
+    }
+
+    /// Compares every key that two or more open key managers hold (at
+    /// startup; `only` when one key manager joins). Logs what differs.
+    pub async fn check_agreement(&self, only: Option<usize>) {
+        let holders = |label: &String| {
+            self.backends()
+                .iter()
+                .filter(|b| b.pool().is_some())
+                .filter(|b| {
+                    b.labels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(label)
+                })
+                .map(|b| b.index)
+                .collect::<Vec<_>>()
+        };
+        let mut labels: Vec<String> = self
+            .backends()
+            .iter()
+            .flat_map(|b| b.labels.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        labels.sort();
+        labels.dedup();
+        for label in labels {
+            let held = holders(&label);
+            if held.len() < 2 {
+                continue;
+            }
+            for index in held {
+                if only.is_none_or(|o| o == index) {
+                    self.compare(&label, index, Instant::now() + AGREEMENT_BUDGET)
+                        .await;
+                }
+            }
+        }
     }
 
     /// Jobs waiting for a session, over all key managers.
@@ -265,25 +463,27 @@ impl KeyManagers {
 
     /// Open key managers in the order to try: by status (ACTIVE, DEGRADED,
     /// then UNAVAILABLE), by queue length, round robin among equals.
-    fn order(&self) -> Vec<(EkmStatus, Arc<Pool>)> {
+    fn order(&self) -> Vec<(usize, EkmStatus, Arc<Pool>)> {
         let backends = self.backends();
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<(usize, EkmStatus, Arc<Pool>)> = (0..backends.len())
+        let mut order: Vec<(usize, usize, EkmStatus, Arc<Pool>)> = (0..backends.len())
             .filter_map(|i| {
                 let b = &backends[(start + i) % backends.len()];
                 let pool = b.pool()?;
                 let status = b.health.current(Some(&pool), &self.inner.health).0;
-                Some((i, status, pool))
+                Some((i, b.index, status, pool))
             })
             .collect();
-        order.sort_by_cached_key(|(i, status, pool)| route_key(*status, pool.queue_len(), *i));
-        order.into_iter().map(|(_, s, p)| (s, p)).collect()
+        order.sort_by_cached_key(|(i, _, status, pool)| route_key(*status, pool.queue_len(), *i));
+        order.into_iter().map(|(_, b, s, p)| (b, s, p)).collect()
     }
 
     /// Runs `op` on key managers in [`Self::order`] until one answers with
     /// something other than a key manager fault, or the deadline passes. An
-    /// UNAVAILABLE one is tried only when no other could answer.
-    async fn with_failover<T, F, Fut>(&self, op: F) -> Result<T, Fault>
+    /// UNAVAILABLE one is tried only when no other could answer. A key
+    /// manager known to hold another key under it than
+    /// the reference is skipped (see [`super::agreement`]).
+    async fn with_failover<T, F, Fut>(&self, label: &str, op: F) -> Result<T, Fault>
     where
         F: Fn(Arc<Pool>, Instant) -> Fut,
         Fut: std::future::Future<Output = Result<T, Fault>>,
@@ -293,13 +493,23 @@ impl KeyManagers {
         let mut answer = None;
         let order = self.order();
         let candidates = order.len();
-        for (n, (status, pool)) in order.into_iter().enumerate() {
+        for (n, (index, status, pool)) in order.into_iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             if status == EkmStatus::Unavailable && (last.is_some() || answer.is_some()) {
                 break;
+            }
+            if !self.may_serve(label, index, deadline).await {
+                last.get_or_insert(Vec::new()).push(Fault::Unavailable {
+                    ekm: pool.ekm_info().id.clone(),
+                    why: format!(
+                        "it holds different key material for key '{label}' than the reference \
+                         key manager, so it is not used for that key"
+                    ),
+                });
+                continue;
             }
             // With another key manager to try, this one gets half of what is
             // left: one that hangs mid-call leaves time to fail over.
@@ -349,13 +559,15 @@ impl KeyManagers {
     }
 
     pub async fn key_info(&self, label: &str) -> Result<KeyInfo, Fault> {
-        self.with_failover(|pool, deadline| async move { pool.key_info(label, deadline).await })
-            .await
+        self.with_failover(label, |pool, deadline| async move {
+            pool.key_info(label, deadline).await
+        })
+        .await
     }
 
     pub async fn encrypt(&self, label: &str, input: EncryptInput) -> Result<EncryptOutput, Fault> {
         let input = Arc::new(input);
-        self.with_failover(|pool, deadline| {
+        self.with_failover(label, |pool, deadline| {
             let input = input.clone();
             async move { pool.encrypt(label, input, deadline).await }
         })
@@ -364,7 +576,7 @@ impl KeyManagers {
 
     pub async fn decrypt(&self, label: &str, input: DecryptInput) -> Result<DecryptOutput, Fault> {
         let input = Arc::new(input);
-        self.with_failover(|pool, deadline| {
+        self.with_failover(label, |pool, deadline| {
             let input = input.clone();
             async move { pool.decrypt(label, input, deadline).await }
         })
@@ -429,7 +641,7 @@ impl KeyManagers {
         let mut first = None;
         let order = self.order();
         let candidates = order.len();
-        for (n, (_, pool)) in order.into_iter().enumerate() {
+        for (n, (_, _, pool)) in order.into_iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -502,6 +714,10 @@ impl KeyManagers {
             return match opened {
                 Ok(Ok(())) => {
                     tracing::warn!(ekm = %b.info().id, "key manager opened; it joins the fleet");
+                    // Its token may hold other keys than before: compare anew.
+                    self.inner.agreement.forget(b.index);
+                    let (fleet, index) = (self.clone(), b.index);
+                    tokio::spawn(async move { fleet.check_agreement(Some(index)).await });
                     *open_retry = RETRY_INTERVAL;
                     Duration::ZERO
                 }

@@ -8,7 +8,7 @@
 //! or returns a shape other than the configured one, is refused and nothing
 //! it produced goes out.
 
-use cryptoki::error::Error as P11Error;
+use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
@@ -74,9 +74,29 @@ pub fn seal(
         IvInput::HsmIntoParameter => vec![0u8; IV_LEN],
         IvInput::HsmAppended => Vec::new(),
     };
-    let mut out = {
+    let encrypted = {
         let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
-        s.encrypt(&Mechanism::AesGcm(params), key, plaintext)?
+        s.encrypt(&Mechanism::AesGcm(params), key, plaintext)
+    };
+    let mut out = match (encrypted, iv_input) {
+        (Ok(out), _) => out,
+        // A token that does not generate IVs may refuse the zeroed or empty
+        // IV outright (Kryoptic) instead of using it: the same mistake in
+        // the configuration, and it should read so.
+        (
+            Err(e @ P11Error::Pkcs11(RvError::MechanismParamInvalid, _)),
+            IvInput::HsmIntoParameter | IvInput::HsmAppended,
+        ) => {
+            return Err(GcmError::Misconfigured(format!(
+                "iv_source = \"{}\", but the key manager refused the GCM parameters that ask \
+                 it to generate the IV ({e}); use \"hsm-rng\" for it",
+                match iv_input {
+                    IvInput::HsmIntoParameter => "hsm-generated",
+                    _ => "hsm-generated-appended",
+                }
+            )))
+        }
+        (Err(e), _) => return Err(e.into()),
     };
     split(iv_input, iv, &mut out, plaintext.len())
 }

@@ -6,6 +6,7 @@
 //!
 //! - [`fleet`]: several key managers: routing, failover, the supervisor that
 //!   probes each one and opens those that were not there at startup;
+//! - [`agreement`]: whether key managers hold the same key under a label;
 //! - [`health`]: what a key manager's ACTIVE / DEGRADED / UNAVAILABLE mean;
 //! - [`gcm`]: the AES-GCM core (IV shapes, seal, open), shared with `hsm probe`;
 //! - `pool`: one key manager's session pool (bounded queue, deadlines, hang
@@ -27,6 +28,7 @@
 //!
 //! Nothing here runs PKCS#11 on the async runtime, and nothing here knows HTTP.
 
+pub mod agreement;
 pub mod config;
 pub mod fault;
 pub mod fleet;

@@ -97,6 +97,12 @@ impl Drop for Inner {
             .and_then(|session| session.logout())
         {
             Ok(()) => tracing::info!(ekm = %self.ekm.id, "logged out of the HSM"),
+            // PKCS#11 ends the login when an application's last session
+            // closes; tokens that keep it (SoftHSM) need the explicit
+            // logout, others (Kryoptic) have already done it.
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserNotLoggedIn, _)) => {
+                tracing::info!(ekm = %self.ekm.id, "logged out of the HSM (the login ended with the last session)")
+            }
             Err(e) => tracing::warn!(ekm = %self.ekm.id, error = %e, "HSM logout failed"),
         }
     }

@@ -430,7 +430,7 @@ pub fn first_slot_token_label(module: &Path) -> Result<String, HsmError> {
         .into_iter()
         .next()
         .ok_or(HsmError::NoSlot)?;
-    let info = super::token_info::read(module, slot).map_err(|e| HsmError::Info {
+    let info = super::token_info::read(&ctx, module, slot).map_err(|e| HsmError::Info {
         context: "C_GetTokenInfo",
         why: e.to_string(),
     })?;
@@ -464,7 +464,7 @@ pub(crate) fn find_slot(
     let mut seen = SlotsSeen::default();
     for slot in slots {
         let wanted_slot = matches!(selector, TokenSelector::Slot(id) if slot.id() == *id);
-        let ti = match super::token_info::read(module, slot) {
+        let ti = match super::token_info::read(ctx, module, slot) {
             Ok(ti) => ti,
             Err(e) => {
                 seen.0

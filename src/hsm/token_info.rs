@@ -10,19 +10,25 @@
 //! special values: a count that large is read as "not reported". The
 //! proxy needs only the label, the identification strings, a few flags and
 //! the session limits, and all of those are plain fixed-size fields; the
-//! clock is informational. So this reads the structure itself and keeps the
-//! clock as the raw text it was.
+//! clock is informational. So when `cryptoki`'s reading fails on a field
+//! (not on the call), this reads the structure itself and keeps the clock
+//! as the raw text it was.
 //!
-//! It is the library's one `unsafe` island (the crate root denies unsafe
-//! code everywhere else): a second handle on the already loaded module
-//! (`dlopen` of a loaded library only counts a reference), its function
-//! list, and one call into `C_GetTokenInfo` with a buffer owned here. Every
-//! other PKCS#11 call goes through `cryptoki`'s safe API.
+//! That fallback is the library's one `unsafe` island (the crate root
+//! denies unsafe code everywhere else): a second handle on the already
+//! loaded module (`dlopen` of a loaded library only counts a reference),
+//! its function list, and one call into `C_GetTokenInfo` with a buffer owned
+//! here. It is only the fallback because a second `C_GetFunctionList` is not
+//! the same table everywhere: p11-kit's client module hands out a fresh,
+//! uninitialized instance per call (`CKR_CRYPTOKI_NOT_INITIALIZED`), so
+//! through it a token with a non-standard clock stays unreadable, and the
+//! search names the slot with both errors. Every other PKCS#11 call goes
+//! through `cryptoki`'s safe API.
 #![allow(unsafe_code)]
 
 use std::path::Path;
 
-use cryptoki::context::Function;
+use cryptoki::context::{Function, Pkcs11};
 use cryptoki::error::{Error as P11Error, Rv};
 use cryptoki::slot::Slot;
 use cryptoki_sys::{
@@ -138,6 +144,11 @@ fn convert(ti: &CK_TOKEN_INFO) -> TokenInfo {
 /// Why the token's description could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum InfoError {
+    #[error("{strict}; read as raw fields instead: {raw}")]
+    Lenient {
+        strict: P11Error,
+        raw: Box<InfoError>,
+    },
     #[error("cannot open the PKCS#11 library again to read token info: {0}")]
     Library(String),
     #[error("the library has no C_GetFunctionList/C_GetTokenInfo")]
@@ -146,9 +157,59 @@ pub enum InfoError {
     Pkcs11(#[from] P11Error),
 }
 
-/// `C_GetTokenInfo` on `slot` of the module at `module`, which the caller
-/// has loaded and initialized (through `cryptoki`).
-pub fn read(module: &Path, slot: Slot) -> Result<TokenInfo, InfoError> {
+/// `C_GetTokenInfo` on `slot` of `ctx`, the module loaded from `module`:
+/// through `cryptoki`, and when its strict conversion refuses a field,
+/// through [`read_raw`].
+pub fn read(ctx: &Pkcs11, module: &Path, slot: Slot) -> Result<TokenInfo, InfoError> {
+    match ctx.get_token_info(slot) {
+        Ok(ti) => Ok(from_cryptoki(&ti)),
+        Err(e @ P11Error::Pkcs11(..)) => Err(e.into()),
+        Err(strict) => read_raw(module, slot).map_err(|raw| InfoError::Lenient {
+            strict,
+            raw: Box::new(raw),
+        }),
+    }
+}
+
+fn limit(l: cryptoki::slot::Limit) -> Limit {
+    match l {
+        cryptoki::slot::Limit::Max(n) => Limit::from_ck(n),
+        cryptoki::slot::Limit::Unavailable => Limit::Unknown,
+        cryptoki::slot::Limit::Infinite => Limit::Unlimited,
+    }
+}
+
+fn from_cryptoki(ti: &cryptoki::slot::TokenInfo) -> TokenInfo {
+    let version = |v: cryptoki::types::Version| (v.major(), v.minor());
+    TokenInfo {
+        label: ti.label().trim_end().to_string(),
+        manufacturer: ti.manufacturer_id().trim_end().to_string(),
+        model: ti.model().trim_end().to_string(),
+        serial: ti.serial_number().trim_end().to_string(),
+        initialized: ti.token_initialized(),
+        user_pin_initialized: ti.user_pin_initialized(),
+        login_required: ti.login_required(),
+        write_protected: ti.write_protected(),
+        has_rng: ti.rng(),
+        max_sessions: limit(ti.max_session_count()),
+        max_rw_sessions: limit(ti.max_rw_session_count()),
+        hardware_version: version(ti.hardware_version()),
+        firmware_version: version(ti.firmware_version()),
+        clock: ti.utc_time().map(|t| {
+            (
+                format!(
+                    "{:04}{:02}{:02}{:02}{:02}{:02}00",
+                    t.year, t.month, t.day, t.hour, t.minute, t.second
+                ),
+                true,
+            )
+        }),
+    }
+}
+
+/// `C_GetTokenInfo` through a function list of its own (see the module
+/// docs), converted leniently.
+fn read_raw(module: &Path, slot: Slot) -> Result<TokenInfo, InfoError> {
     // SAFETY: the library is already loaded and initialized by the caller,
     // so loading it again runs no initializer and returns the same code;
     // the handle lives until the end of this function, past the last call

@@ -251,6 +251,25 @@ fn rv(e: &P11Error) -> Option<RvError> {
     }
 }
 
+/// An error that a key handle from the cache may have caused because the
+/// key behind it is gone (deleted or replaced behind the proxy's back):
+/// worth one fresh lookup. SoftHSM says so (`CKR_KEY_HANDLE_INVALID`,
+/// `CKR_OBJECT_HANDLE_INVALID`); Kryoptic answers `CKR_GENERAL_ERROR` from
+/// `C_EncryptInit`/`C_DecryptInit` for a deleted key's handle. Only the
+/// init calls, where the key is used: a failing `C_Decrypt` is about the
+/// data (SoftHSM reports a bad tag as a general error there).
+fn stale_handle(e: &P11Error) -> bool {
+    use cryptoki::context::Function;
+    match e {
+        P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _) => true,
+        P11Error::Pkcs11(
+            RvError::GeneralError | RvError::FunctionFailed,
+            Function::EncryptInit | Function::DecryptInit,
+        ) => true,
+        _ => false,
+    }
+}
+
 /// A `C_Decrypt` failure that a tag mismatch can cause: the spec's codes,
 /// and the generic ones SoftHSM and others use for it.
 fn may_be_auth_failure(e: &P11Error) -> bool {
@@ -533,13 +552,7 @@ impl Worker {
             match op(session, &key, &shared) {
                 Ok(v) => return Ok(v),
                 Err(OpError::Fault(e)) => return Err(e),
-                Err(OpError::P11(e))
-                    if attempt == 0
-                        && matches!(
-                            rv(&e),
-                            Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
-                        ) =>
-                {
+                Err(OpError::P11(e)) if attempt == 0 && stale_handle(&e) => {
                     self.shared.keys.remove(label);
                     key = self.resolve(label, true)?;
                 }

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub hsm_queue_waiting: IntGauge,
     /// 1 for the current health status of each key manager, 0 for the others.
     pub ekm_health: IntGaugeVec,
+    /// Keys a key manager holds other material for than the reference key
+    /// manager (see `hsm::agreement`): not used for them.
+    pub hsm_keys_diverging: IntGaugeVec,
     /// Days until the serving certificate expires (negative once expired).
     pub cert_expiry_days: Gauge,
     /// Age of each SigV4 credential, from its `created` time or its secret file.
@@ -176,6 +179,14 @@ impl Metrics {
             &["ekm_id", "status"],
         ));
         must(registry.register(Box::new(ekm_health.clone())));
+        let hsm_keys_diverging = must(IntGaugeVec::new(
+            Opts::new(
+                "xks_hsm_keys_diverging",
+                "Keys for which the key manager holds different key material than the reference key manager (it is not used for them).",
+            ),
+            &["ekm_id"],
+        ));
+        must(registry.register(Box::new(hsm_keys_diverging.clone())));
         let cert_expiry_days = must(Gauge::new(
             "xks_tls_certificate_expiry_days",
             "Days until the XKS listener's certificate expires.",
@@ -282,6 +293,7 @@ impl Metrics {
             hsm_sessions_opened,
             hsm_queue_waiting,
             ekm_health,
+            hsm_keys_diverging,
             cert_expiry_days,
             credential_age_days,
             reloads,

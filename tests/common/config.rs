@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Certs, SoftHsm, SOFTHSM};
+use super::{Certs, TestToken};
 
 /// The key store "test" (every key; credentials A and B).
 pub const URI_PATH: &str = "/test/kms/xks/v1";
@@ -30,7 +30,7 @@ pub const KEYS: &[(&str, &str)] = &[
 ];
 
 /// See [`Options::setup`].
-pub type SetupFn = dyn Fn(&Path, &SoftHsm) -> Vec<(String, String)> + Send + Sync;
+pub type SetupFn = dyn Fn(&Path, &TestToken) -> Vec<(String, String)> + Send + Sync;
 
 /// Settings a test may change; the rest of the config is fixed.
 #[derive(Clone)]
@@ -51,7 +51,7 @@ pub struct Options {
     pub setup: Option<Arc<SetupFn>>,
     pub create_keys: bool,
     pub health_interval_secs: u64,
-    /// The PKCS#11 module of `[hsm]` (default: SoftHSM).
+    /// The PKCS#11 module of `[hsm]` (default: the implementation's).
     pub module: String,
     /// Lines added to `[health]`.
     pub extra_health: String,
@@ -76,7 +76,7 @@ impl Default for Options {
             setup: None,
             create_keys: true,
             health_interval_secs: 5,
-            module: SOFTHSM.to_string(),
+            module: super::module(),
             extra_health: String::new(),
             wrapper: Vec::new(),
             log_paused: None,

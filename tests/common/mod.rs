@@ -8,7 +8,7 @@
 //! their own path (`common::load::Load`, `common::network_hsm::*`).
 //!
 //! - [`certs`]: the test CA and server certificate, private files.
-//! - [`softhsm`]: SoftHSM tokens, `pkcs11-tool`, the IV filter module.
+//! - [`token`]: test tokens (SoftHSM, or Kryoptic with `XKS_TEST_PKCS11=kryoptic`), `pkcs11-tool`, the vendor-behaviour filter module.
 //! - [`config`]: key stores, credentials, keys, [`Options`], the TOML template.
 //! - [`proxy`]: the proxy process ([`Proxy`]): start, CLI, restart, signals.
 //! - [`client`]: requests, raw TLS, `/ping`, metrics, polling, `check` args.
@@ -21,7 +21,7 @@ mod certs;
 mod client;
 mod config;
 mod proxy;
-mod softhsm;
+mod token;
 
 pub mod load;
 pub mod network_hsm;
@@ -30,4 +30,4 @@ pub use certs::*;
 pub use client::*;
 pub use config::*;
 pub use proxy::*;
-pub use softhsm::*;
+pub use token::*;

@@ -17,7 +17,7 @@ pub const SHARED_KEY: &str = "shared-key";
 
 /// Adds the token "second-hsm" beside "xks-test" and imports the same AES
 /// key material into both as [`SHARED_KEY`], as an HSM cluster would hold it.
-pub fn add_second_token_with_shared_key(dir: &Path, hsm: &SoftHsm) {
+pub fn add_second_token_with_shared_key(dir: &Path, hsm: &TestToken) {
     // Not "xks-test-…": pkcs11-tool --token-label matches a prefix.
     hsm.add_token("second-hsm");
     let key = dir.join("shared.key");
@@ -39,7 +39,7 @@ pub fn two_tokens() -> Options {
         backends: "[[hsm.backends]]\nname = \"token-a\"\ntoken_label = \"xks-test\"\n\n\
                    [[hsm.backends]]\nname = \"token-b\"\ntoken_label = \"second-hsm\"\n"
             .into(),
-        setup: Some(Arc::new(|dir: &Path, hsm: &SoftHsm| {
+        setup: Some(Arc::new(|dir: &Path, hsm: &TestToken| {
             add_second_token_with_shared_key(dir, hsm);
             Vec::new()
         })),
@@ -61,15 +61,19 @@ pub fn p11_kit_prefix() -> PathBuf {
     prefix
 }
 
-/// Starts `p11-kit server` for one SoftHSM token on a unix socket.
-pub fn p11_kit_server(conf: &Path, socket: &Path, token: &str) -> Child {
+/// Starts `p11-kit server` for one token of `hsm` on a unix socket.
+pub fn p11_kit_server(hsm: &TestToken, socket: &Path, token: &str) -> Child {
     let _ = std::fs::remove_file(socket);
     let prefix = p11_kit_prefix();
     let child = Command::new(prefix.join("libexec/p11-kit/p11-kit-server"))
         .args(["-f", "-n"])
         .arg(socket)
-        .args(["--provider", SOFTHSM, &format!("pkcs11:token={token}")])
-        .env("SOFTHSM2_CONF", conf)
+        .args([
+            "--provider",
+            &hsm.module(),
+            &format!("pkcs11:token={token}"),
+        ])
+        .env(hsm.env_var(), &hsm.conf)
         .env("LD_LIBRARY_PATH", prefix.join("lib"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -169,7 +173,7 @@ impl NetworkHsm {
 
     pub fn restart(&self, p: &Proxy) {
         let sock = self.socket.lock().unwrap().clone();
-        *self.server.lock().unwrap() = Some(p11_kit_server(&p.hsm.conf, &sock, "second-hsm"));
+        *self.server.lock().unwrap() = Some(p11_kit_server(&p.hsm, &sock, "second-hsm"));
     }
 }
 
@@ -205,11 +209,11 @@ pub fn start_with(with_local: bool, network_up: bool, base: Options) -> (Proxy, 
     };
     let setup = {
         let (server, socket) = (net.server.clone(), net.socket.clone());
-        move |dir: &Path, hsm: &SoftHsm| {
+        move |dir: &Path, hsm: &TestToken| {
             add_second_token_with_shared_key(dir, hsm);
             let sock = dir.join("p11.sock");
             if network_up {
-                *server.lock().unwrap() = Some(p11_kit_server(&hsm.conf, &sock, "second-hsm"));
+                *server.lock().unwrap() = Some(p11_kit_server(hsm, &sock, "second-hsm"));
             }
             *socket.lock().unwrap() = sock.clone();
             vec![(

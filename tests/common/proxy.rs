@@ -26,7 +26,7 @@ pub struct Proxy {
     pub ping_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub certs: Certs,
-    pub hsm: SoftHsm,
+    pub hsm: TestToken,
     pub config: PathBuf,
     pub secret_a: String,
     pub secret_b: String,
@@ -129,10 +129,11 @@ impl Proxy {
                 cert: self.certs.cert.clone(),
                 key: self.certs.key.clone(),
             },
-            hsm: SoftHsm {
+            hsm: TestToken {
                 conf: self.hsm.conf.clone(),
                 pin: self.hsm.pin.clone(),
                 label: self.hsm.label.clone(),
+                implementation: self.hsm.implementation,
             },
             config: self.config.clone(),
             secret_a: self.secret_a.clone(),
@@ -184,7 +185,7 @@ impl Proxy {
     pub fn run_bin(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin())
             .args(args)
-            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .env(self.hsm.env_var(), &self.hsm.conf)
             .output()
             .unwrap()
     }
@@ -194,8 +195,9 @@ impl Proxy {
             .args(args)
             .arg("--config")
             .arg(&self.config)
-            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .env(self.hsm.env_var(), &self.hsm.conf)
             .env("XKS_TEST_SECRET_B", &self.secret_b)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap()
     }
@@ -217,7 +219,7 @@ impl Proxy {
             .args(["serve", "--config"])
             .arg(&self.config)
             .args(extra)
-            .env("SOFTHSM2_CONF", &self.hsm.conf)
+            .env(self.hsm.env_var(), &self.hsm.conf)
             .env("XKS_TEST_SECRET_B", &self.secret_b)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
