@@ -260,14 +260,14 @@ fn rv(e: &P11Error) -> Option<RvError> {
 /// data (SoftHSM reports a bad tag as a general error there).
 fn stale_handle(e: &P11Error) -> bool {
     use cryptoki::context::Function;
-    match e {
-        P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _) => true,
-        P11Error::Pkcs11(
-            RvError::GeneralError | RvError::FunctionFailed,
-            Function::EncryptInit | Function::DecryptInit,
-        ) => true,
-        _ => false,
-    }
+    matches!(
+        e,
+        P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)
+            | P11Error::Pkcs11(
+                RvError::GeneralError | RvError::FunctionFailed,
+                Function::EncryptInit | Function::DecryptInit,
+            )
+    )
 }
 
 /// A `C_Decrypt` failure that a tag mismatch can cause: the spec's codes,
