@@ -92,17 +92,19 @@ pub async fn run(
             .await??
     };
     hsm.probe_all().await;
+    for (ekm, status) in hsm.details() {
+        tracing::info!(status = status.as_str(), ekm = %ekm.id, "first health probe done");
+    }
+    let mut tasks = hsm.spawn_supervisors();
     {
         // Keys held by several key managers are compared before they are
         // used (and here, for all of them, so that a difference is reported
         // at startup, not at the first request).
         let fleet = hsm.clone();
-        tokio::spawn(async move { fleet.check_agreement(None).await });
+        tasks.push(tokio::spawn(
+            async move { fleet.check_agreement(None).await },
+        ));
     }
-    for (ekm, status) in hsm.details() {
-        tracing::info!(status = status.as_str(), ekm = %ekm.id, "first health probe done");
-    }
-    let mut tasks = hsm.spawn_supervisors();
 
     let (listener, https_addr) = bind(cfg.net.listen).await?;
     // The audit trail, before anything is served; its default instance id
@@ -206,7 +208,7 @@ pub async fn run(
     );
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
-        hsm,
+        hsm: hsm.clone(),
         live,
         certs,
     });
@@ -239,7 +241,14 @@ pub async fn run(
     if let Some(trail) = audit {
         let _ = tokio::task::spawn_blocking(move || trail.close()).await;
     }
-    let _ = tokio::task::spawn_blocking(move || drop(app)).await;
+    // Every pool thread stops and the sessions close before this returns,
+    // whoever still holds the key managers: the process then exits with
+    // nothing inside the PKCS#11 library while it is torn down.
+    let _ = tokio::task::spawn_blocking(move || {
+        hsm.close();
+        drop(app);
+    })
+    .await;
     Ok(())
 }
 

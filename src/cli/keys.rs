@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use super::exit::{load, usage_error};
-use super::target::{on_each, selected, Target};
+use super::target::{name_of, on_each, selected, Target};
 use crate::hsm::{HsmError, KeyInfo, Token, Usages};
 
 #[derive(Debug, Subcommand)]
@@ -214,8 +214,24 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
                     key.label
                 ))
             })?;
+            let label = crate::spec::aead::version_label(&id, version);
+            let probe = crate::hsm::Token::open(&hsm, first)
+                .and_then(|t| t.agreement_probe(&label, hsm.iv_source))
+                .map_err(|e| {
+                    eprintln!("xks-proxy: cannot read back version {version}: {e}");
+                    ExitCode::from(1)
+                })?;
             on_each(&hsm, others, named, |token| {
-                wait_for_version(token, &id, version)
+                let present = wait_for_version(token, &id, version)?;
+                // Present is not enough: it must be the same key.
+                match token.decrypts(&label, &probe) {
+                    Ok(true) => Ok(format!("{present}, same key")),
+                    Ok(false) => Err(format!(
+                        "{id}: version {version} here is DIFFERENT key material than the one \
+                         just created: the proxy will not use this key manager for it"
+                    )),
+                    Err(e) => Err(e.to_string()),
+                }
             })
         }
         KeysCommand::Show { target, id, json } => {
@@ -231,6 +247,14 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
             v["alwaysSensitive"] = d.protection.always_sensitive.into();
             v["neverExtractable"] = d.protection.never_extractable.into();
             v["generatedInToken"] = d.protection.local.into();
+            let standings = standings(&target, &id)?;
+            if !standings.is_empty() {
+                v["keyManagers"] = standings
+                    .iter()
+                    .map(|(name, s)| (name.clone(), serde_json::Value::from(s.as_str())))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
             if json {
                 println!("{v}");
             } else if let Some(obj) = v.as_object() {
@@ -240,7 +264,15 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
                         serde_json::Value::Null => "-".into(),
                         other => other.to_string(),
                     };
-                    println!("{k:<18} {shown}");
+                    if k != "keyManagers" {
+                        println!("{k:<18} {shown}");
+                    }
+                }
+                if !standings.is_empty() {
+                    println!("key managers:");
+                    for (name, standing) in &standings {
+                        println!("  {name:<16} {standing}");
+                    }
                 }
             }
             Ok(())
@@ -265,6 +297,46 @@ pub fn run(command: KeysCommand) -> Result<(), ExitCode> {
         KeysCommand::Disable { target, id, .. } => set_enabled(&target, &id, false),
         KeysCommand::Enable { target, id } => set_enabled(&target, &id, true),
     }
+}
+
+/// With several key managers configured (and no --backend): whether each
+/// holds key `label`, and the same key as the reference (the first that
+/// holds it): the reference encrypts a random probe, each other decrypts
+/// it. The proxy does not use a key manager that differs for that key.
+fn standings(target: &Target, label: &str) -> Result<Vec<(String, String)>, ExitCode> {
+    let (hsm, chosen, _) = selected(target)?;
+    if chosen.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let mut reference: Option<(String, crate::hsm::token::Probe)> = None;
+    let mut out = Vec::new();
+    for b in &chosen {
+        let name = name_of(b);
+        let standing = match Token::open(&hsm, b) {
+            Err(e) => format!("unreachable: {e}"),
+            Ok(token) => match &reference {
+                None => match token.agreement_probe(label, hsm.iv_source) {
+                    Ok(probe) => {
+                        reference = Some((name.clone(), probe));
+                        "reference (the first key manager that holds the key)".to_string()
+                    }
+                    Err(HsmError::NoKey(_)) => "does not hold the key".to_string(),
+                    Err(e) => format!("cannot compare: {e}"),
+                },
+                Some((first, probe)) => match token.decrypts(label, probe) {
+                    Ok(true) => format!("same key as {first}"),
+                    Ok(false) => format!(
+                        "DIFFERENT key material than {first}: the proxy does not use it for this \
+                         key"
+                    ),
+                    Err(HsmError::NoKey(_)) => "does not hold the key".to_string(),
+                    Err(e) => format!("cannot compare: {e}"),
+                },
+            },
+        };
+        out.push((name, standing));
+    }
+    Ok(out)
 }
 
 /// Waits (a few seconds, for replication) until `token` holds `version` of

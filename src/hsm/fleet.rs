@@ -192,7 +192,7 @@ impl KeyManagers {
     }
 
     /// [`Self::open_backend`], tried again for up to [`STARTUP_RETRY`] while
-    /// the failure looks transient ([`HsmError::is_transient`]): a token that
+    /// the failure may pass ([`HsmError::is_transient`]): a token that
     /// another process is writing at this instant is not a missing token.
     fn open_backend_at_startup(&self, b: &Backend) -> Result<(), HsmError> {
         let give_up = Instant::now() + STARTUP_RETRY;
@@ -260,6 +260,18 @@ impl KeyManagers {
         b.info.store(Arc::new(token.ekm_info().clone()));
         b.pool.store(Some(Arc::new(pool)));
         Ok(())
+    }
+
+    /// Closes every key manager's pool (threads stopped, sessions closed,
+    /// logged out), whoever still holds a handle to it: at shutdown, so
+    /// that nothing is inside the PKCS#11 library when the process exits
+    /// and the library is torn down. Blocking.
+    pub fn close(&self) {
+        for b in self.backends() {
+            if let Some(pool) = b.pool.swap(None) {
+                pool.close();
+            }
+        }
     }
 
     /// Vendor, id, model and status of each key manager, for GetHealthStatus.

@@ -48,10 +48,11 @@ const CONTROL_QUEUE: usize = 16;
 
 struct Inner {
     queue: Arc<JobQueue<Job>>,
-    workers: Vec<JoinHandle<()>>,
+    /// Taken (and joined) by the first [`Inner::close`].
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The control thread's queue and thread (see the module docs).
     control_queue: Arc<JobQueue<Job>>,
-    control: Option<JoinHandle<()>>,
+    control: std::sync::Mutex<Option<JoinHandle<()>>>,
     control_busy: Arc<Busy>,
     shared: Arc<Shared>,
     ekm: EkmInfo,
@@ -61,20 +62,36 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the queue ends the workers; joining them closes their sessions
-        // before the module is finalized. A worker stuck in a call that never
-        // returns (a hung network HSM) is not waited for.
+        self.close();
+    }
+}
+
+impl Inner {
+    /// Stops the pool: closing the queues ends the threads (after the jobs
+    /// already queued); joining them closes their sessions; then the
+    /// explicit logout. A thread stuck in a call that never returns (a hung
+    /// network HSM) is not waited for. Only the first call does anything.
+    fn close(&self) {
         self.queue.close();
         self.control_queue.close();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if workers.is_empty() && control.is_none() {
+            return;
+        }
         let mut hung = false;
-        for (i, w) in self.workers.drain(..).enumerate() {
+        for (i, w) in workers.into_iter().enumerate() {
             if !self.busy.in_job(i) {
                 let _ = w.join();
             } else {
                 hung = true;
             }
         }
-        if let Some(c) = self.control.take() {
+        if let Some(c) = control {
             if !self.control_busy.in_job(0) {
                 let _ = c.join();
             } else {
@@ -164,9 +181,9 @@ impl Pool {
         Ok(Pool {
             inner: Arc::new(Inner {
                 queue,
-                workers,
+                workers: std::sync::Mutex::new(workers),
                 control_queue,
-                control: Some(control),
+                control: std::sync::Mutex::new(Some(control)),
                 control_busy,
                 shared,
                 ekm: token.ekm_info().clone(),
@@ -177,6 +194,12 @@ impl Pool {
     }
 
     /// Vendor, id and model of the token, for GetHealthStatus.
+    /// Stops the pool's threads, closes their sessions and logs out (see
+    /// `Inner::close`); jobs sent afterwards fail at once.
+    pub(crate) fn close(&self) {
+        self.inner.close();
+    }
+
     pub fn ekm_info(&self) -> &EkmInfo {
         &self.inner.ekm
     }

@@ -13,7 +13,11 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::config::{BackendConfig, HsmConfig, TokenSelector};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::config::{BackendConfig, HsmConfig, IvSource, TokenSelector};
+use super::gcm::{self, IvInput};
 use super::hmac::HmacKey;
 use super::markers::Marker;
 use super::objects::{
@@ -21,6 +25,17 @@ use super::objects::{
     Protection, Usages,
 };
 use super::token_info::TokenInfo;
+use crate::spec::aead::IV_LEN;
+
+/// The AAD of an agreement probe: never a request's (those carry the
+/// spec's length prefixes), so a probe is never a valid answer to one.
+const PROBE_AAD: &[u8] = b"xks-proxy: do the key managers agree?";
+
+/// A probe ciphertext and what it must decrypt to.
+pub struct Probe {
+    plaintext: Zeroizing<Vec<u8>>,
+    sealed: gcm::Sealed,
+}
 
 /// A failure to reach or use the token outside a request (startup, CLI).
 #[derive(Debug, thiserror::Error)]
@@ -70,20 +85,18 @@ impl HsmError {
         )
     }
 
-    /// Worth trying again in a moment: the token was not found while some
-    /// slot could not describe itself (another process initializing or
-    /// writing the same SoftHSM token answers `CKR_GENERAL_ERROR` for an
-    /// instant), or the module failed generally.
+    /// Worth trying again in a moment at startup: the token was not found
+    /// (SoftHSM leaves a token out of its slot list, or lists its slot as
+    /// uninitialized, while another process is writing that token's files:
+    /// two instances starting together on one token see it), or the module
+    /// failed generally.
     pub fn is_transient(&self) -> bool {
         match self {
-            HsmError::NoTokenInSlot { seen, .. } | HsmError::NoTokenLabelled { seen, .. } => {
-                seen.any_unreadable()
-            }
             HsmError::Pkcs11 { source, .. } => matches!(
                 source,
                 P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)
             ),
-            _ => false,
+            e => e.is_token_missing(),
         }
     }
 }
@@ -103,14 +116,6 @@ pub enum SlotSeen {
     Uninitialized(String),
     /// `C_GetTokenInfo` failed.
     Unreadable(String),
-}
-
-impl SlotsSeen {
-    fn any_unreadable(&self) -> bool {
-        self.0
-            .iter()
-            .any(|(_, s)| matches!(s, SlotSeen::Unreadable(_)))
-    }
 }
 
 impl std::fmt::Display for SlotsSeen {
@@ -330,6 +335,48 @@ impl Token {
         let next = self.latest_version(id)? + 1;
         let key = self.create_aes_key(&crate::spec::aead::version_label(id, next), base.usages)?;
         Ok((next, key))
+    }
+
+    /// Encrypts a random probe under the key labelled `label` with a fresh
+    /// IV from `iv_source`, to learn whether another key manager holds the
+    /// same key ([`Self::decrypts`]); see [`super::agreement`].
+    pub fn agreement_probe(&self, label: &str, iv_source: IvSource) -> Result<Probe, HsmError> {
+        let key = self.find_one(label)?;
+        let mut plaintext = Zeroizing::new(vec![0u8; 32]);
+        self.session
+            .generate_random_slice(&mut plaintext)
+            .map_err(p11("C_GenerateRandom"))?;
+        let iv = match iv_source {
+            IvSource::HsmRng => {
+                let mut iv = [0u8; IV_LEN];
+                self.session
+                    .generate_random_slice(&mut iv)
+                    .map_err(p11("C_GenerateRandom"))?;
+                IvInput::Given(iv)
+            }
+            IvSource::HsmGenerated => IvInput::HsmIntoParameter,
+            IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
+        };
+        let sealed = gcm::seal(&self.session, key, iv, PROBE_AAD, &plaintext).map_err(|e| {
+            HsmError::Info {
+                context: "C_Encrypt",
+                why: e.to_string(),
+            }
+        })?;
+        Ok(Probe { plaintext, sealed })
+    }
+
+    /// Whether this token's key labelled `label` decrypts `probe` (made by
+    /// another key manager's [`Self::agreement_probe`]) to its plaintext.
+    pub fn decrypts(&self, label: &str, probe: &Probe) -> Result<bool, HsmError> {
+        let key = self.find_one(label)?;
+        let s = &probe.sealed;
+        Ok(
+            match gcm::open(&self.session, key, &s.iv, PROBE_AAD, &s.ciphertext, &s.tag) {
+                Ok(out) => bool::from(out.as_slice().ct_eq(probe.plaintext.as_slice())),
+                Err(_) => false,
+            },
+        )
     }
 
     /// The HMAC key labelled `label`, if there is one (see
