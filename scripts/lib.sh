@@ -14,6 +14,9 @@ ensure_packages() {
   command -v haproxy >/dev/null || missing+=(haproxy)
   # The real Prometheus of tests/prometheus.rs, and promtool.
   command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+  # openCryptoki: the token without AES-GCM of tests/opencryptoki.rs
+  # (scripts/opencryptoki.sh starts its daemon and prepares the token).
+  command -v pkcsslotd >/dev/null || missing+=(opencryptoki)
   apt_install "${missing[@]}"
 }
 
