@@ -428,6 +428,147 @@ fn a_trail_cut_while_stopped_stays_caught_across_a_restart() {
     assert!(out.contains("INTACT"), "{out}");
 }
 
+/// Someone who can write the trail's files forges records after a clean
+/// stop, each with the right seq and prev. Before: the next run sealed
+/// them with the HSM key and `audit verify` said INTACT. Now they are
+/// tampering, named, before and after a restart, and the new run's seals
+/// never cover them.
+#[test]
+fn records_forged_after_a_clean_stop_are_never_sealed() {
+    let mut p = Proxy::start_with(Options {
+        extra_sections: audit_section("instance_id = \"forged\""),
+        ..Options::default()
+    });
+    let encrypt = |p: &Proxy| {
+        block_on(async {
+            let r = p
+                .h1()
+                .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        })
+    };
+    for _ in 0..3 {
+        encrypt(&p);
+    }
+    assert!(p.terminate().success());
+    let dir = p.dir.path().join("audit");
+    let files = trail_files(&dir);
+    let original = std::fs::read_to_string(&files[0]).unwrap();
+    let last = original.lines().last().unwrap().to_string();
+    assert_eq!(json(&last)["type"], "seal", "{original}");
+    // Three requests copied from real ones, renumbered and relinked.
+    let template = original
+        .lines()
+        .find(|l| json(l)["type"] == "request")
+        .unwrap()
+        .to_string();
+    let mut previous = last.clone();
+    let mut forged = String::new();
+    let first_forged = json(&last)["seq"].as_u64().unwrap() + 1;
+    for n in 0..3 {
+        let mut v = json(&template);
+        v["seq"] = (first_forged + n).into();
+        v["kmsRequestId"] = format!("forged-{n}").into();
+        let line = relink(&serde_json::to_string(&v).unwrap(), &previous);
+        forged.push_str(&line);
+        forged.push('\n');
+        previous = line;
+    }
+    std::fs::write(&files[0], original + &forged).unwrap();
+    let named = |out: &str| {
+        out.contains("TAMPERED")
+            && out.contains(&format!("3 record(s) from seq {first_forged} "))
+            && out.contains("added while the instance was stopped")
+    };
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 3, "{out}");
+    assert!(named(&out), "{out}");
+
+    // One more run: it leaves them out, says so, and they stay tampering.
+    p.start_again();
+    assert!(
+        p.wait_for_log("they were added while the proxy was stopped"),
+        "{}",
+        p.log()
+    );
+    encrypt(&p);
+    assert!(p.terminate().success());
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 3, "{out}");
+    assert!(named(&out), "{out}");
+    let (code, json_out) = verify_output(p.cli_raw(&["audit", "verify", "--json"]));
+    assert_eq!(code, 3, "{json_out}");
+    assert!(json_out.contains("after-final-seal"), "{json_out}");
+}
+
+/// A run killed after its last seal leaves records nothing proves; the next
+/// run does not seal them as if they were proven: `verify` calls them
+/// unproven (exit 5), with their range.
+#[test]
+fn a_killed_runs_unsealed_records_stay_unproven() {
+    // Seals only at stops (and every 1000 records): the second run's
+    // records stay unsealed until it is killed.
+    let mut p = Proxy::start_with(Options {
+        extra_sections: "[audit]\ndir = \"audit\"\nseal_every_records = 1000\n\
+                         seal_every_secs = 3600\ninstance_id = \"killed\"\n"
+            .into(),
+        ..Options::default()
+    });
+    let requests = |p: &Proxy, n: usize| {
+        block_on(async {
+            for _ in 0..n {
+                let r = p
+                    .h1()
+                    .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200);
+            }
+        })
+    };
+    requests(&p, 2);
+    assert!(p.terminate().success());
+    let dir = p.dir.path().join("audit");
+    let written = |n: usize| {
+        trail_files(&dir)
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("\"type\":\"request\""))
+                    .count()
+            })
+            .sum::<usize>()
+            >= n
+    };
+    p.start_again();
+    requests(&p, 3);
+    assert!(eventually(10, || written(5)));
+    p.kill();
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("UNSEALED TAIL"), "{out}");
+    p.start_again();
+    assert!(
+        p.wait_for_log("ended without its final seal"),
+        "{}",
+        p.log()
+    );
+    assert!(p.terminate().success());
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 5, "{out}\n{}", p.log());
+    assert!(
+        out.contains("UNPROVEN: ") && out.contains(" record(s) from seq "),
+        "{out}"
+    );
+    let (code, json_out) = verify_output(p.cli_raw(&["audit", "verify", "--json"]));
+    assert_eq!(code, 5);
+    assert!(json_out.contains("\"unproven\""), "{json_out}");
+}
+
 #[test]
 fn a_rewritten_chain_fails_at_the_next_seal() {
     let f = fixture();

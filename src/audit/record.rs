@@ -272,6 +272,15 @@ pub(crate) struct StartBody<'a> {
     /// so the records from there to `witness_seq` are missing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files_next_seq: Option<u64>,
+    /// Set when the previous run left records after its last seal: this
+    /// run goes on from that seal (its `file` record links to it), so those
+    /// records (`tail_from` to `tail_to`) are never sealed as if proven;
+    /// `verify` reports them as unproven, or, after a clean stop's final
+    /// seal, as tampering.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tail_from: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tail_to: Option<u64>,
 }
 
 /// A proxy run ends cleanly.
@@ -344,6 +353,8 @@ pub(crate) struct Header {
     pub unsealed_before: Option<u64>,
     pub witness_seq: Option<u64>,
     pub files_next_seq: Option<u64>,
+    pub tail_from: Option<u64>,
+    pub tail_to: Option<u64>,
 }
 
 #[cfg(test)]

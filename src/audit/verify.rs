@@ -154,6 +154,13 @@ pub enum Problem {
         witnessed: u64,
         files_next: u64,
     },
+    /// Records after a clean stop's final seal that are not a new run:
+    /// written while the proxy was stopped (`first` of `count`).
+    AfterFinalSeal {
+        first: Place,
+        seal: Place,
+        count: u64,
+    },
 }
 
 impl Problem {
@@ -174,6 +181,7 @@ impl Problem {
             Problem::Truncated { last, .. } => last,
             Problem::WitnessMismatch { record, .. } => record,
             Problem::Cut { start, .. } => start,
+            Problem::AfterFinalSeal { first, .. } => first,
         }
     }
 
@@ -194,6 +202,7 @@ impl Problem {
             Problem::Truncated { .. } => "truncated",
             Problem::WitnessMismatch { .. } => "witness-mismatch",
             Problem::Cut { .. } => "cut-while-stopped",
+            Problem::AfterFinalSeal { .. } => "after-final-seal",
         }
     }
 }
@@ -316,6 +325,12 @@ impl fmt::Display for Problem {
                     )
                 }
             }
+            Problem::AfterFinalSeal { first, seal, count } => write!(
+                f,
+                "{count} record(s) from {first} on follow the final seal of a clean stop \
+                 ({seal}) and are not a new run: they were added while the instance was \
+                 stopped"
+            ),
         }
     }
 }
@@ -328,6 +343,15 @@ pub enum Status {
     /// Every link and seal holds, but records after the last seal are
     /// proven by nothing (see the module docs).
     UnsealedTail {
+        from: Place,
+        count: u64,
+    },
+    /// Every link and seal holds, but a run that ended without its final
+    /// seal (a crash, a kill) left records after its last seal, and the
+    /// next run went on from that seal: nothing proves those records, and
+    /// nothing ever will (`from`: the first such range; `count`: records in
+    /// all of them).
+    Unproven {
         from: Place,
         count: u64,
     },
@@ -393,11 +417,13 @@ impl InstanceVerdict {
         }
     }
 
-    /// 0 intact, 4 unsealed tail, 3 tampered (the CLI's exit codes).
+    /// 0 intact, 4 unsealed tail, 5 unproven records of an earlier run,
+    /// 3 tampered (the CLI's exit codes).
     pub fn exit_code(&self) -> u8 {
         match self.status {
             Status::Intact => 0,
             Status::UnsealedTail { .. } => 4,
+            Status::Unproven { .. } => 5,
             Status::Tampered(_) => 3,
         }
     }
@@ -407,10 +433,47 @@ impl InstanceVerdict {
 enum Kind {
     Seal,
     Stop,
+    /// The first record of a file (a rotation, or a new run).
+    File,
     Loss,
     Other,
     /// Not a record at all.
     Bad,
+}
+
+/// Runs that left the previous run's records after its last seal out of
+/// the chain: the `start` record's seq → (first, last) seq left out.
+type Tails = BTreeMap<u64, (u64, u64)>;
+
+/// The records `l[from..i]` when they are exactly the range a new run
+/// left out (`l[i]` its `file` record, `l[i + 1]` its `start` record
+/// declaring the range, and `l[i]` linked to the seal before the range).
+fn left_out(l: &[Rec], i: usize, tails: &Tails) -> Option<usize> {
+    let c = &l[i];
+    let start = l.get(i + 1)?;
+    let &(from, to) = tails.get(&start.seq)?;
+    let n = usize::try_from(to.checked_sub(from)? + 1).ok()?;
+    let first = i.checked_sub(n)?;
+    let seal = l.get(first.checked_sub(1)?)?;
+    let range_ok = l[first].seq == from
+        && l[i - 1].seq == to
+        && l[first..i].iter().all(|r| r.kind != Kind::Bad);
+    (c.kind == Kind::File
+        && start.seq == c.seq + 1
+        && c.seq == to + 1
+        && seal.kind == Kind::Seal
+        && c.prev == Some(seal.hash)
+        && range_ok)
+        .then_some(first)
+}
+
+/// Whether records after the seal `l[seal]` can only have been added while
+/// the instance was stopped: the seal closes a clean stop (`stop`, then
+/// the seal), and what follows is not a new run's `file` record.
+fn after_final_seal(l: &[Rec], seal: usize) -> bool {
+    seal > 0
+        && l[seal - 1].kind == Kind::Stop
+        && l.get(seal + 1).is_some_and(|r| r.kind != Kind::File)
 }
 
 /// What the walk keeps of a record (about 100 bytes).
@@ -453,6 +516,10 @@ pub fn verify(
     let mut notes: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Per instance: runs that started on cut files (see the module docs).
     let mut cuts: BTreeMap<String, Vec<(Place, u64, u64)>> = BTreeMap::new();
+    // Per instance: runs that went on from the previous run's last seal,
+    // leaving the records after it out of the chain: (the start record's
+    // seq, first and last seq left out).
+    let mut tails: BTreeMap<String, Tails> = BTreeMap::new();
     let mut orphans = Vec::new();
     for (fi, f) in files.iter().enumerate() {
         let mut pieces: Vec<&[u8]> = f.bytes.split(|b| *b == b'\n').collect();
@@ -483,6 +550,7 @@ pub fn verify(
                     let kind = match h.kind.as_str() {
                         "seal" => Kind::Seal,
                         "stop" => Kind::Stop,
+                        "file" => Kind::File,
                         "loss" => Kind::Loss,
                         _ => Kind::Other,
                     };
@@ -507,6 +575,14 @@ pub fn verify(
                             ..place()
                         };
                         cuts.entry(h.instance.clone()).or_default().push((at, w, n));
+                    }
+                    if let (true, Some(from), Some(to)) =
+                        (h.kind == "start", h.tail_from, h.tail_to)
+                    {
+                        tails
+                            .entry(h.instance.clone())
+                            .or_default()
+                            .insert(h.seq, (from, to));
                     }
                     if h.kind == "start" && h.unsealed_before.is_some_and(|n| n > 0) {
                         notes.entry(h.instance.clone()).or_default().push(format!(
@@ -593,7 +669,8 @@ pub fn verify(
             out.push(v);
             continue;
         }
-        v.status = walk(&instance, &l, &seals, keys, check, &place, &mut v)?;
+        let tails = tails.remove(&instance).unwrap_or_default();
+        v.status = walk(&instance, &l, &seals, &tails, keys, check, &place, &mut v)?;
         if !matches!(v.status, Status::Tampered(_)) {
             if let Some(p) = against_witness(
                 &l,
@@ -664,10 +741,12 @@ pub fn verify(
 }
 
 /// Walks one instance's records in chain order: links, seals, the tail.
+#[allow(clippy::too_many_arguments)]
 fn walk(
     instance: &str,
     l: &[Rec],
     seals: &[SealInfo],
+    tails: &Tails,
     keys: &[String],
     check: &mut dyn SealCheck,
     place: &dyn Fn(&Rec) -> Place,
@@ -675,6 +754,8 @@ fn walk(
 ) -> Result<Status, String> {
     let mut last_seal: Option<usize> = None;
     let mut since_seal = 0u64;
+    // Records left out by a run that went on from the last seal before them.
+    let mut unproven: Option<(Place, u64)> = None;
     for (i, c) in l.iter().enumerate() {
         if c.kind == Kind::Bad {
             return Ok(Status::Tampered(Problem::NotARecord { at: place(c) }));
@@ -686,7 +767,24 @@ fn walk(
         } else {
             let p = &l[i - 1];
             if !(c.seq == p.seq.wrapping_add(1) && c.prev == Some(p.hash)) {
-                return Ok(Status::Tampered(classify(l, i, place)));
+                let Some(first) = left_out(l, i, tails) else {
+                    return Ok(Status::Tampered(classify(l, i, place)));
+                };
+                // The new run went on from the seal before `first`: what
+                // lies between was never sealed, and never will be.
+                let count = (i - first) as u64;
+                if after_final_seal(l, first - 1) {
+                    return Ok(Status::Tampered(Problem::AfterFinalSeal {
+                        first: place(&l[first]),
+                        seal: place(&l[first - 1]),
+                        count,
+                    }));
+                }
+                match &mut unproven {
+                    Some((_, n)) => *n += count,
+                    None => unproven = Some((place(&l[first]), count)),
+                }
+                since_seal = 0;
             }
         }
         if c.kind != Kind::Seal {
@@ -733,12 +831,30 @@ fn walk(
     let tail_from = last_seal.map_or(0, |j| j + 1);
     if tail_from < l.len() {
         v.clean_stop = false;
-        return Ok(Status::UnsealedTail {
-            from: place(&l[tail_from]),
-            count: (l.len() - tail_from) as u64,
-        });
+        let count = (l.len() - tail_from) as u64;
+        if let Some(seal) = last_seal.filter(|&j| after_final_seal(l, j)) {
+            return Ok(Status::Tampered(Problem::AfterFinalSeal {
+                first: place(&l[tail_from]),
+                seal: place(&l[seal]),
+                count,
+            }));
+        }
+        if unproven.is_none() {
+            return Ok(Status::UnsealedTail {
+                from: place(&l[tail_from]),
+                count,
+            });
+        }
+        v.notes.push(format!(
+            "{count} record(s) from {} on come after the last seal (the proxy is running, or \
+             crashed)",
+            place(&l[tail_from])
+        ));
     }
-    Ok(Status::Intact)
+    Ok(match unproven {
+        Some((from, count)) => Status::Unproven { from, count },
+        None => Status::Intact,
+    })
 }
 
 /// The chain `l` (whose links and seals hold) against what the HSM
@@ -1045,6 +1161,173 @@ mod tests {
         }
     }
 
+    /// Every seal verifies: these tests are about what lies between seals.
+    struct AnySeal;
+    impl SealCheck for AnySeal {
+        fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, String> {
+            Ok(true)
+        }
+    }
+
+    /// A chain of instance "t" built record by record, as the writer does.
+    struct Builder {
+        lines: Vec<Vec<u8>>,
+        seq: u64,
+        head: Hash,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Builder {
+                lines: Vec::new(),
+                seq: 0,
+                head: GENESIS,
+            }
+        }
+
+        fn push<B: serde::Serialize>(&mut self, kind: &str, body: &B) -> &mut Self {
+            let line = render(
+                self.seq,
+                kind,
+                "2026-01-01T00:00:00.000000Z",
+                "t",
+                body,
+                &self.head,
+            );
+            self.head = hash_line(&line);
+            self.seq += 1;
+            self.lines.push(line);
+            self
+        }
+
+        fn request(&mut self) -> &mut Self {
+            self.push("request", &RequestRecord::default())
+        }
+
+        fn seal(&mut self) -> &mut Self {
+            use crate::audit::record::SealBody;
+            self.push(
+                "seal",
+                &SealBody {
+                    count: 0,
+                    key: "k",
+                    ekm: "e",
+                    hmac: "00".into(),
+                },
+            )
+        }
+
+        fn stop(&mut self) -> &mut Self {
+            use crate::audit::record::StopBody;
+            self.push("stop", &StopBody { reason: "test" })
+        }
+
+        /// A new run as the writer starts one: its `file` record links to
+        /// `from` (a line's hash), the `start` record names the range left
+        /// out, if any.
+        fn new_run(&mut self, from: Hash, left_out: Option<(u64, u64)>) -> &mut Self {
+            use crate::audit::record::{FileBody, StartBody};
+            self.head = from;
+            self.push(
+                "file",
+                &FileBody {
+                    previous_file: None,
+                },
+            );
+            self.push(
+                "start",
+                &StartBody {
+                    version: "test",
+                    pid: 1,
+                    on_failure: "refuse",
+                    unsealed_before: 0,
+                    witness_seq: None,
+                    files_next_seq: None,
+                    tail_from: left_out.map(|(f, _)| f),
+                    tail_to: left_out.map(|(_, t)| t),
+                },
+            )
+        }
+
+        fn status(&self) -> InstanceVerdict {
+            let v = verify(
+                &[file(&self.lines)],
+                &["k".to_string()],
+                &mut AnySeal,
+                &Witnesses::default(),
+            )
+            .unwrap();
+            v[0].clone()
+        }
+    }
+
+    #[test]
+    fn records_appended_after_a_clean_stop_are_tampering_not_a_tail() {
+        let mut b = Builder::new();
+        b.request().seal().request().stop().seal();
+        let final_seal = b.head;
+        assert_eq!(b.status().status, Status::Intact);
+        // Three forged requests, each linked right (SHA-256 is public).
+        b.request().request().request();
+        let v = b.status();
+        assert!(
+            matches!(&v.status, Status::Tampered(Problem::AfterFinalSeal { first, count: 3, .. }) if first.seq == Some(5)),
+            "{v:?}"
+        );
+        assert_eq!(v.exit_code(), 3);
+        // The next run leaves them out of its chain; still tampering, and
+        // its own seals do not make them proven.
+        let forged_to = b.seq - 1;
+        b.new_run(final_seal, Some((5, forged_to))).request().seal();
+        let v = b.status();
+        assert!(
+            matches!(&v.status, Status::Tampered(Problem::AfterFinalSeal { first, count: 3, .. }) if first.seq == Some(5)),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_new_run_after_a_clean_stop_is_not_tampering() {
+        let mut b = Builder::new();
+        b.request().stop().seal();
+        let final_seal = b.head;
+        b.new_run(final_seal, None).request();
+        // The new run is running (or crashed before its first seal).
+        assert!(matches!(
+            b.status().status,
+            Status::UnsealedTail { count: 3, .. }
+        ));
+        b.seal();
+        assert_eq!(b.status().status, Status::Intact);
+    }
+
+    #[test]
+    fn a_crashed_runs_tail_stays_unproven_after_the_next_run() {
+        let mut b = Builder::new();
+        b.request().seal();
+        let last_seal = b.head;
+        b.request().request();
+        let v = b.status();
+        assert!(
+            matches!(v.status, Status::UnsealedTail { count: 2, .. }),
+            "{v:?}"
+        );
+        b.new_run(last_seal, Some((2, 3))).request().seal();
+        let v = b.status();
+        assert!(
+            matches!(&v.status, Status::Unproven { from, count: 2 } if from.seq == Some(2)),
+            "{v:?}"
+        );
+        assert_eq!(v.exit_code(), 5);
+        // A range that does not match what was left out is a broken link.
+        let mut c = Builder::new();
+        c.request().seal();
+        let last_seal = c.head;
+        c.request().request();
+        c.new_run(last_seal, Some((2, 2))).request().seal();
+        assert!(matches!(c.status().status, Status::Tampered(_)));
+    }
+
     #[test]
     fn an_intact_chain_without_a_seal_has_an_unsealed_tail() {
         let status = verdict(&chain(5));
@@ -1226,6 +1509,8 @@ mod tests {
                 unsealed_before: 0,
                 witness_seq: Some(5),
                 files_next_seq: Some(3),
+                tail_from: None,
+                tail_to: None,
             },
             &hash_line(&old[5]),
         );

@@ -82,6 +82,18 @@ struct Resume {
     head: Hash,
     /// Records after the last seal seen.
     unsealed: u64,
+    /// The last seal seen, if any.
+    seal: Option<LastSeal>,
+}
+
+/// The newest seal of the previous run's files.
+#[derive(Clone, Copy)]
+struct LastSeal {
+    seq: u64,
+    hash: Hash,
+    /// It closes a clean stop, and records that are not a new run follow
+    /// it: they can only have been added while the proxy was stopped.
+    final_then_more: bool,
 }
 
 pub(crate) struct Writer {
@@ -176,8 +188,8 @@ fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
     let mut unsealed = 0u64;
     let mut after_parsed = 0u64;
     let mut seq = None;
-    let mut sealed = false;
-    for line in lines.iter().rev() {
+    let mut seal = None;
+    for (n, line) in lines.iter().enumerate().rev() {
         match serde_json::from_slice::<Header>(line) {
             Ok(h) => {
                 if seq.is_none() {
@@ -191,9 +203,20 @@ fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
                     })?);
                 }
                 if h.kind == "seal" {
-                    sealed = true;
-                }
-                if sealed && seq.is_some() {
+                    let kind = |i: usize| {
+                        lines
+                            .get(i)
+                            .and_then(|l| serde_json::from_slice::<Header>(l).ok())
+                            .map(|h| h.kind)
+                    };
+                    seal = Some(LastSeal {
+                        seq: h.seq,
+                        hash: hash_line(line),
+                        final_then_more: n > 0
+                            && kind(n - 1).as_deref() == Some("stop")
+                            && n + 1 < lines.len()
+                            && kind(n + 1).as_deref() != Some("file"),
+                    });
                     break;
                 }
                 unsealed += 1;
@@ -202,9 +225,7 @@ fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
                 if seq.is_none() {
                     after_parsed += 1;
                 }
-                if !sealed {
-                    unsealed += 1;
-                }
+                unsealed += 1;
             }
         }
     }
@@ -223,6 +244,7 @@ fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
         seq,
         head,
         unsealed,
+        seal,
     }))
 }
 
@@ -328,6 +350,22 @@ impl Writer {
             behind = Some((w.seq, seq));
             (seq, head, unsealed) = (w.seq + 1, w.hash, 0);
         }
+        // Records after the previous run's last seal are never sealed by
+        // this run as if they were proven: the chain goes on from that seal
+        // (seq numbers go on after them), and the start record names them.
+        let mut tail = None;
+        if let (None, Some(_), Some(r)) = (behind, &sealer, &resume) {
+            if let (Some(last), true) = (r.seal, r.unsealed > 0) {
+                let (from, to) = (last.seq + 1, seq - 1);
+                if last.final_then_more {
+                    tracing::error!(instance = %instance, from, to, "records follow the final seal of the previous run's clean stop: they were added while the proxy was stopped; they are left out of the chain, and `xks-proxy audit verify` reports them as tampering");
+                } else {
+                    tracing::warn!(instance = %instance, from, to, "the previous run of this audit chain ended without its final seal (a crash or kill): its records after its last seal are left out of the chain and stay unproven (`xks-proxy audit verify` reports them)");
+                }
+                tail = Some((from, to));
+                (head, unsealed) = (last.hash, 0);
+            }
+        }
         let (file, file_name) = create_file(&dir, instance, seq)?;
         let now = Instant::now();
         let mut w = Writer {
@@ -369,6 +407,8 @@ impl Writer {
                 unsealed_before: unsealed,
                 witness_seq: behind.map(|(w, _)| w),
                 files_next_seq: behind.map(|(_, f)| f),
+                tail_from: tail.map(|(f, _)| f),
+                tail_to: tail.map(|(_, t)| t),
             },
         );
         if unsealed > 0 {

@@ -391,6 +391,12 @@ fn verdict_text(v: &crate::audit::verify::InstanceVerdict) -> String {
              from {from} on come after the last seal: nothing proves them yet (the proxy is \
              running, crashed, or the trail was cut and its end changed)\n"
         )),
+        Status::Unproven { from, count } => s.push_str(&format!(
+            "  UNPROVEN: every link holds and every seal verifies, but {count} record(s) from \
+             {from} on were left after the last seal of a run that ended without its final \
+             seal (a crash or kill); the next run went on from that seal, so nothing proves \
+             them\n"
+        )),
         Status::Tampered(p) => s.push_str(&format!("  TAMPERED: {p}\n")),
     }
     for n in &v.notes {
@@ -405,6 +411,10 @@ fn verdict_json(v: &crate::audit::verify::InstanceVerdict) -> serde_json::Value 
         Status::Intact => ("intact", serde_json::Value::Null),
         Status::UnsealedTail { from, count } => (
             "unsealed-tail",
+            serde_json::json!({"from": place(from), "count": count}),
+        ),
+        Status::Unproven { from, count } => (
+            "unproven",
             serde_json::json!({"from": place(from), "count": count}),
         ),
         Status::Tampered(p) => (
