@@ -27,4 +27,10 @@ pub enum AuditError {
     },
     #[error("cannot start the audit writer thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "cannot read the audit chain's witness from the HSM ({0}); with audit.on_failure = \
+         \"refuse\" no chain is started on files that cannot be checked against it (\"continue\" \
+         starts anyway and records that the files were not checked)"
+    )]
+    Witness(super::sealer::SealError),
 }

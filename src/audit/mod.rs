@@ -33,6 +33,9 @@ pub mod verify;
 pub mod witness;
 mod writer;
 
+#[cfg(test)]
+mod restart_tests;
+
 pub use config::{AuditConfig, OnFailure};
 pub use error::AuditError;
 pub use record::{Decision, LockEvent, LockEventKind, RequestRecord};

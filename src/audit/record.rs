@@ -281,6 +281,10 @@ pub(crate) struct StartBody<'a> {
     pub tail_from: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tail_to: Option<u64>,
+    /// Set when the witness could not be read at start (`on_failure =
+    /// "continue"`): the files were not checked against it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub witness_unchecked: Option<bool>,
 }
 
 /// A proxy run ends cleanly.
@@ -355,6 +359,7 @@ pub(crate) struct Header {
     pub files_next_seq: Option<u64>,
     pub tail_from: Option<u64>,
     pub tail_to: Option<u64>,
+    pub witness_unchecked: Option<bool>,
 }
 
 #[cfg(test)]

@@ -584,6 +584,17 @@ pub fn verify(
                             .or_default()
                             .insert(h.seq, (from, to));
                     }
+                    if h.kind == "start" && h.witness_unchecked == Some(true) {
+                        notes.entry(h.instance.clone()).or_default().push(format!(
+                            "the run that started at seq {} ({} line {}) could not read the HSM's \
+                             witness and did not check the files against it (audit.on_failure = \
+                             \"continue\"): a cut made before it would show only as that run's \
+                             witness being refused",
+                            h.seq,
+                            f.name,
+                            li + 1
+                        ));
+                    }
                     if h.kind == "start" && h.unsealed_before.is_some_and(|n| n > 0) {
                         notes.entry(h.instance.clone()).or_default().push(format!(
                             "the run that started at seq {} ({} line {}) found {} record(s) of \
@@ -1245,6 +1256,7 @@ mod tests {
                     files_next_seq: None,
                     tail_from: left_out.map(|(f, _)| f),
                     tail_to: left_out.map(|(_, t)| t),
+                    witness_unchecked: None,
                 },
             )
         }
@@ -1511,6 +1523,7 @@ mod tests {
                 files_next_seq: Some(3),
                 tail_from: None,
                 tail_to: None,
+                witness_unchecked: None,
             },
             &hash_line(&old[5]),
         );

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
-use super::config::AuditConfig;
+use super::config::{AuditConfig, OnFailure};
 use super::error::AuditError;
 use super::queue::{Entry, Shared};
 use super::record::{
@@ -65,6 +65,8 @@ const RESUME_WINDOW: u64 = 16 * 1024 * 1024;
 const STOP_WRITE_PATIENCE: Duration = Duration::from_secs(5);
 /// After a failed seal, the wait before the next attempt.
 const SEAL_RETRY: Duration = Duration::from_secs(1);
+/// Written records reach the disk (`fdatasync`) at least this often.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// How long reading the witness at startup may take.
 const WITNESS_READ_WITHIN: Duration = Duration::from_secs(2);
 /// How long a seal may take in the HSM. The writer waits for it while
@@ -119,6 +121,9 @@ pub(crate) struct Writer {
     next_rotation_attempt: Instant,
     /// Rendered records not yet written.
     out: Vec<u8>,
+    /// Bytes written since the last `fdatasync`, and when that was.
+    unsynced: bool,
+    last_sync: Instant,
     /// Held for the life of the process: see the module docs.
     _lock: File,
 }
@@ -328,11 +333,18 @@ impl Writer {
             Some(r) => (r.seq, r.head, Some(r.file.clone()), r.unsealed),
             None => (0, GENESIS, None, 0),
         };
+        let mut witness_unchecked = None;
         let witness = match &sealer {
             Some(s) => match s.witness(instance, WITNESS_READ_WITHIN) {
                 Ok(w) => w,
+                // Files that cannot be checked against the witness may have
+                // been cut; a chain started on them would hide it.
+                Err(e) if cfg.on_failure == OnFailure::Refuse => {
+                    return Err(AuditError::Witness(e))
+                }
                 Err(e) => {
-                    tracing::warn!(instance = %instance, error = %e, "cannot read the audit chain's witness from the HSM; continuing from the files as they are (`audit verify` still compares them with it)");
+                    tracing::error!(instance = %instance, error = %e, "cannot read the audit chain's witness from the HSM; audit.on_failure = \"continue\": continuing from the files as they are, unchecked (the start record says so; the witness is never lowered by this run's seals)");
+                    witness_unchecked = Some(true);
                     None
                 }
             },
@@ -387,6 +399,8 @@ impl Writer {
             witness_failing: false,
             next_rotation_attempt: now,
             out: Vec::with_capacity(64 * 1024),
+            unsynced: false,
+            last_sync: now,
             _lock: lock,
         };
         let time = format_timestamp_micros(SystemTime::now());
@@ -409,6 +423,7 @@ impl Writer {
                 files_next_seq: behind.map(|(_, f)| f),
                 tail_from: tail.map(|(f, _)| f),
                 tail_to: tail.map(|(_, t)| t),
+                witness_unchecked,
             },
         );
         if unsealed > 0 {
@@ -447,7 +462,9 @@ impl Writer {
     /// Writes the output buffer, retrying (every second) until it is
     /// written; see the module docs. At shutdown it gives up after
     /// [`STOP_WRITE_PATIENCE`] and says how much was not written.
-    fn flush_out(&mut self) {
+    /// Writes the rendered records; true when all of them were written
+    /// (false only when shutdown gave up on a disk that cannot be written).
+    fn flush_out(&mut self) -> bool {
         let mut off = 0;
         let mut failing_since: Option<Instant> = None;
         // Failing already when shutdown began: one more try, not another wait.
@@ -490,7 +507,27 @@ impl Writer {
             tracing::warn!("the audit trail is writable again");
         }
         self.file_bytes += off as u64;
+        self.unsynced |= off > 0;
+        let all = off == self.out.len();
         self.out.clear();
+        all
+    }
+
+    /// `fdatasync` of the current file; a failure is logged and counted.
+    /// True when what was written is on disk.
+    fn sync(&mut self) -> bool {
+        self.last_sync = Instant::now();
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.unsynced = false;
+                true
+            }
+            Err(e) => {
+                self.shared.metrics.audit_write_errors.inc();
+                tracing::error!(file = %self.dir.join(&self.file_name).display(), error = %e, "fdatasync of the audit file failed: its last records may not be on disk");
+                false
+            }
+        }
     }
 
     /// Seals the chain head in the HSM (see `super::record`), then writes
@@ -528,10 +565,9 @@ impl Writer {
                 let hmac = body.hmac;
                 self.since_seal = 0;
                 self.last_seal = Instant::now();
-                self.flush_out();
-                if let Err(e) = self.file.sync_data() {
-                    tracing::warn!(error = %e, "fdatasync of the audit file failed");
-                }
+                // The witness names a seal only once it is on disk: one
+                // that never got there would read as a cut later.
+                let on_disk = self.flush_out() && self.sync();
                 self.shared
                     .metrics
                     .audit_seals
@@ -541,7 +577,14 @@ impl Writer {
                     self.seal_failing = false;
                     tracing::warn!("audit seals work again");
                 }
-                self.put_witness(seq, &time);
+                if on_disk {
+                    self.put_witness(seq, &time);
+                } else {
+                    tracing::error!(
+                        seq,
+                        "the audit seal could not be written and synced; its witness is not stored"
+                    );
+                }
                 // The log is a second copy of every seal, off this disk
                 // when logs are shipped: a witness of the chain head.
                 tracing::info!(
@@ -706,6 +749,11 @@ impl Writer {
             if self.seal_due() {
                 self.seal();
             }
+            // On disk within SYNC_EVERY whether or not seals work (the HSM
+            // may be down for hours).
+            if self.unsynced && self.last_sync.elapsed() >= SYNC_EVERY {
+                self.sync();
+            }
             if self.rotation_due() {
                 self.rotate();
             }
@@ -722,8 +770,8 @@ impl Writer {
         self.append("stop", &time, &StopBody { reason: "shutdown" });
         self.flush_out();
         self.seal_within(LAST_SEAL_WITHIN);
-        if let Err(e) = self.file.sync_data() {
-            tracing::warn!(error = %e, "fdatasync of the audit file failed");
+        if self.unsynced {
+            self.sync();
         }
         tracing::info!(instance = %self.instance, next_seq = self.seq, "audit trail closed");
     }

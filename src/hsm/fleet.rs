@@ -677,9 +677,11 @@ impl KeyManagers {
         }))
     }
 
-    /// The markers of one kind in each open key manager, read one after
-    /// the other by their control threads within `within` in all; what each
-    /// said. Blocks: for plain threads (the audit writer).
+    /// The markers of one kind in each open key manager, read by their
+    /// control threads at the same time within `within`; what each said. A
+    /// key manager that hangs costs the others nothing: every one is asked
+    /// before any answer is awaited. Blocks: for plain threads (the audit
+    /// writer).
     pub fn markers_blocking(
         &self,
         application: &'static [u8],
@@ -689,13 +691,16 @@ impl KeyManagers {
         self.backends()
             .iter()
             .filter_map(Backend::pool)
-            .map(|pool| pool.markers_blocking(application, deadline))
+            .map(|pool| pool.send_markers(application, deadline))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|sent| sent.and_then(|p| p.wait(deadline)))
             .collect()
     }
 
-    /// Stores a marker in every open key manager, one after the other,
-    /// within `within` in all; what each said. Blocks: for plain threads
-    /// (the audit writer).
+    /// Stores a marker in every open key manager at the same time, within
+    /// `within`; what each said (as [`Self::markers_blocking`]). Blocks: for
+    /// plain threads (the audit writer).
     pub fn put_marker_blocking(
         &self,
         application: &'static [u8],
@@ -707,7 +712,10 @@ impl KeyManagers {
         self.backends()
             .iter()
             .filter_map(Backend::pool)
-            .map(|pool| pool.put_marker_blocking(application, label, value, deadline))
+            .map(|pool| pool.send_put_marker(application, label, value, deadline))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|sent| sent.and_then(|p| p.wait(deadline)))
             .collect()
     }
 

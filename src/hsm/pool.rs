@@ -125,6 +125,32 @@ impl Inner {
     }
 }
 
+/// A job sent to a control thread, its answer still to come.
+pub(crate) struct Pending<T> {
+    rx: std::sync::mpsc::Receiver<Result<T, Fault>>,
+    started: Arc<AtomicBool>,
+    pool: Pool,
+}
+
+impl<T> Pending<T> {
+    /// Blocks the calling (non-runtime) thread until the answer, or
+    /// `deadline`.
+    pub fn wait(self, deadline: Instant) -> Result<T, Fault> {
+        match self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(self.pool.fault_timeout(false))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(self
+                .pool
+                .fault_timeout(self.started.load(Ordering::Relaxed))),
+        }
+    }
+}
+
 /// Handle to one key manager's pool; cheap to clone.
 #[derive(Clone)]
 pub struct Pool {
@@ -291,6 +317,19 @@ impl Pool {
         deadline: Instant,
         f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
     ) -> Result<T, Fault> {
+        self.send_control(kind, deadline, f)?.wait(deadline)
+    }
+
+    /// Queues a job for the control thread and returns at once: the caller
+    /// waits for the answer with [`Pending::wait`]. So a caller that asks
+    /// several key managers sends to all of them first, and one that hangs
+    /// costs the others nothing.
+    pub(crate) fn send_control<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<Pending<T>, Fault> {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         let started = Arc::new(AtomicBool::new(false));
         let job = Job {
@@ -303,13 +342,11 @@ impl Pool {
             }),
         };
         self.enqueue(true, job)?;
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(result) => result,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(self.fault_timeout(false)),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                Err(self.fault_timeout(started.load(Ordering::Relaxed)))
-            }
-        }
+        Ok(Pending {
+            rx,
+            started,
+            pool: self.clone(),
+        })
     }
 
     /// Queues a job for the request threads or the control thread; a full
@@ -393,25 +430,25 @@ impl Pool {
     }
 
     /// [`Self::markers`] for a plain thread that may block.
-    pub fn markers_blocking(
+    pub(crate) fn send_markers(
         &self,
         application: &'static [u8],
         deadline: Instant,
-    ) -> Result<Vec<Marker>, Fault> {
-        self.run_control_blocking("markers", deadline, move |w| w.markers(application))
+    ) -> Result<Pending<Vec<Marker>>, Fault> {
+        self.send_control("markers", deadline, move |w| w.markers(application))
     }
 
     /// Stores a marker (control thread); blocks the calling (non-runtime)
     /// thread until `deadline`.
-    pub fn put_marker_blocking(
+    pub(crate) fn send_put_marker(
         &self,
         application: &'static [u8],
         label: &str,
         value: &[u8],
         deadline: Instant,
-    ) -> Result<(), Fault> {
+    ) -> Result<Pending<()>, Fault> {
         let (label, value) = (label.to_owned(), value.to_vec());
-        self.run_control_blocking("marker_put", deadline, move |w| {
+        self.send_control("marker_put", deadline, move |w| {
             w.put_marker(application, &label, &value)
         })
     }
