@@ -239,7 +239,18 @@ fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
     let pin = pin.to_str().unwrap();
     let env = vec![(hsm.env_var().to_string(), hsm.conf.display().to_string())];
     let module = hsm.module();
-    let objects_before = hsm.pkcs11_tool("probe-me", &["--list-objects"]);
+    // The token's objects, in an order of their own (Kryoptic lists them
+    // in no fixed order).
+    let objects = || {
+        let mut lines: Vec<String> = hsm
+            .pkcs11_tool("probe-me", &["--list-objects"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let objects_before = objects();
 
     // The implementation under test: ready, with the default settings.
     let (code, out) = probe(
