@@ -136,7 +136,9 @@ pub async fn run(
     // The lockdowns in force, read once before serving, then twice a second.
     let locks = Arc::new(LockBoard::default());
     let mut poller = Poller::new(hsm.clone(), locks.clone(), audit.clone(), metrics.clone());
-    poller.poll_once().await;
+    poller
+        .poll_until_read(crate::lockdown::poller::STARTUP_READ)
+        .await;
     tasks.push(tokio::spawn(poller.run()));
 
     let (xks_conns, ping_conns, admin_conns) = connection_caps(&cfg);

@@ -223,3 +223,58 @@ fn lockdown_commands_check_what_they_are_told() {
 fn locked_other(c: &XksClient) -> bool {
     encrypt(c, "other-key") == (400, Some("InvalidStateException".into()))
 }
+
+/// A second lockdown on a scope never weakens the first: `--for 10m` after
+/// an indefinite lock leaves it indefinite (before: it replaced the marker
+/// and the lock lifted itself ten minutes later); a longer one lengthens a
+/// shorter one; `unlock` lifts it.
+#[test]
+fn a_second_lockdown_never_shortens_the_first() {
+    let p = Proxy::start();
+    let c = p.h1();
+    let status = || -> Value {
+        let out = p.cli(&["lockdown", "--status", "--json"]);
+        serde_json::from_str(out.lines().next().unwrap_or("null")).unwrap_or(Value::Null)
+    };
+    p.cli(&["lockdown", "--all", "--reason", "incident"]);
+    let first = status();
+    let out = p.cli(&[
+        "lockdown",
+        "--all",
+        "--for",
+        "10m",
+        "--reason",
+        "maintenance",
+    ]);
+    assert!(
+        out.contains("already locked down") && out.contains("until unlocked"),
+        "{out}"
+    );
+    let second = status();
+    assert_eq!(second["id"], first["id"], "the same lock: {second}");
+    assert!(second["until"].is_null(), "still without end: {second}");
+    assert!(
+        second["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("incident") && r.contains("maintenance")),
+        "{second}"
+    );
+    assert!(eventually(10, || locked(&c)));
+    p.cli(&["unlock", "--all"]);
+    assert!(eventually(10, || !locked(&c)));
+
+    // A short lock, then a longer one: the longer end stands.
+    p.cli(&["lockdown", "--all", "--for", "10m", "--reason", "short"]);
+    p.cli(&["lockdown", "--all", "--for", "2h", "--reason", "longer"]);
+    let short_then_long = status()["until"].as_str().unwrap().to_string();
+    p.cli(&[
+        "lockdown",
+        "--all",
+        "--for",
+        "1m",
+        "--reason",
+        "shorter again",
+    ]);
+    assert_eq!(status()["until"].as_str().unwrap(), short_then_long);
+    p.cli(&["unlock", "--all"]);
+}

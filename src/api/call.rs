@@ -31,6 +31,13 @@ impl<'a, K> KeyCall<'a, K> {
     /// `lockdown` layer).
     pub fn check_lock(&mut self) -> Result<(), XksError> {
         self.log.stage = stage::LOCKDOWN;
+        if self.app.locks.unread() {
+            return Err(XksError::DependencyTimeout(
+                "the lockdown markers have not been read from any key manager yet; Encrypt and \
+                 Decrypt wait until they are"
+                    .into(),
+            ));
+        }
         match self.app.locks.check(&self.target.store.name) {
             None => Ok(()),
             Some(lock) => {

@@ -122,6 +122,8 @@ struct Setup {
     replay_protection: bool,
     /// An audit trail (unsealed: seals need the HSM) in this directory.
     audit: Option<(PathBuf, OnFailure, usize)>,
+    /// The lock markers have not been read yet.
+    locks_unread: bool,
 }
 
 struct Harness {
@@ -193,7 +195,14 @@ fn harness(setup: Setup) -> Harness {
         ),
         log_limiter: Default::default(),
         audit,
-        locks: Arc::new(LockBoard::default()),
+        locks: {
+            // Read, and empty: no lock in force.
+            let board = LockBoard::default();
+            if !setup.locks_unread {
+                board.set(Vec::new());
+            }
+            Arc::new(board)
+        },
         seal_key: Some("seal".into()),
     });
     let tls = client_tls(rustls::RootCertStore::empty(), &[b"http/1.1"], None).unwrap();
@@ -604,6 +613,37 @@ fn ping_follows_the_best_key_manager() {
         assert_eq!(ping(&h).await, StatusCode::SERVICE_UNAVAILABLE);
         h.app.keys.statuses.lock().unwrap().clear();
         assert_eq!(ping(&h).await, StatusCode::SERVICE_UNAVAILABLE);
+    });
+}
+
+/// Before the lock markers were ever read, the locks in force are unknown:
+/// Encrypt and Decrypt are refused (a kill switch must not fail open),
+/// GetKeyMetadata and health answer.
+#[test]
+fn encrypt_waits_until_the_locks_have_been_read() {
+    run(async {
+        let h = harness(Setup {
+            locks_unread: true,
+            ..Setup::default()
+        });
+        let calls = h.key_calls();
+        let a = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        expect(&a, 503, "DependencyTimeoutException");
+        assert!(a.json["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("lockdown markers have not been read")));
+        assert_eq!(h.key_calls(), calls, "nothing reached the key managers");
+        let m = h
+            .call(&format!("/keys/{KEY}/metadata"), bodies::metadata())
+            .await;
+        assert_eq!(m.status, StatusCode::OK, "{m:?}");
+        h.app.locks.set(Vec::new());
+        let a = h
+            .call(&format!("/keys/{KEY}/encrypt"), encrypt_body())
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{a:?}");
     });
 }
 

@@ -134,18 +134,42 @@ pub fn lockdown(args: LockdownArgs) -> Result<(), ExitCode> {
     };
     on_each(&hsm, &chosen, named, |token| {
         purge_expired(token)?;
+        // Locks only get stronger: a lock already in force on the scope is
+        // kept (same id) and strengthened, never shortened or replaced.
+        let label = label_for(&scope);
+        let now = std::time::SystemTime::now();
+        let held = token
+            .markers(APPLICATION)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter(|m| m.label == label)
+            .filter_map(Lock::from_marker)
+            .find(|l| l.active_at(now));
+        let stored = match &held {
+            Some(h) => h.strengthened_by(&lock),
+            None => lock.clone(),
+        };
         token
-            .put_marker(APPLICATION, &label_for(&scope), &lock.to_value())
+            .put_marker(APPLICATION, &label, &stored.to_value())
             .map_err(|e| e.to_string())?;
-        Ok(format!(
-            "{what} locked down (lock {}{}): every proxy instance on this token refuses Encrypt \
-             and Decrypt within about 2 s",
-            lock.id,
-            lock.until
-                .as_deref()
-                .map(|u| format!(", until {u}"))
-                .unwrap_or_default()
-        ))
+        let lasting = stored
+            .until
+            .as_deref()
+            .map(|u| format!(", until {u}"))
+            .unwrap_or_else(|| ", until unlocked".into());
+        Ok(match held {
+            Some(_) => format!(
+                "{what} was already locked down (lock {}); it stays locked{lasting}: a lockdown \
+                 never shortens or lifts an earlier one",
+                stored.id
+            ),
+            None => format!(
+                "{what} locked down (lock {}{lasting}): every proxy instance on this token \
+                 refuses Encrypt and Decrypt within a second (the markers are read every {} ms)",
+                stored.id,
+                crate::lockdown::POLL_INTERVAL.as_millis()
+            ),
+        })
     })
 }
 

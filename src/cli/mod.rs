@@ -104,7 +104,9 @@ enum Command {
         command: audit::AuditCommand,
     },
     /// The kill switch: every proxy instance sharing the HSM refuses Encrypt
-    /// and Decrypt for a key store (or all) within about 2 s; --status lists
+    /// and Decrypt for a key store (or all) within a second (the markers are
+    /// read twice a second); a second lockdown never shortens or lifts the
+    /// first; --status lists
     /// the locks in force.
     Lockdown(Box<lockdown::LockdownArgs>),
     /// Lift a lockdown.

@@ -6,6 +6,7 @@
 //! lifts itself on time whatever the poll cadence.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -19,13 +20,31 @@ struct Locks {
     stores: HashMap<String, Arc<Lock>>,
 }
 
-/// The current locks.
-#[derive(Default)]
+/// The current locks, and whether they are known at all.
 pub struct LockBoard {
     current: ArcSwap<Locks>,
+    /// No key manager has been read yet: until one is, the locks in force
+    /// are unknown, and Encrypt and Decrypt are refused (a kill switch that
+    /// cannot be read must not fail open).
+    unread: AtomicBool,
+}
+
+impl Default for LockBoard {
+    /// A board whose locks have not been read yet.
+    fn default() -> Self {
+        LockBoard {
+            current: ArcSwap::default(),
+            unread: AtomicBool::new(true),
+        }
+    }
 }
 
 impl LockBoard {
+    /// True until the first successful read of the lock markers.
+    pub fn unread(&self) -> bool {
+        self.unread.load(Ordering::Acquire)
+    }
+
     /// The lock in force on `key_store` now, if any (its own, else one on
     /// every key store).
     pub fn check(&self, key_store: &str) -> Option<Arc<Lock>> {
@@ -53,6 +72,7 @@ impl LockBoard {
             }
         }
         self.current.store(Arc::new(next));
+        self.unread.store(false, Ordering::Release);
     }
 }
 
@@ -63,6 +83,9 @@ mod tests {
     #[test]
     fn a_store_lock_and_an_all_lock_apply_and_expire() {
         let b = LockBoard::default();
+        assert!(b.unread());
+        b.set(Vec::new());
+        assert!(!b.unread());
         assert!(b.check("a").is_none());
         b.set(vec![Lock::new("a", "r", None, "me")]);
         assert!(b.check("a").is_some());

@@ -121,6 +121,31 @@ impl Lock {
         self.until_time().is_none_or(|u| now < u)
     }
 
+    /// This lock with `newer` (a second `lockdown` on the same scope)
+    /// folded in: locks only get stronger. It stays the same lock (its id:
+    /// instances see no lift and relock), lasts as long as the longer of
+    /// the two (without end if either is), and keeps both reasons.
+    pub fn strengthened_by(&self, newer: &Lock) -> Lock {
+        let until = match (self.until_time(), newer.until_time()) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) if a >= b => self.until.clone(),
+            _ => newer.until.clone(),
+        };
+        let reason = if newer.reason.is_empty() || newer.reason == self.reason {
+            self.reason.clone()
+        } else {
+            clean_reason(&format!(
+                "{}; then by {}: {}",
+                self.reason, newer.by, newer.reason
+            ))
+        };
+        Lock {
+            until,
+            reason,
+            ..self.clone()
+        }
+    }
+
     /// What a refused request is told (and the operator's CloudWatch logs
     /// show, through KMS).
     pub fn message(&self, key_store: &str) -> String {
@@ -180,5 +205,24 @@ mod tests {
         })
         .is_none());
         assert_eq!(clean_reason(&"é".repeat(300)).len(), 256);
+    }
+
+    #[test]
+    fn a_second_lock_never_weakens_the_first() {
+        let day = Duration::from_secs(86_400);
+        let forever = Lock::new("s", "stolen credentials", None, "a@h");
+        let ten_minutes = Lock::new("s", "maintenance", Some(Duration::from_secs(600)), "b@h");
+        // An indefinite lock stays indefinite, and the same lock.
+        let m = forever.strengthened_by(&ten_minutes);
+        assert_eq!(
+            (m.id.as_str(), m.until.as_deref()),
+            (forever.id.as_str(), None)
+        );
+        assert!(m.reason.contains("stolen credentials") && m.reason.contains("maintenance"));
+        // A short lock is lengthened by a longer one, and made indefinite by one without end.
+        let a_day = Lock::new("s", "x", Some(day), "c@h");
+        assert_eq!(ten_minutes.strengthened_by(&a_day).until, a_day.until);
+        assert_eq!(a_day.strengthened_by(&ten_minutes).until, a_day.until);
+        assert_eq!(a_day.strengthened_by(&forever).until, None);
     }
 }

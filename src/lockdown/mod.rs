@@ -22,4 +22,4 @@ pub mod poller;
 
 pub use board::LockBoard;
 pub use lock::Lock;
-pub use poller::Poller;
+pub use poller::{Poller, POLL_INTERVAL};

@@ -22,6 +22,9 @@ use crate::telemetry::metrics::Metrics;
 
 /// Between two reads of the markers.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long startup waits for the first read of the locks before it
+/// serves (refusing Encrypt and Decrypt until they are read).
+pub const STARTUP_READ: Duration = Duration::from_secs(5);
 /// How long one read may take.
 const READ_WITHIN: Duration = Duration::from_millis(400);
 
@@ -100,13 +103,13 @@ impl Poller {
             .filter(|l| l.active_at(now))
             .map(|l| ((l.scope.clone(), l.id.clone()), l.clone()))
             .collect();
-        self.board.set(by_scope.values().cloned().collect());
-        for (k, l) in &active {
-            if !self.active.contains_key(k) {
-                tracing::warn!(scope = %l.scope, lock = %l.id, reason = %l.reason, until = l.until.as_deref().unwrap_or(""), by = %l.by, "lockdown in force: Encrypt and Decrypt are refused");
-                self.record(LockEventKind::Locked, l);
-            }
+        // Only what was read: with no key manager read yet, the board stays
+        // "unread" (Encrypt and Decrypt refused) rather than "no locks".
+        if self.per_backend.iter().any(Option::is_some) {
+            self.board.set(by_scope.values().cloned().collect());
         }
+        // Lifts first, then new locks: a lock replaced on its scope reads
+        // as what happened, the old one ending before the new one begins.
         for (k, l) in &self.active {
             if !active.contains_key(k) {
                 let kind = if by_scope.get(&l.scope).is_some_and(|s| s.id == l.id) {
@@ -116,6 +119,12 @@ impl Poller {
                 };
                 tracing::warn!(scope = %l.scope, lock = %l.id, event = kind.as_str(), "lockdown lifted");
                 self.record(kind, l);
+            }
+        }
+        for (k, l) in &active {
+            if !self.active.contains_key(k) {
+                tracing::warn!(scope = %l.scope, lock = %l.id, reason = %l.reason, until = l.until.as_deref().unwrap_or(""), by = %l.by, "lockdown in force: Encrypt and Decrypt are refused");
+                self.record(LockEventKind::Locked, l);
             }
         }
         self.metrics.lockdown_active.set(active.len() as i64);
@@ -134,6 +143,28 @@ impl Poller {
                 until: if full { l.until.clone() } else { None },
                 by: (full && !l.by.is_empty()).then(|| l.by.clone()),
             });
+        }
+    }
+
+    /// At startup: polls until some key manager's markers are read, for up
+    /// to `within` ([`STARTUP_READ`] in `serve`). Past it the proxy serves,
+    /// refusing Encrypt and Decrypt until a read succeeds (see
+    /// [`LockBoard::unread`]); returns whether the locks are known.
+    pub async fn poll_until_read(&mut self, within: Duration) -> bool {
+        let give_up = tokio::time::Instant::now() + within;
+        loop {
+            self.poll_once().await;
+            if !self.board.unread() {
+                return true;
+            }
+            if tokio::time::Instant::now() + POLL_INTERVAL > give_up {
+                tracing::error!(
+                    within_ms = within.as_millis() as u64,
+                    "the lockdown markers could not be read from any key manager: Encrypt and Decrypt are refused (503) until they can be"
+                );
+                return false;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
