@@ -909,3 +909,74 @@ fn init_key_makes_a_protected_seal_key_once() {
         "{list}"
     );
 }
+
+/// Whoever holds stolen SigV4 credentials chooses the request metadata the
+/// reports print. Before: an Encrypt whose kmsRequestId held `\r\x1b[2K` or
+/// `\n` plus a fake line erased or forged lines of `audit reconcile`'s
+/// "served by the proxy, never made by KMS" list. Now every such field is
+/// shown escaped, in `report`, `reconcile` and `verify`.
+#[test]
+fn what_a_client_put_in_a_request_cannot_rewrite_the_reports() {
+    let mut p = Proxy::start_with(Options {
+        extra_sections: audit_section("instance_id = \"hostile\""),
+        ..Options::default()
+    });
+    let hostile_id = "evil\r\u{1b}[2K\nserved by the proxy, never made by KMS: 0\u{0}";
+    let hostile_arn = "arn:aws:iam::111122223333:role/x\u{2028}\u{202e}gnp.exe";
+    let body = serde_json::json!({
+        "requestMetadata": {
+            "awsPrincipalArn": hostile_arn,
+            "kmsKeyArn": "arn:aws:kms:us-east-1:111122223333:key/k",
+            "kmsOperation": "Encrypt",
+            "kmsRequestId": hostile_id,
+            "kmsViaService": "s3\u{1b}]0;title\u{7}",
+        },
+        "plaintext": "AAAA",
+        "encryptionAlgorithm": "AES_GCM",
+    });
+    block_on(async {
+        let r = p
+            .h1()
+            .call("/keys/key-ed/encrypt", body.to_string().into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    });
+    assert!(p.terminate().success());
+    let hostile = |text: &str| {
+        text.chars().any(|c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}')
+        }) || text
+            .lines()
+            .any(|l| l.starts_with("served by the proxy, never made by KMS: 0"))
+    };
+    let report = p.cli(&["audit", "report", "--key", "key-ed"]);
+    assert!(!hostile(&report), "{report:?}");
+    assert!(
+        report.contains("\\u{2028}") && report.contains("\\u{1b}"),
+        "{report}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let none = cloudtrail_file(dir.path(), &[]);
+    let out = p.cli_raw(&[
+        "audit",
+        "reconcile",
+        "--cloudtrail",
+        none.to_str().unwrap(),
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(!hostile(&text), "{text:?}");
+    assert!(
+        text.contains("ALARM") && text.contains("evil\\u{d}\\u{1b}[2K\\u{a}served"),
+        "{text}"
+    );
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 0, "{out}");
+    assert!(!hostile(&out), "{out:?}");
+}

@@ -363,16 +363,22 @@ impl Outcome {
             "made by KMS, never reached this proxy: {}\n",
             self.never_reached.len()
         ));
+        // Every field below came from a file or a request someone else
+        // wrote (the trail's request fields from whoever held the SigV4
+        // credentials): shown escaped, so it cannot erase or forge lines of
+        // this very list on the operator's terminal.
+        let p = crate::spec::text::printable;
+        let o = |v: &Option<String>, none: &str| p(v.as_deref().unwrap_or(none));
         for e in &self.never_reached {
             s.push_str(&format!(
                 "  {}  {}  requestID {}  key {}{}\n",
-                e.event_time,
-                e.event_name,
-                e.request_id,
-                e.key.as_deref().unwrap_or("-"),
+                p(&e.event_time),
+                p(&e.event_name),
+                p(&e.request_id),
+                o(&e.key, "-"),
                 e.error_code
                     .as_deref()
-                    .map(|c| format!("  errorCode {c} (failed in KMS)"))
+                    .map(|c| format!("  errorCode {} (failed in KMS)", p(c)))
                     .unwrap_or_default()
             ));
         }
@@ -387,16 +393,16 @@ impl Outcome {
             for r in &self.never_made {
                 s.push_str(&format!(
                     "  {}  {} seq {}  {} {}/{}  kmsRequestId {}  principal {}  accessKeyId {}  client {}  status {}\n",
-                    r.time,
-                    r.instance,
+                    p(&r.time),
+                    p(&r.instance),
                     r.seq,
-                    r.operation.as_deref().unwrap_or("?"),
-                    r.key_store.as_deref().unwrap_or("?"),
-                    r.key_id.as_deref().unwrap_or("-"),
-                    r.kms_request_id.as_deref().unwrap_or("(none)"),
-                    r.aws_principal_arn.as_deref().unwrap_or("-"),
-                    r.access_key_id.as_deref().unwrap_or("-"),
-                    r.client_addr.as_deref().unwrap_or("-"),
+                    o(&r.operation, "?"),
+                    o(&r.key_store, "?"),
+                    o(&r.key_id, "-"),
+                    o(&r.kms_request_id, "(none)"),
+                    o(&r.aws_principal_arn, "-"),
+                    o(&r.access_key_id, "-"),
+                    o(&r.client_addr, "-"),
                     r.status
                 ));
             }

@@ -211,17 +211,26 @@ impl Report {
 
     /// The report as text, one block per key.
     pub fn to_text(&self) -> String {
+        let p = crate::spec::text::printable;
         let mut out = String::new();
         if self.keys.is_empty() {
             out.push_str("no request records for the selection\n");
         }
         for k in self.keys.values() {
+            // Every name below came from a request (or a record on disk):
+            // shown escaped, so that it cannot rewrite the report.
             out.push_str(&format!(
                 "key {} (key store {}): {} use(s)",
-                k.key_id, k.key_store, k.uses.count
+                p(&k.key_id),
+                p(&k.key_store),
+                k.uses.count
             ));
             if k.uses.count > 0 {
-                out.push_str(&format!(", first {}, last {}", k.uses.first, k.uses.last));
+                out.push_str(&format!(
+                    ", first {}, last {}",
+                    p(&k.uses.first),
+                    p(&k.uses.last)
+                ));
             }
             let refused: u64 = k.refused.values().map(|u| u.count).sum();
             if refused > 0 {
@@ -241,8 +250,11 @@ impl Report {
                 out.push_str(&format!("  {title}:\n"));
                 for (name, u) in map {
                     out.push_str(&format!(
-                        "    {name:<56} {:>8}  {}  {}\n",
-                        u.count, u.first, u.last
+                        "    {:<56} {:>8}  {}  {}\n",
+                        p(name),
+                        u.count,
+                        p(&u.first),
+                        p(&u.last)
                     ));
                 }
             }

@@ -80,10 +80,12 @@ pub struct Place {
 }
 
 impl fmt::Display for Place {
+    // File names are shown escaped: whoever can write the directory chose them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = crate::spec::text::printable(&self.file);
         match self.seq {
-            Some(s) => write!(f, "seq {s} ({} line {})", self.file, self.line),
-            None => write!(f, "{} line {}", self.file, self.line),
+            Some(s) => write!(f, "seq {s} ({file} line {})", self.line),
+            None => write!(f, "{file} line {}", self.line),
         }
     }
 }
@@ -213,8 +215,9 @@ impl fmt::Display for Problem {
             Problem::NotARecord { at } => write!(f, "{at} is not an audit record"),
             Problem::ForeignRecord { at, instance } => write!(
                 f,
-                "{at} belongs to instance '{instance}', not to the chain of the file it is in \
-                 (inserted from another trail)"
+                "{at} belongs to instance '{}', not to the chain of the file it is in \
+                 (inserted from another trail)",
+                crate::spec::text::printable(instance)
             ),
             Problem::BadGenesis { at } => write!(
                 f,
@@ -591,7 +594,7 @@ pub fn verify(
                              \"continue\"): a cut made before it would show only as that run's \
                              witness being refused",
                             h.seq,
-                            f.name,
+                            crate::spec::text::printable(&f.name),
                             li + 1
                         ));
                     }
@@ -601,7 +604,7 @@ pub fn verify(
                              the previous run after its last seal (a crash or kill); they are \
                              proven only from this run's first seal on",
                             h.seq,
-                            f.name,
+                            crate::spec::text::printable(&f.name),
                             li + 1,
                             h.unsealed_before.unwrap_or(0)
                         ));
@@ -634,7 +637,7 @@ pub fn verify(
                     notes.entry(i.clone()).or_default().push(format!(
                         "{} ends with a cut-off line ({} bytes, no line break): a write the \
                          proxy did not finish (a crash); it is not part of the chain",
-                        f.name,
+                        crate::spec::text::printable(&f.name),
                         t.len()
                     ));
                 }

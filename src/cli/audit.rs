@@ -368,7 +368,9 @@ fn read_input(path: &Path) -> Result<(String, String), ExitCode> {
 fn verdict_text(v: &crate::audit::verify::InstanceVerdict) -> String {
     let mut s = format!(
         "instance {}: {} file(s), {} record(s)",
-        v.instance, v.files, v.records
+        crate::spec::text::printable(&v.instance),
+        v.files,
+        v.records
     );
     if let (Some(a), Some(b)) = (v.first_seq, v.last_seq) {
         s.push_str(&format!(" (seq {a} to {b})"));

@@ -9,11 +9,13 @@
 //! - [`error`]: the spec's error table (status + `errorName`) and message rules;
 //! - [`aead`]: the AAD handed to the HSM, ciphertext metadata, the CDIV;
 //! - [`names`]: external key ids, URI paths, credentials, Regions;
-//! - [`time`]: SigV4 and configuration timestamps.
+//! - [`time`]: SigV4 and configuration timestamps;
+//! - [`text`]: text from outside made safe to print.
 
 pub mod aead;
 pub mod error;
 pub mod names;
 pub mod path;
+pub mod text;
 pub mod time;
 pub mod wire;

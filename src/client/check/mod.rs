@@ -38,8 +38,9 @@ use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
 use super::{ClientError, HttpVersion, XksClient};
+pub use crate::spec::text::printable;
 use report::{failure, mark_last, push, step_failed, transport_failure, Failure};
-pub use report::{printable, Report, Step, TlsReport, Verdict};
+pub use report::{Report, Step, TlsReport, Verdict};
 use schema::validate_health;
 use tls::{check_tls, describe_tls, explain_tls};
 use wire::{call, request_id, KeyErrors, Wire};

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::spec::text::printable;
+
 /// The connection verdicts, as KMS names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -181,23 +183,6 @@ impl Report {
         }
         out
     }
-}
-
-/// Server-provided text made safe for a terminal: control characters, line
-/// and paragraph separators and bidirectional overrides are shown escaped
-/// (`\u{1b}`), so they cannot move the cursor, start a line or reorder text.
-pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        let hostile = c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if hostile {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A failed step: the verdict it implies and why.
