@@ -21,6 +21,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use std::sync::mpsc::Sender;
 
@@ -33,6 +34,9 @@ use super::writer::Writer;
 use crate::telemetry::metrics::Metrics;
 
 /// The running trail of this instance.
+/// At shutdown, how long requests that hold a slot are waited for.
+pub const SLOT_WAIT: Duration = Duration::from_secs(5);
+
 pub struct AuditTrail {
     tx: Sender<Entry>,
     shared: Arc<Shared>,
@@ -141,9 +145,22 @@ impl AuditTrail {
 
     /// Writes the `stop` record and the final seal, and waits for the
     /// writer to finish (bounded: a seal gives up after a few seconds, and
-    /// so does a disk that cannot be written). Blocking.
+    /// so does a disk that cannot be written). First, for up to
+    /// [`SLOT_WAIT`], it waits for requests that hold a slot to commit their
+    /// records (shutdown's grace period may end while some are still with
+    /// the key manager); what is still missing then is recorded as a loss,
+    /// with its count, before the stop record. Blocking.
     pub fn close(&self) {
+        self.close_within(SLOT_WAIT)
+    }
+
+    pub(crate) fn close_within(&self, slot_wait: Duration) {
+        // No new reservations from here on (see `reserve`).
         self.shared.stop.store(true, Ordering::Release);
+        let give_up = Instant::now() + slot_wait;
+        while self.shared.used.load(Ordering::Acquire) > 0 && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.tx.send(Entry::Shutdown);
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
@@ -168,7 +185,11 @@ impl Slot {
         self.committed = true;
         if self.tx.send(Entry::Request(Box::new(r))).is_err() {
             self.shared.release();
-            self.shared.note_lost("the audit writer has stopped");
+            // After a close, the writer already counted this slot in its
+            // last loss record.
+            if !self.shared.stop.load(Ordering::Acquire) {
+                self.shared.note_lost("the audit writer has stopped");
+            }
         }
     }
 }
@@ -300,6 +321,47 @@ mod tests {
             text.contains("\"type\":\"loss\",") && text.contains("\"count\":1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn closing_waits_for_held_slots_and_records_what_never_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let t = Arc::new(
+            AuditTrail::start(&cfg(dir.path(), 10), "closing".into(), None, &metrics).unwrap(),
+        );
+        // A request still with the key manager when shutdown begins.
+        let late = t.reserve().unwrap();
+        let closer = {
+            let t = t.clone();
+            std::thread::spawn(move || t.close_within(Duration::from_secs(10)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(t.reserve().is_none(), "no new slots while closing");
+        late.commit(request("late".into()));
+        closer.join().unwrap();
+        let text =
+            std::fs::read_to_string(&expand(&[dir.path().to_path_buf()]).unwrap()[0]).unwrap();
+        let late_at = text
+            .find("\"kmsRequestId\":\"late\"")
+            .expect("the late record is in");
+        assert!(late_at < text.find("\"type\":\"stop\"").unwrap());
+        assert_eq!(metrics.audit_lost.get(), 0);
+
+        // One that never commits within the wait: a loss, counted once.
+        let dir = tempfile::tempdir().unwrap();
+        let t = AuditTrail::start(&cfg(dir.path(), 10), "closing".into(), None, &metrics).unwrap();
+        let never = t.reserve().unwrap();
+        t.close_within(Duration::from_millis(50));
+        never.commit(request("too-late".into()));
+        let text =
+            std::fs::read_to_string(&expand(&[dir.path().to_path_buf()]).unwrap()[0]).unwrap();
+        assert!(
+            text.contains("\"type\":\"loss\",") && text.contains("\"count\":1"),
+            "{text}"
+        );
+        assert!(!text.contains("too-late"));
+        assert_eq!(metrics.audit_lost.get(), 1);
     }
 
     #[test]

@@ -762,7 +762,14 @@ impl Writer {
 
     /// The `stop` record and the final seal.
     fn finish(&mut self) {
-        let lost = self.shared.lost.swap(0, Ordering::AcqRel);
+        // The queue is drained: what is still "used" is slots that requests
+        // reserved and never committed (the close stopped waiting for them).
+        let held = self.shared.used.load(Ordering::Acquire) as u64;
+        if held > 0 {
+            tracing::error!(records = held, "requests still held audit slots when the trail closed; their records are lost (a loss record says how many)");
+            self.shared.metrics.audit_lost.inc_by(held);
+        }
+        let lost = self.shared.lost.swap(0, Ordering::AcqRel) + held;
         let time = format_timestamp_micros(SystemTime::now());
         if lost > 0 {
             self.append("loss", &time, &LossBody { count: lost });
