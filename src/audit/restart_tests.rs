@@ -32,7 +32,9 @@ struct FakeSealer(Arc<Mutex<Hsm>>);
 fn mac(key: &str, input: &[u8]) -> Vec<u8> {
     let mut m = key.as_bytes().to_vec();
     m.extend_from_slice(input);
-    ring::digest::digest(&ring::digest::SHA256, &m).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, &m)
+        .as_ref()
+        .to_vec()
 }
 
 impl Sealer for FakeSealer {
