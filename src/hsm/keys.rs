@@ -8,6 +8,11 @@
 //! the HSM (a key disabled, a usage removed) is seen within that time by every
 //! proxy instance; GetKeyMetadata always reads fresh attributes.
 //!
+//! Both maps are keyed by what requests name, and a request may name any
+//! key id (with `keys = ["*"]`, ids that do not exist too): each is bounded
+//! to [`MAX_ENTRIES`], dropping expired entries and then the oldest quarter
+//! when full, so a flood of distinct ids costs a bounded amount of memory.
+//!
 //! Handles belong to one instance of the module: after a re-initialization
 //! (see `super::module`) the same number may name *another* object, so the
 //! cache is emptied when the module's generation changes, before any lookup.
@@ -18,6 +23,31 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use super::objects::KeyInfo;
+
+/// Entries each map holds at most.
+pub(crate) const MAX_ENTRIES: usize = 10_000;
+
+/// Inserts into a map of timestamped entries, keeping it within
+/// [`MAX_ENTRIES`]: when full, expired entries go first, then the oldest
+/// quarter (amortized: one pass per quarter of the capacity).
+fn bounded_insert<V>(
+    map: &mut HashMap<String, (V, Instant)>,
+    key: String,
+    value: V,
+    ttl: Duration,
+) {
+    if map.len() >= MAX_ENTRIES && !map.contains_key(&key) {
+        map.retain(|_, (_, at)| at.elapsed() < ttl);
+        if map.len() >= MAX_ENTRIES {
+            let mut ages: Vec<Instant> = map.values().map(|(_, at)| *at).collect();
+            let quarter = ages.len() / 4;
+            let (_, cut, _) = ages.select_nth_unstable(quarter);
+            let cut = *cut;
+            map.retain(|_, (_, at)| *at > cut);
+        }
+    }
+    map.insert(key, (value, Instant::now()));
+}
 
 pub(crate) struct KeyCache {
     ttl: Duration,
@@ -63,7 +93,7 @@ impl KeyCache {
 
     pub fn insert(&self, key: KeyInfo) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        entries.insert(key.label.clone(), (key, Instant::now()));
+        bounded_insert(&mut entries, key.label.clone(), key, self.ttl);
     }
 
     pub fn remove(&self, label: &str) {
@@ -82,6 +112,24 @@ impl KeyCache {
 
     pub fn set_version(&self, id: &str, version: u32) {
         let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
-        versions.insert(id.to_string(), (version, Instant::now()));
+        bounded_insert(&mut versions, id.to_string(), version, self.ttl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_distinct_key_ids_leaves_the_cache_bounded() {
+        let cache = KeyCache::new(Duration::from_secs(3600));
+        for n in 0..100_000 {
+            cache.set_version(&format!("no-such-key-{n}"), 0);
+        }
+        let held = cache.versions.read().unwrap().len();
+        assert!(held <= MAX_ENTRIES, "{held}");
+        // The newest survive; the oldest went first.
+        assert_eq!(cache.fresh_version("no-such-key-99999"), Some(0));
+        assert_eq!(cache.fresh_version("no-such-key-0"), None);
     }
 }
