@@ -64,6 +64,34 @@ fn health(p: &Proxy, identity: Option<(&Path, &Path)>) -> Result<u16, String> {
     })
 }
 
+/// What a TLS 1.3 client that sends its request right after its handshake
+/// flight (as curl does) reads back when the proxy refuses its certificate.
+fn refusal(p: &Proxy, identity: Option<(&Path, &Path)>) -> String {
+    use std::io::{Read, Write};
+    let cfg = tls_config_with_identity(&p.certs.ca, HttpVersion::Http1, identity).unwrap();
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(p.addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let request = b"GET /ping HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // The request goes out after the handshake flight, and more of it a
+    // moment later (curl over HTTP/2 writes its preface, settings and
+    // request apart): by then the server has refused the certificate. If
+    // it had closed with data unread, the kernel's reset would fail these
+    // writes (and can discard the alert) before the client reads anything.
+    let mut sent = s.write_all(request);
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        sent = sent.and_then(|()| s.write_all(request));
+    }
+    let mut out = Vec::new();
+    match (sent, s.read_to_end(&mut out)) {
+        (Err(e), _) | (_, Err(e)) => e.to_string(),
+        (Ok(()), Ok(_)) => format!("no error: {}", String::from_utf8_lossy(&out)),
+    }
+}
+
 #[test]
 fn mutual_tls_admits_only_the_configured_ca_and_names() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,6 +138,18 @@ fn mutual_tls_admits_only_the_configured_ca_and_names() {
     ] {
         let r = health(&p, identity);
         assert!(r.is_err(), "{what}: the handshake must be ended, got {r:?}");
+        // The client learns why from the alert, which arrives before the
+        // connection closes (before: over TLS 1.3 a reset could overtake
+        // it). Without a certificate TLS 1.3 says "certificate required";
+        // any certificate refused is "handshake failure", the alert every
+        // common client reports as such.
+        let why = refusal(&p, identity);
+        let expected = if identity.is_none() {
+            "CertificateRequired"
+        } else {
+            "HandshakeFailure"
+        };
+        assert!(why.contains(expected), "{what}: {why}");
     }
     assert!(p.wait_for_log("client certificate refused: no allowed name"));
     // The proxy is still serving.

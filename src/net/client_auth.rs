@@ -17,7 +17,7 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
 use super::pem::{load_certs, provider, TlsError};
 
@@ -134,9 +134,20 @@ impl ClientCertVerifier for ClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let inner = self.current.load();
-        inner
+        // Whatever is wrong with the certificate, the client is told
+        // "handshake failure": rustls sends that alert for an error that is
+        // not a certificate error, and it is the one curl, OpenSSL, Go and
+        // Java all report as a failed handshake (a certificate error would
+        // send unknown_ca, certificate_expired, certificate_unknown…, which
+        // some clients only show as a reset or a generic failure). The real
+        // reason goes to the log.
+        if let Err(e) = inner
             .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            tracing::warn!(error = %e, "client certificate refused");
+            return Err(Error::General(format!("client certificate refused: {e}")));
+        }
         let names = certificate_names(end_entity.as_ref());
         if names
             .iter()
@@ -149,8 +160,8 @@ impl ClientCertVerifier for ClientVerifier {
             allowed = ?inner.names,
             "client certificate refused: no allowed name"
         );
-        Err(Error::InvalidCertificate(
-            CertificateError::ApplicationVerificationFailure,
+        Err(Error::General(
+            "client certificate refused: no allowed name".into(),
         ))
     }
 

@@ -329,12 +329,43 @@ async fn start(
             .map_err(StartError::Refused)?;
     }
     match edge {
-        Edge::Tls(acceptor) => {
-            let tls = acceptor.accept(tcp).await.map_err(StartError::Tls)?;
-            Ok((Stream::Tls(Box::new(tls)), info))
-        }
+        Edge::Tls(acceptor) => match acceptor.accept(tcp).into_fallible().await {
+            Ok(tls) => Ok((Stream::Tls(Box::new(tls)), info)),
+            Err((e, tcp)) => {
+                linger_after_refusal(tcp).await;
+                Err(StartError::Tls(e))
+            }
+        },
         Edge::Plain => Ok((Stream::Plain(tcp), info)),
     }
+}
+
+/// How long, and how much, a refused handshake's client is still read.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// After a refused handshake (a client certificate refused, say), rustls has
+/// written its alert. Closing now, with the client's next flight unread (a
+/// TLS 1.3 client sends its certificate, Finished and often its request at
+/// once), makes the kernel answer with a reset, which can reach the client
+/// before the alert and discard it: the client sees "connection reset"
+/// instead of why. So: shut down the write side (the alert, then FIN), read
+/// and discard what the client still sends, bounded in time and bytes (the
+/// caller's handshake deadline bounds it too), then close.
+async fn linger_after_refusal(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while read < LINGER_BYTES {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Decrements a gauge when the connection task ends, however it ends.
