@@ -91,7 +91,8 @@ fn make_fixture() -> Fixture {
             assert_eq!(status(c.call("/keys/key-ed/encrypt", x()).await), 200);
         }
     });
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let files = trail_files(&p.dir.path().join("audit"));
     assert_eq!(files.len(), 1, "{files:?}");
     let lines = std::fs::read_to_string(&files[0])
@@ -340,7 +341,8 @@ fn a_trail_cut_while_stopped_stays_caught_across_a_restart() {
             assert_eq!(r.status, 200);
         }
     });
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let dir = p.dir.path().join("audit");
     let files = trail_files(&dir);
     assert_eq!(files.len(), 1, "{files:?}");
@@ -384,7 +386,8 @@ fn a_trail_cut_while_stopped_stays_caught_across_a_restart() {
             .unwrap();
         assert_eq!(r.status, 200);
     });
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let files = trail_files(&dir);
     assert_eq!(files.len(), 2, "{files:?}");
     let second = std::fs::read_to_string(&files[1]).unwrap();
@@ -452,7 +455,8 @@ fn records_forged_after_a_clean_stop_are_never_sealed() {
     for _ in 0..3 {
         encrypt(&p);
     }
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let dir = p.dir.path().join("audit");
     let files = trail_files(&dir);
     let original = std::fs::read_to_string(&files[0]).unwrap();
@@ -494,7 +498,8 @@ fn records_forged_after_a_clean_stop_are_never_sealed() {
         p.log()
     );
     encrypt(&p);
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
     assert_eq!(code, 3, "{out}");
     assert!(named(&out), "{out}");
@@ -529,7 +534,8 @@ fn a_killed_runs_unsealed_records_stay_unproven() {
         })
     };
     requests(&p, 2);
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let dir = p.dir.path().join("audit");
     let written = |n: usize| {
         trail_files(&dir)
@@ -557,7 +563,8 @@ fn a_killed_runs_unsealed_records_stay_unproven() {
         "{}",
         p.log()
     );
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
     assert_eq!(code, 5, "{out}\n{}", p.log());
     assert!(
@@ -942,7 +949,8 @@ fn what_a_client_put_in_a_request_cannot_rewrite_the_reports() {
             .unwrap();
         assert_eq!(r.status, 200, "{:?}", r.body);
     });
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
     let hostile = |text: &str| {
         text.chars().any(|c| {
             (c.is_control() && c != '\n')

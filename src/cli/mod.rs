@@ -233,11 +233,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     let cfg = load(path)?.with_overrides(overrides);
     let log = crate::telemetry::logging::init(&cfg.logging);
-    let result = runtime()?.block_on(crate::serve::run(
+    let rt = runtime()?;
+    // The handlers are installed now, before startup: a SIGTERM that comes
+    // while the key managers open, or right after "listening", is a clean
+    // stop, not the default action (death by signal).
+    let shutdown = {
+        let _inside = rt.enter();
+        shutdown_signal()
+    };
+    let result = rt.block_on(crate::serve::run(
         cfg,
         Some(path.to_path_buf()),
         log.drops(),
-        shutdown_signal(),
+        shutdown,
     ));
     match result {
         Ok(()) => {
@@ -252,25 +260,33 @@ fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers at once (inside the runtime);
+/// the future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                    one.recv().await;
+                }
+                (Err(_), Err(_)) => std::future::pending::<()>().await,
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
