@@ -201,6 +201,35 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Refuses two listeners on one address (or one port of a wildcard address
+/// and a specific one): the second bind would fail at startup, after the
+/// configuration was called valid. Port 0 (the system picks) never clashes.
+fn distinct_listeners(
+    listeners: &[(&str, Option<std::net::SocketAddr>)],
+) -> Result<(), ConfigError> {
+    let set: Vec<(&str, std::net::SocketAddr)> = listeners
+        .iter()
+        .filter_map(|(name, a)| a.map(|a| (*name, a)))
+        .filter(|(_, a)| a.port() != 0)
+        .collect();
+    for (i, (first, a)) in set.iter().enumerate() {
+        for (second, b) in &set[i + 1..] {
+            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            if a.port() == b.port() && overlap {
+                return Err(invalid(
+                    *second,
+                    format!(
+                        "{b} is also {first} ({a}): two listeners cannot share an address. /ping \
+                         is always served on the XKS listener too (over TLS); drop {second} to \
+                         serve it there only, or give it its own port"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     let admin_listen = if raw.admin.enabled {
         Some(parse_addr("admin.listen", &raw.admin.listen)?)
@@ -208,6 +237,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         None
     };
     let (net, service, reload_poll) = validate_server(raw.server, admin_listen)?;
+    distinct_listeners(&[
+        ("server.listen", Some(net.listen)),
+        ("server.ping_listen", net.ping_listen),
+        ("admin.listen", admin_listen),
+    ])?;
     let tls = validate_tls(raw.tls, base)?;
     let mut hsm = validate_hsm(raw.hsm, base)?;
     let health = validate_health(raw.health)?;
@@ -268,4 +302,42 @@ pub fn read_secret_arg(
         env,
         std::path::Path::new("."),
     )
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::distinct_listeners;
+
+    #[test]
+    fn two_listeners_on_one_address_are_refused_with_both_names() {
+        let a = |s: &str| Some(s.parse().unwrap());
+        let e = distinct_listeners(&[
+            ("server.listen", a("127.0.0.1:8443")),
+            ("server.ping_listen", a("127.0.0.1:8443")),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("server.ping_listen") && e.contains("server.listen"),
+            "{e}"
+        );
+        // A wildcard address overlaps every other on its port.
+        assert!(distinct_listeners(&[
+            ("server.listen", a("0.0.0.0:443")),
+            ("admin.listen", a("127.0.0.1:443")),
+        ])
+        .is_err());
+        assert!(distinct_listeners(&[
+            ("server.listen", a("0.0.0.0:443")),
+            ("server.ping_listen", a("0.0.0.0:80")),
+            ("admin.listen", None),
+        ])
+        .is_ok());
+        // Port 0: the system picks a free port for each.
+        assert!(distinct_listeners(&[
+            ("server.listen", a("127.0.0.1:0")),
+            ("server.ping_listen", a("127.0.0.1:0")),
+        ])
+        .is_ok());
+    }
 }

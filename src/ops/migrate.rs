@@ -192,9 +192,21 @@ pub fn import_sample_settings(
                 .into(),
         );
     }
-    mapped.push(format!(
-        "server.ip/port -> server.listen = {ip}:{port}; port_http_ping -> server.ping_listen = {ip}:{ping_port}"
-    ));
+    // The sample serves /ping on its main listener when both ports are one;
+    // so does this proxy, always (over TLS): no second listener then (it
+    // could not bind the same address).
+    let ping_line = if ping_port == port {
+        mapped.push(format!(
+            "server.ip/port -> server.listen = {ip}:{port}; port_http_ping = port: /ping is served \
+             on that listener (this proxy always serves it there), no separate ping_listen"
+        ));
+        String::new()
+    } else {
+        mapped.push(format!(
+            "server.ip/port -> server.listen = {ip}:{port}; port_http_ping -> server.ping_listen = {ip}:{ping_port}"
+        ));
+        format!("ping_listen = {}\n", q(&format!("{ip}:{ping_port}")))
+    };
 
     // [tracing]
     let level = s
@@ -208,13 +220,20 @@ pub fn import_sample_settings(
                 .into(),
         );
     }
-    for key in [
-        "is_stdout_writer_enabled",
-        "directory",
-        "file_prefix",
-        "rotation_kind",
-    ] {
-        s.get("tracing", key);
+    for key in ["directory", "file_prefix", "rotation_kind"] {
+        if s.get("tracing", key).is_some() {
+            unmapped.push(format!(
+                "tracing.{key}: this proxy writes no log files (stderr only; rotate with the \
+                 platform's log tooling)"
+            ));
+        }
+    }
+    if s.bool("tracing", "is_stdout_writer_enabled")? == Some(false) {
+        unmapped.push(
+            "tracing.is_stdout_writer_enabled = false: this proxy always logs (to stderr); \
+             logging.level = \"warn\" keeps it quiet"
+                .into(),
+        );
     }
 
     // [security]
@@ -292,7 +311,13 @@ pub fn import_sample_settings(
         }
     }
     for key in ["PKCS11_LOGGER_LOG_FILE_PATH", "PKCS11_LOGGER_FLAGS"] {
-        s.get("pkcs11_logger", key);
+        if s.get("pkcs11_logger", key).is_some() {
+            unmapped.push(format!(
+                "pkcs11_logger.{key}: no PKCS#11 call log is written; each HSM call's time is \
+                 the metric xks_hsm_call_duration_seconds{{ekm_id,call}}, and the vendor's (or \
+                 p11-kit's) own tracing logs the calls"
+            ));
+        }
     }
     let module = abs(&module);
     let pin = s
@@ -308,12 +333,27 @@ pub fn import_sample_settings(
         .int("pkcs11", "session_pool_max_size")?
         .unwrap_or(8)
         .clamp(1, 64);
-    for key in [
-        "session_pool_timeout_milli",
-        "session_eager_close",
-        "context_read_timeout_milli",
+    for (key, instead) in [
+        (
+            "session_pool_timeout_milli",
+            "hsm.queue_timeout_ms (how long a request waits for a free session; below 250, \
+             default 150) and hsm.operation_timeout_ms",
+        ),
+        (
+            "session_eager_close",
+            "nothing: sessions are kept logged in and reused; one that fails is closed and \
+             reopened",
+        ),
+        (
+            "context_read_timeout_milli",
+            "hsm.operation_timeout_ms bounds every HSM operation (below 250, default 200)",
+        ),
     ] {
-        s.get("pkcs11", key);
+        if let Some(v) = s.get("pkcs11", key) {
+            unmapped.push(format!(
+                "pkcs11.{key} = {v}: not carried over; instead: {instead}"
+            ));
+        }
     }
     let token_line = match token_label(&module) {
         Some(label) => {
@@ -456,7 +496,7 @@ pub fn import_sample_settings(
         "# Imported from the AWS sample proxy's settings by `xks-proxy import-sample-config`.\n\
          # Same URI paths, credentials, HSM and key labels: KMS needs no change.\n\
          # See docs/migrate-from-aws-sample.md before switching traffic.\n\n\
-         [server]\nlisten = {listen}\nping_listen = {ping}\nfleet_size = 1\n\n\
+         [server]\nlisten = {listen}\n{ping_line}fleet_size = 1\n\n\
          [tls]\ncert = {cert}\nkey = {key}\n{tls_extra}\n\
          [hsm]\nmodule = {module}\n{token_line}\npin_file = \"hsm-pin\"\nsessions = {sessions}\n\
          iv_source = {iv}\n\n\
@@ -464,7 +504,6 @@ pub fn import_sample_settings(
          key_label = \"xks-proxy-health-check\"\n\n\
          [logging]\nformat = \"json\"\nlevel = {level}\n{key_stores}",
         listen = q(&format!("{ip}:{port}")),
-        ping = q(&format!("{ip}:{ping_port}")),
         cert = q(&cert.to_string_lossy()),
         key = q(&key.to_string_lossy()),
         module = q(&module.to_string_lossy()),
@@ -522,8 +561,12 @@ session_pool_max_size = 30
 user_pin = "1q@W3e$R"
 PKCS11_HSM_MODULE = "/usr/lib/pkcs11-logger.so"
 context_read_timeout_milli = 10
+session_pool_timeout_milli = 500
+session_eager_close = false
 [pkcs11_logger]
 PKCS11_LOGGER_LIBRARY_PATH = "/usr/safenet/lunaclient/lib/libCryptoki2_64.so"
+PKCS11_LOGGER_LOG_FILE_PATH = "/var/log/pkcs11.log"
+PKCS11_LOGGER_FLAGS = 0
 [limits]
 max_plaintext_in_base64 = 8192
 max_aad_in_base64 = 16384
@@ -580,9 +623,32 @@ is_zero_iv_required = false
                 .any(|f| f.content.as_str() == secret));
         }
         let unmapped = out.unmapped.join("\n");
-        for expected in ["Oso", "tcp_keepalive", "limits", "stderr"] {
+        for expected in [
+            "Oso",
+            "tcp_keepalive",
+            "limits",
+            "stderr",
+            "pkcs11.context_read_timeout_milli = 10: not carried over; instead: hsm.operation_timeout_ms",
+            "pkcs11.session_pool_timeout_milli = 500: not carried over; instead: hsm.queue_timeout_ms",
+            "pkcs11.session_eager_close = false",
+            "pkcs11_logger.PKCS11_LOGGER_FLAGS",
+            "pkcs11_logger.PKCS11_LOGGER_LOG_FILE_PATH",
+        ] {
             assert!(unmapped.contains(expected), "{expected}: {unmapped}");
         }
+    }
+
+    /// The sample serves /ping on its main listener when both ports are
+    /// one (several of its shipped settings files do): before, the import
+    /// wrote two listeners on one address and `serve` could not bind.
+    #[test]
+    fn one_port_for_both_becomes_one_listener_that_validates() {
+        let one = SAMPLE.replace("port = 443", "port = 443\nport_http_ping = 443");
+        let out = import_sample_settings(&one, Path::new("/x"), |_| Some("t".into())).unwrap();
+        let cfg: Table = out.config.parse().unwrap();
+        assert_eq!(cfg["server"]["listen"].as_str(), Some("0.0.0.0:443"));
+        assert!(cfg["server"].get("ping_listen").is_none(), "{}", out.config);
+        assert!(out.mapped.concat().contains("no separate ping_listen"));
     }
 
     #[test]
