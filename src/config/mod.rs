@@ -341,3 +341,101 @@ mod listener_tests {
         .is_ok());
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    /// Each `Raw*` struct of the reader and the section of the example that
+    /// documents it.
+    const SECTIONS: &[(&str, &str)] = &[
+        ("RawServer", "[server]"),
+        ("RawTls", "[tls]"),
+        ("RawHsm", "[hsm]"),
+        ("RawBackend", "[[hsm.backends]]"),
+        ("RawHealth", "[health]"),
+        ("RawLogging", "[logging]"),
+        ("RawAdmin", "[admin]"),
+        ("RawKeyStore", "[[key_stores]]"),
+        ("RawCredential", "[[key_stores.credentials]]"),
+        ("RawAudit", "[audit]"),
+        ("RawAuthorization", "authorization = {"),
+        ("RawRateLimit", "rate_limit = {"),
+    ];
+
+    /// The field names of `struct name` in the reader's source.
+    fn fields(source: &str, name: &str) -> Vec<String> {
+        let start = source
+            .find(&format!("struct {name} {{"))
+            .unwrap_or_else(|| panic!("no struct {name} in raw.rs"));
+        let body = &source[start..];
+        let body = &body[..body.find("\n}").unwrap()];
+        body.lines()
+            .filter_map(|l| l.trim().strip_prefix("pub(super) "))
+            .filter_map(|l| l.split(':').next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The lines of every occurrence of the example's section `header`
+    /// (commented out or not) up to the next section, or, for an inline
+    /// table (`name = {`), the table's text.
+    fn section(example: &str, header: &str) -> String {
+        if header.ends_with('{') {
+            let start = example
+                .find(header)
+                .unwrap_or_else(|| panic!("config/production.example.toml has no {header}"));
+            let rest = &example[start + header.len()..];
+            return rest[..rest.find('}').unwrap_or(rest.len())].to_string();
+        }
+        let bare = |l: &str| l.trim_start_matches(['#', ' ']).trim_end().to_string();
+        let mut out = String::new();
+        let mut inside = false;
+        for line in example.lines() {
+            let b = bare(line);
+            if b.starts_with('[') {
+                inside = b == header;
+                continue;
+            }
+            if inside {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        assert!(
+            !out.is_empty(),
+            "config/production.example.toml has no {header}"
+        );
+        out
+    }
+
+    /// Every setting the reader accepts is documented in the example (as a
+    /// setting or a commented one): the README says it documents them all.
+    #[test]
+    fn the_production_example_documents_every_setting() {
+        let raw = include_str!("raw.rs");
+        let example = include_str!("../../config/production.example.toml");
+        let mut missing = Vec::new();
+        for (strukt, header) in SECTIONS {
+            let text = section(example, header);
+            let text = text.as_str();
+            for f in fields(raw, strukt) {
+                let documented = text.lines().any(|l| {
+                    let l = l.trim_start_matches(['#', ' ', '{', ',']);
+                    l.starts_with(&format!("{f} =")) || l.contains(&format!(" {f} ="))
+                });
+                let nested = SECTIONS.iter().any(|(s, h)| {
+                    raw.contains(&format!("{f}: Vec<{s}>"))
+                        || raw.contains(&format!("{f}: Option<{s}>"))
+                        || raw.contains(&format!("{f}: {s},"))
+                        || h.contains(&format!(".{f}]"))
+                });
+                if !documented && !nested {
+                    missing.push(format!("{header} {f}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in config/production.example.toml: {missing:?}"
+        );
+    }
+}

@@ -145,7 +145,7 @@ impl Metrics {
         );
         let hsm_seconds = histogram_vec(
             "xks_hsm_call_duration_seconds",
-            "Time a pool session spent on one job's PKCS#11 calls, by key manager and kind.",
+            "Time a pool session spent on one job's PKCS#11 calls, by key manager and kind (encrypt, decrypt, metadata, health_probe, heartbeat, markers, marker_put, hmac, hmac_key).",
             &["ekm_id", "call"],
             HSM_BUCKETS,
         );
@@ -202,7 +202,7 @@ impl Metrics {
         must(registry.register(Box::new(credential_age_days.clone())));
         let reloads = counter_vec(
             "xks_config_reloads_total",
-            "Configuration reloads by trigger (signal, file) and result (ok, rejected, unchanged).",
+            "Configuration reloads by trigger (signal, file) and result (ok, rejected).",
             &["trigger", "result"],
         );
         let connections_open = must(IntGaugeVec::new(
