@@ -75,14 +75,26 @@ pub async fn run(
     // Everything that can be refused without touching the HSM comes first,
     // so a typo in a policy does not cost a login.
     let live = Arc::new(ArcSwap::from_pointee(cfg.live(None)?));
-    let certs = CertResolver::new(load_cert(&cfg.tls)?);
-    let client_auth = cfg
-        .tls
-        .client_auth
-        .as_ref()
-        .map(ClientVerifier::new)
-        .transpose()?;
-    let tls = server_config(certs.clone(), client_auth.clone())?;
+    // TLS here, or (said by name) at the load balancer in front.
+    let certs = match &cfg.tls {
+        Some(tls) => Some(CertResolver::new(load_cert(tls)?)),
+        None => {
+            tracing::warn!(
+                "tls.termination = \"load-balancer\": the XKS listener speaks plain HTTP; only a \
+                 load balancer that ends TLS (an NLB TLS listener) may reach it, never a network \
+                 where anyone else can"
+            );
+            None
+        }
+    };
+    let client_auth = cfg.client_auth().map(ClientVerifier::new).transpose()?;
+    let edge = match &certs {
+        Some(certs) => Edge::Tls(TlsAcceptor::from(server_config(
+            certs.clone(),
+            client_auth.clone(),
+        )?)),
+        None => Edge::Cleartext,
+    };
     let metrics = Metrics::new();
 
     // Opening a token (C_Initialize, C_Login, sessions) blocks.
@@ -195,7 +207,7 @@ pub async fn run(
     };
     let xks = serve(
         listener,
-        Edge::Tls(TlsAcceptor::from(tls)),
+        edge,
         api::router(app.clone()),
         xks_conns,
         ctx("xks"),

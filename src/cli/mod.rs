@@ -157,7 +157,9 @@ fn run(command: Command) -> Result<(), ExitCode> {
             // Everything startup checks before it touches the HSM: the live
             // state (policies compiled) and the certificate.
             cfg.live(None).map_err(|e| refuse(&e))?;
-            crate::net::tls::load_cert(&cfg.tls).map_err(|e| refuse(&e))?;
+            if let Some(tls) = &cfg.tls {
+                crate::net::tls::load_cert(tls).map_err(|e| refuse(&e))?;
+            }
             if !no_hsm {
                 check_key_managers(&cfg)?;
             }

@@ -44,7 +44,8 @@ pub struct Config {
     pub net: NetConfig,
     /// What GetHealthStatus says about the proxy; request size limits.
     pub service: ServiceConfig,
-    pub tls: TlsConfig,
+    /// `None`: TLS ends at the load balancer (`tls.termination`).
+    pub tls: Option<TlsConfig>,
     pub hsm: HsmConfig,
     pub health: HealthConfig,
     pub logging: LoggingConfig,
@@ -122,13 +123,21 @@ impl Config {
     /// key and every credential's secret file (the config file itself is
     /// watched by the caller, who knows its path).
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        let mut files = vec![self.tls.cert.clone(), self.tls.key.clone()];
-        files.extend(self.tls.client_auth.as_ref().map(|c| c.ca.clone()));
+        let mut files = Vec::new();
+        if let Some(tls) = &self.tls {
+            files.extend([tls.cert.clone(), tls.key.clone()]);
+            files.extend(tls.client_auth.as_ref().map(|c| c.ca.clone()));
+        }
         for ks in &self.key_stores {
             files.extend(ks.credentials.iter().filter_map(|c| c.secret_file.clone()));
             files.extend(ks.authorization.as_ref().map(|a| a.file.clone()));
         }
         files
+    }
+
+    /// Mutual TLS, when the proxy serves TLS and checks client certificates.
+    pub fn client_auth(&self) -> Option<&crate::net::client_auth::ClientAuthConfig> {
+        self.tls.as_ref().and_then(|t| t.client_auth.as_ref())
     }
 
     /// Settings that differ from `other` but only take effect at a restart
@@ -140,9 +149,10 @@ impl Config {
             ("server.listen", a.listen != b.listen),
             ("server.ping_listen", a.ping_listen != b.ping_listen),
             ("admin.listen", a.admin_listen != b.admin_listen),
+            ("tls.termination", self.tls.is_some() != other.tls.is_some()),
             (
                 "tls mutual authentication on/off",
-                self.tls.client_auth.is_some() != other.tls.client_auth.is_some(),
+                self.client_auth().is_some() != other.client_auth().is_some(),
             ),
             (
                 "server timeouts and limits",

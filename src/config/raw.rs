@@ -117,8 +117,11 @@ pub(super) struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTls {
-    pub(super) cert: PathBuf,
-    pub(super) key: PathBuf,
+    /// Where TLS ends: here (the default), or at the load balancer.
+    #[serde(default)]
+    pub(super) termination: crate::net::tls::Termination,
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
     /// mTLS: CA bundle that client certificates must chain to.
     pub(super) client_ca: Option<PathBuf>,
     /// mTLS: allowed client names (CN or DNS SAN); `*` matches one label.

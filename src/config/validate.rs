@@ -16,7 +16,7 @@ use crate::guard::throttle::RateLimit;
 use crate::hsm::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use crate::net::client_auth::ClientAuthConfig;
 use crate::net::config::NetConfig;
-use crate::net::tls::TlsConfig;
+use crate::net::tls::{Termination, TlsConfig};
 use crate::spec::names::{
     is_valid_access_key_id, is_valid_key_id, is_valid_region, is_valid_secret, is_valid_uri_path,
 };
@@ -116,9 +116,42 @@ pub(super) fn validate_server(
     Ok((net, service, reload_poll))
 }
 
-pub(super) fn validate_tls(raw: RawTls, base: &Path) -> Result<TlsConfig, ConfigError> {
-    let cert = resolve(base, &raw.cert);
-    let key = resolve(base, &raw.key);
+/// `[tls]`: `None` when TLS ends at the load balancer (said by name).
+pub(super) fn validate_tls(raw: RawTls, base: &Path) -> Result<Option<TlsConfig>, ConfigError> {
+    if raw.termination == Termination::LoadBalancer {
+        let set: Vec<&str> = [
+            ("tls.cert", raw.cert.is_some()),
+            ("tls.key", raw.key.is_some()),
+            ("tls.client_ca", raw.client_ca.is_some()),
+            ("tls.client_names", raw.client_names.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        if let Some(first) = set.first() {
+            return Err(invalid(
+                *first,
+                format!(
+                    "tls.termination = \"load-balancer\": the load balancer ends TLS, so this \
+                     proxy has no certificate to serve and no client certificate to check (mutual \
+                     TLS cannot work here); remove {}",
+                    set.join(", ")
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let required = |field: &str, v: Option<PathBuf>| {
+        v.ok_or_else(|| {
+            invalid(
+                field,
+                "is required (the proxy serves TLS; if a load balancer in front ends TLS, set \
+                 tls.termination = \"load-balancer\" instead)",
+            )
+        })
+    };
+    let cert = resolve(base, &required("tls.cert", raw.cert)?);
+    let key = resolve(base, &required("tls.key", raw.key)?);
     for (field, path) in [("tls.cert", &cert), ("tls.key", &key)] {
         std::fs::File::open(path)
             .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
@@ -168,11 +201,11 @@ pub(super) fn validate_tls(raw: RawTls, base: &Path) -> Result<TlsConfig, Config
             ))
         }
     };
-    Ok(TlsConfig {
+    Ok(Some(TlsConfig {
         cert,
         key,
         client_auth,
-    })
+    }))
 }
 
 /// Validates one key manager's module, token selector and PIN; `field` names

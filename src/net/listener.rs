@@ -167,6 +167,12 @@ pub enum Edge {
     /// `/ping` and admin: plain HTTP/1.1; a PROXY v2 header is read when one
     /// comes (an NLB with proxy protocol on sends it on health checks too).
     Plain,
+    /// The XKS listener when a load balancer in front ends TLS
+    /// (`tls.termination = "load-balancer"`): cleartext HTTP/1.1 or HTTP/2
+    /// (prior knowledge: what an NLB TLS listener that negotiated h2 with
+    /// the client forwards), after a PROXY v2 header when configured
+    /// (required then, as on the TLS edge).
+    Cleartext,
 }
 
 /// Accepts connections for as long as the listener lives. Each one is
@@ -262,6 +268,15 @@ pub async fn serve(
                         _ = closing => tracing::debug!(peer = %peer, "connection closed (idle, unauthenticated or evicted)"),
                     }
                 }
+                Stream::Cleartext(tcp) => {
+                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(tcp), service));
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                        },
+                        _ = closing => tracing::debug!(peer = %peer, "connection closed (idle, unauthenticated or evicted)"),
+                    }
+                }
                 Stream::Plain(tcp) => {
                     let mut http1 = hyper::server::conn::http1::Builder::new();
                     http1
@@ -279,10 +294,12 @@ pub async fn serve(
     }
 }
 
-/// The connection after its setup: TLS on the XKS listener, plain elsewhere.
+/// The connection after its setup: TLS on the XKS listener, plain elsewhere
+/// (and on the XKS listener when the load balancer ends TLS).
 enum Stream {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Plain(TcpStream),
+    Cleartext(TcpStream),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +327,7 @@ async fn start(
         conn: slot.state.clone(),
     };
     let header = match edge {
-        Edge::Tls(_) if proxied => true,
+        Edge::Tls(_) | Edge::Cleartext if proxied => true,
         Edge::Plain if proxied => {
             let mut sig = [0u8; 12];
             matches!(tcp.peek(&mut sig).await, Ok(12)) && sig == SIGNATURE
@@ -337,6 +354,7 @@ async fn start(
             }
         },
         Edge::Plain => Ok((Stream::Plain(tcp), info)),
+        Edge::Cleartext => Ok((Stream::Cleartext(tcp), info)),
     }
 }
 

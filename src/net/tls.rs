@@ -21,6 +21,19 @@ use rustls::ServerConfig;
 use super::client_auth::{ClientAuthConfig, ClientVerifier};
 use super::pem::{leaf_not_after, load_certs, load_key, provider, TlsError};
 
+/// Where TLS ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Termination {
+    /// The proxy serves TLS itself (and can check KMS's client certificate).
+    #[default]
+    Proxy,
+    /// A load balancer in front ends TLS (an NLB TLS listener forwarding
+    /// over TCP, as the AWS sample's `is_tls_enabled = false` layout): the
+    /// XKS listener speaks plain HTTP. Only by name, with a warning at start.
+    LoadBalancer,
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub cert: PathBuf,

@@ -25,7 +25,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     pub hsm: KeyManagers,
     pub live: Arc<ArcSwap<Live>>,
-    pub certs: Arc<CertResolver>,
+    /// `None`: TLS ends at the load balancer (no certificate here).
+    pub certs: Option<Arc<CertResolver>>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -48,8 +49,9 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     let m = &s.metrics;
     let now = SystemTime::now();
     m.hsm_queue_waiting.set(s.hsm.queue_len() as i64);
-    m.cert_expiry_days
-        .set(days_between(now, s.certs.not_after()));
+    if let Some(certs) = &s.certs {
+        m.cert_expiry_days.set(days_between(now, certs.not_after()));
+    }
 
     for (ekm, status) in s.hsm.details() {
         for candidate in [

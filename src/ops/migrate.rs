@@ -242,8 +242,16 @@ pub fn import_sample_settings(
             "security.is_sigv4_auth_enabled = false: this proxy always verifies SigV4".into(),
         );
     }
-    if s.bool("security", "is_tls_enabled")? == Some(false) {
-        unmapped.push("security.is_tls_enabled = false: this proxy always serves TLS".into());
+    // The sample without TLS sits behind a load balancer that ends it (an
+    // NLB TLS listener): the same layout, said by name.
+    let tls_at_load_balancer = s.bool("security", "is_tls_enabled")? == Some(false);
+    if tls_at_load_balancer {
+        mapped.push(
+            "security.is_tls_enabled = false -> tls.termination = \"load-balancer\" (the XKS \
+             listener speaks plain HTTP behind the load balancer that ends TLS; a warning at \
+             every start)"
+                .into(),
+        );
     }
     let mtls = s.bool("security", "is_mtls_enabled")?.unwrap_or(false);
     if let Some(auth) = s.str("security", "secondary_auth")? {
@@ -256,47 +264,76 @@ pub fn import_sample_settings(
     s.get("security", "oso");
 
     // [tls]
-    let cert = s.str("tls", "tls_cert_pem")?;
-    let key = s.str("tls", "tls_key_pem")?;
-    let client_ca = s.str("tls", "mtls_client_ca_pem")?;
-    let client_name = s.str("tls", "mtls_client_dns_name")?;
-    let (cert, key) = match (cert, key) {
-        (Some(c), Some(k)) => (abs(&c), abs(&k)),
-        _ => {
-            unmapped
-                .push("tls.tls_cert_pem / tls_key_pem missing: set tls.cert and tls.key".into());
-            (
-                PathBuf::from("CHANGE-ME.crt"),
-                PathBuf::from("CHANGE-ME.key"),
-            )
-        }
-    };
-    mapped.push(format!(
-        "tls.tls_cert_pem/tls_key_pem -> tls.cert = {}, tls.key = {} (the key file must be mode 0600)",
-        cert.display(),
-        key.display()
-    ));
-    let mut tls_extra = String::new();
-    if mtls {
-        match (client_ca, client_name) {
-            (Some(ca), Some(name)) => {
-                tls_extra = format!(
-                    "client_ca = {}\nclient_names = [{}]\n",
-                    q(&abs(&ca).to_string_lossy()),
-                    q(&name)
-                );
-                mapped.push(format!(
-                    "mTLS -> tls.client_ca, tls.client_names = [{name:?}] (KMS presents \
-                     cks.kms.<region>.amazonaws.com)"
+    let tls_section = if tls_at_load_balancer {
+        for key in [
+            "tls_cert_pem",
+            "tls_key_pem",
+            "mtls_client_ca_pem",
+            "mtls_client_dns_name",
+        ] {
+            if s.get("tls", key).is_some() {
+                unmapped.push(format!(
+                    "tls.{key}: not used: TLS ends at the load balancer (is_tls_enabled = false)"
                 ));
             }
-            _ => unmapped.push(
-                "security.is_mtls_enabled without tls.mtls_client_ca_pem and \
-                 mtls_client_dns_name: mTLS not configured"
-                    .into(),
-            ),
         }
-    }
+        if mtls {
+            unmapped.push(
+                "security.is_mtls_enabled: mutual TLS needs TLS at the proxy; with TLS ended at \
+                 the load balancer there is no client certificate to check"
+                    .into(),
+            );
+        }
+        "[tls]\ntermination = \"load-balancer\"\n".to_string()
+    } else {
+        let cert = s.str("tls", "tls_cert_pem")?;
+        let key = s.str("tls", "tls_key_pem")?;
+        let client_ca = s.str("tls", "mtls_client_ca_pem")?;
+        let client_name = s.str("tls", "mtls_client_dns_name")?;
+        let (cert, key) = match (cert, key) {
+            (Some(c), Some(k)) => (abs(&c), abs(&k)),
+            _ => {
+                unmapped.push(
+                    "tls.tls_cert_pem / tls_key_pem missing: set tls.cert and tls.key".into(),
+                );
+                (
+                    PathBuf::from("CHANGE-ME.crt"),
+                    PathBuf::from("CHANGE-ME.key"),
+                )
+            }
+        };
+        mapped.push(format!(
+            "tls.tls_cert_pem/tls_key_pem -> tls.cert = {}, tls.key = {} (the key file must be mode 0600)",
+            cert.display(),
+            key.display()
+        ));
+        let mut tls_extra = String::new();
+        if mtls {
+            match (client_ca, client_name) {
+                (Some(ca), Some(name)) => {
+                    tls_extra = format!(
+                        "client_ca = {}\nclient_names = [{}]\n",
+                        q(&abs(&ca).to_string_lossy()),
+                        q(&name)
+                    );
+                    mapped.push(format!(
+                        "mTLS -> tls.client_ca, tls.client_names = [{name:?}] (KMS presents \
+                         cks.kms.<region>.amazonaws.com)"
+                    ));
+                }
+                _ => unmapped.push(
+                    "security.is_mtls_enabled without tls.mtls_client_ca_pem and \
+                     mtls_client_dns_name: mTLS not configured"
+                        .into(),
+                ),
+            }
+        }
+        format!(
+            "[tls]\ncert = {}\nkey = {}\n{tls_extra}",
+            q(&cert.to_string_lossy()),
+            q(&key.to_string_lossy())
+        )
+    };
 
     // [pkcs11] and [pkcs11_logger]
     let mut module = s
@@ -497,15 +534,13 @@ pub fn import_sample_settings(
          # Same URI paths, credentials, HSM and key labels: KMS needs no change.\n\
          # See docs/migrate-from-aws-sample.md before switching traffic.\n\n\
          [server]\nlisten = {listen}\n{ping_line}fleet_size = 1\n\n\
-         [tls]\ncert = {cert}\nkey = {key}\n{tls_extra}\n\
+         {tls_section}\n\
          [hsm]\nmodule = {module}\n{token_line}\npin_file = \"hsm-pin\"\nsessions = {sessions}\n\
          iv_source = {iv}\n\n\
          [health]\n# Created in the token at the first start (never served to KMS).\n\
          key_label = \"xks-proxy-health-check\"\n\n\
          [logging]\nformat = \"json\"\nlevel = {level}\n{key_stores}",
         listen = q(&format!("{ip}:{port}")),
-        cert = q(&cert.to_string_lossy()),
-        key = q(&key.to_string_lossy()),
         module = q(&module.to_string_lossy()),
         iv = q(iv_source),
         level = q(&level),
@@ -649,6 +684,28 @@ is_zero_iv_required = false
         assert_eq!(cfg["server"]["listen"].as_str(), Some("0.0.0.0:443"));
         assert!(cfg["server"].get("ping_listen").is_none(), "{}", out.config);
         assert!(out.mapped.concat().contains("no separate ping_listen"));
+    }
+
+    /// The sample's `is_tls_enabled = false` (TLS ended at the load
+    /// balancer) maps to `tls.termination = "load-balancer"`; its mTLS
+    /// settings cannot apply there and are named.
+    #[test]
+    fn tls_off_in_the_sample_is_tls_at_the_load_balancer() {
+        let off = SAMPLE.replace("is_tls_enabled = true", "is_tls_enabled = false");
+        let out = import_sample_settings(&off, Path::new("/x"), |_| Some("t".into())).unwrap();
+        let cfg: Table = out.config.parse().unwrap();
+        assert_eq!(cfg["tls"]["termination"].as_str(), Some("load-balancer"));
+        assert!(cfg["tls"].get("cert").is_none(), "{}", out.config);
+        assert!(out.mapped.concat().contains("tls.termination"));
+        let unmapped = out.unmapped.join("\n");
+        assert!(
+            unmapped.contains("security.is_mtls_enabled: mutual TLS needs TLS at the proxy"),
+            "{unmapped}"
+        );
+        assert!(
+            unmapped.contains("tls.tls_cert_pem: not used"),
+            "{unmapped}"
+        );
     }
 
     #[test]

@@ -94,7 +94,8 @@ pub struct Reloader {
     /// The state requests read, swapped as a whole.
     live: Arc<ArcSwap<Live>>,
     metrics: Metrics,
-    certs: Arc<CertResolver>,
+    /// `None`: TLS ends at the load balancer (a restart-only setting).
+    certs: Option<Arc<CertResolver>>,
     /// The mTLS verifier, when mutual TLS was on at startup.
     client_auth: Option<Arc<ClientVerifier>>,
 }
@@ -105,7 +106,7 @@ impl Reloader {
         boot: Arc<Config>,
         live: Arc<ArcSwap<Live>>,
         metrics: Metrics,
-        certs: Arc<CertResolver>,
+        certs: Option<Arc<CertResolver>>,
         client_auth: Option<Arc<ClientVerifier>>,
     ) -> Self {
         let last = fingerprint(&path, &boot);
@@ -166,9 +167,14 @@ impl Reloader {
                 label: running_health.clone(),
             });
         }
-        let cert = load_cert(&new.tls)?;
+        // A certificate is loaded only when the running proxy serves TLS
+        // (where TLS ends is restart-only, reported below).
+        let cert = match (&self.certs, &new.tls) {
+            (Some(_), Some(tls)) => Some(load_cert(tls)?),
+            _ => None,
+        };
         // Build the new client verifier before swapping anything in.
-        let client_auth = match (&self.client_auth, &new.tls.client_auth) {
+        let client_auth = match (&self.client_auth, new.client_auth()) {
             (Some(_), Some(c)) => Some(ClientVerifier::new(c)?),
             _ => None,
         };
@@ -186,7 +192,9 @@ impl Reloader {
         let removed: Vec<&String> = old_ids.difference(&new_ids).collect();
         let key_stores: Vec<&str> = new.key_stores.iter().map(|k| k.uri_path.as_str()).collect();
 
-        self.certs.replace(cert);
+        if let (Some(certs), Some(cert)) = (&self.certs, cert) {
+            certs.replace(cert);
+        }
         if let (Some(running), Some(new_verifier)) = (&self.client_auth, client_auth) {
             running.swap_from(&new_verifier);
         }

@@ -40,6 +40,8 @@ pub struct Options {
     pub extra_server: String,
     /// Lines added to `[tls]` (mutual TLS).
     pub extra_tls: String,
+    /// `[tls] termination = "load-balancer"`: no certificate, plain HTTP.
+    pub tls_at_load_balancer: bool,
     /// Lines added to the first key store (authorization, rate limit).
     pub extra_key_store: String,
     /// Files written into the proxy's directory before it starts (name, content).
@@ -70,6 +72,7 @@ impl Default for Options {
             extra_hsm: String::new(),
             extra_server: String::new(),
             extra_tls: String::new(),
+            tls_at_load_balancer: false,
             extra_key_store: String::new(),
             files: Vec::new(),
             backends: String::new(),
@@ -104,8 +107,7 @@ reload_poll_ms = 200
 listen = "127.0.0.1:0"
 
 [tls]
-cert = "{cert}"
-key = "{key}"
+{tls_lines}
 {extra_tls}
 
 [hsm]
@@ -150,12 +152,19 @@ secret_file = "secret-other"
 
 {extra_sections}
 "#,
-            cert = certs.cert.display(),
-            key = certs.key.display(),
             sessions = opts.sessions,
             extra_hsm = opts.extra_hsm,
             extra_server = opts.extra_server,
             extra_tls = opts.extra_tls,
+            tls_lines = if opts.tls_at_load_balancer {
+                "termination = \"load-balancer\"".to_string()
+            } else {
+                format!(
+                    "cert = \"{}\"\nkey = \"{}\"",
+                    certs.cert.display(),
+                    certs.key.display()
+                )
+            },
             token_line = if opts.backends.is_empty() {
                 "token_label = \"xks-test\""
             } else {
