@@ -21,34 +21,28 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::load::Load;
-use common::network_hsm::{ekm_statuses, p11_kit_prefix, p11_kit_server, status_of, SHARED_KEY};
+use common::network_hsm::{
+    ekm_statuses, p11_kit_prefix, p11_kit_server, status_of, two_tokens_with, SHARED_KEY,
+};
 use common::*;
 
 /// "xks-test" (`token-a`) and "second-hsm" (`token-b`), each holding
 /// [`SHARED_KEY`] made in it: same label, different key material.
 fn diverging_tokens() -> Options {
-    Options {
-        create_keys: false,
-        health_interval_secs: 1,
-        backends: "[[hsm.backends]]\nname = \"token-a\"\ntoken_label = \"xks-test\"\n\n\
-                   [[hsm.backends]]\nname = \"token-b\"\ntoken_label = \"second-hsm\"\n"
-            .into(),
-        setup: Some(Arc::new(|dir: &Path, hsm: &TestToken| {
-            hsm.add_token("second-hsm");
-            for (token, n) in [("xks-test", 1u8), ("second-hsm", 2u8)] {
-                let key = dir.join(format!("key-{n}"));
-                let mut material = [0u8; 32];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut material)
-                    .unwrap();
-                write_private(&key, "");
-                std::fs::write(&key, material).unwrap();
-                hsm.import_aes_key(token, SHARED_KEY, &key);
-                std::fs::remove_file(&key).unwrap();
-            }
-            Vec::new()
-        })),
-        ..Options::default()
-    }
+    two_tokens_with(Arc::new(|dir: &Path, hsm: &TestToken| {
+        hsm.add_token("second-hsm");
+        for (token, n) in [("xks-test", 1u8), ("second-hsm", 2u8)] {
+            let key = dir.join(format!("key-{n}"));
+            let mut material = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut material)
+                .unwrap();
+            write_private(&key, "");
+            std::fs::write(&key, material).unwrap();
+            hsm.import_aes_key(token, SHARED_KEY, &key);
+            std::fs::remove_file(&key).unwrap();
+        }
+        Vec::new()
+    }))
 }
 
 #[test]
@@ -230,6 +224,21 @@ fn probe(args: &[&str], env: &[(String, String)]) -> (i32, String) {
     )
 }
 
+/// `hsm probe` of the token `label` of `module`, PIN from `pin`.
+fn probe_token(module: &str, label: &str, pin: &str, env: &[(String, String)]) -> (i32, String) {
+    probe(
+        &[
+            "--module",
+            module,
+            "--token-label",
+            label,
+            "--pin-file",
+            pin,
+        ],
+        env,
+    )
+}
+
 #[test]
 fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -253,17 +262,7 @@ fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
     let objects_before = objects();
 
     // The implementation under test: ready, with the default settings.
-    let (code, out) = probe(
-        &[
-            "--module",
-            &module,
-            "--token-label",
-            "probe-me",
-            "--pin-file",
-            pin,
-        ],
-        &env,
-    );
+    let (code, out) = probe_token(&module, "probe-me", pin, &env);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("verdict: READY"), "{out}");
     assert!(out.contains("iv_source = \"hsm-rng\""), "{out}");
@@ -284,17 +283,7 @@ fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
     assert_eq!(objects(), objects_before);
 
     // A token that is not there: every slot named, not usable.
-    let (code, out) = probe(
-        &[
-            "--module",
-            &module,
-            "--token-label",
-            "no-such",
-            "--pin-file",
-            pin,
-        ],
-        &env,
-    );
+    let (code, out) = probe_token(&module, "no-such", pin, &env);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("slots seen: slot") && out.contains("'probe-me'"),
@@ -304,17 +293,7 @@ fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
     // A wrong PIN: not usable.
     let wrong = dir.path().join("wrong");
     write_private(&wrong, "wrong-pin");
-    let (code, out) = probe(
-        &[
-            "--module",
-            &module,
-            "--token-label",
-            "probe-me",
-            "--pin-file",
-            wrong.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let (code, out) = probe_token(&module, "probe-me", wrong.to_str().unwrap(), &env);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("login to the token failed"), "{out}");
 
@@ -332,17 +311,7 @@ fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
             ("XKS_TEST_IVGEN_MODE".to_string(), mode.to_string()),
             ("XKS_TEST_REFUSE_CALLER_IV".to_string(), "1".to_string()),
         ]);
-        let (code, out) = probe(
-            &[
-                "--module",
-                vendor,
-                "--token-label",
-                "probe-me",
-                "--pin-file",
-                pin,
-            ],
-            &env,
-        );
+        let (code, out) = probe_token(vendor, "probe-me", pin, &env);
         assert_eq!(code, 0, "{mode}: {out}");
         assert!(
             out.contains(&format!("iv_source = \"{setting}\"")),
@@ -362,17 +331,7 @@ fn hsm_probe_tells_whether_a_token_will_do_and_how_to_configure_it() {
         ("XKS_TEST_IVGEN_TARGET".to_string(), module.clone()),
         ("XKS_TEST_REFUSE_RO_SESSIONS".to_string(), "1".to_string()),
     ]);
-    let (code, out) = probe(
-        &[
-            "--module",
-            vendor,
-            "--token-label",
-            "probe-me",
-            "--pin-file",
-            pin,
-        ],
-        &refusing,
-    );
+    let (code, out) = probe_token(vendor, "probe-me", pin, &refusing);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("refuses read-only sessions"), "{out}");
 }
@@ -433,15 +392,10 @@ fn hsm_probe_through_a_network_hsm() {
         "P11_KIT_SERVER_ADDRESS".to_string(),
         format!("unix:path={}", sock.display()),
     )];
-    let (code, out) = probe(
-        &[
-            "--module",
-            client.to_str().unwrap(),
-            "--token-label",
-            "net-token",
-            "--pin-file",
-            pin.to_str().unwrap(),
-        ],
+    let (code, out) = probe_token(
+        client.to_str().unwrap(),
+        "net-token",
+        pin.to_str().unwrap(),
         &env,
     );
     let _ = server.kill();

@@ -32,11 +32,7 @@ fn health_status(c: &XksClient) -> u16 {
 /// A config directory whose files are all valid, for one-setting-wrong tests.
 fn valid_setup() -> (tempfile::TempDir, std::path::PathBuf, TestToken) {
     let dir = tempfile::tempdir().unwrap();
-    let hsm = make_token(dir.path(), "xks-test");
-    let certs = make_certs(dir.path());
-    write_private(&dir.path().join("hsm-pin"), &hsm.pin);
-    write_private(&dir.path().join("secret-a"), &"A".repeat(44));
-    write_private(&dir.path().join("secret-other"), &"B".repeat(44));
+    let (hsm, certs) = config_dir(dir.path());
     let config = write_config(dir.path(), &certs, &Options::default());
     (dir, config, hsm)
 }

@@ -140,11 +140,7 @@ fn behind_a_load_balancer_that_ends_tls_the_proxy_serves_plain_http() {
 #[test]
 fn mutual_tls_or_a_certificate_with_tls_at_the_load_balancer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let hsm = make_token(dir.path(), "xks-test");
-    let certs = make_certs(dir.path());
-    write_private(&dir.path().join("hsm-pin"), &hsm.pin);
-    write_private(&dir.path().join("secret-a"), &"A".repeat(44));
-    write_private(&dir.path().join("secret-other"), &"B".repeat(44));
+    let (_hsm, certs) = config_dir(dir.path());
     for (extra, names) in [
         (
             format!(

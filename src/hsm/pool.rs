@@ -43,6 +43,10 @@ use super::worker::{check_key, Busy, Job, OpKind, SessionOpener, Shared, Worker}
 use crate::spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use crate::telemetry::metrics::Metrics;
 
+/// At shutdown, how long a pool thread still inside a job is waited for
+/// before it counts as hung (and the logout is skipped).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// Jobs the control thread may have queued (a few polls and seals).
 const CONTROL_QUEUE: usize = 16;
 
@@ -82,6 +86,16 @@ impl Inner {
             .take();
         if workers.is_empty() && control.is_none() {
             return;
+        }
+        // A thread still in a job (a probe or a marker read the shutdown
+        // caught mid-call) finishes it and then sees the closed queue: wait
+        // for that, bounded; one still inside after the bound is hung.
+        let give_up = Instant::now() + CLOSE_WAIT;
+        let busy = |b: &Busy, n: usize| (0..n).any(|i| b.in_job(i));
+        while (busy(&self.busy, workers.len()) || busy(&self.control_busy, 1))
+            && Instant::now() < give_up
+        {
+            std::thread::sleep(Duration::from_millis(5));
         }
         let mut hung = false;
         for (i, w) in workers.into_iter().enumerate() {

@@ -92,7 +92,9 @@ impl HsmError {
     /// failed generally.
     pub fn is_transient(&self) -> bool {
         match self {
-            HsmError::Pkcs11 { source, .. } => matches!(
+            // SoftHSM also fails a login with CKR_GENERAL_ERROR while
+            // another process writes the token.
+            HsmError::Pkcs11 { source, .. } | HsmError::Login(source) => matches!(
                 source,
                 P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)
             ),

@@ -89,6 +89,17 @@ impl Default for Options {
 }
 
 /// Writes `dir/config.toml` from the template and `opts`; returns its path.
+/// A token, certificates and the secret files a test config names, in
+/// `dir` (the config itself: [`write_config`]).
+pub fn config_dir(dir: &Path) -> (TestToken, Certs) {
+    let hsm = super::make_token(dir, "xks-test");
+    let certs = super::make_certs(dir);
+    super::write_private(&dir.join("hsm-pin"), &hsm.pin);
+    super::write_private(&dir.join("secret-a"), &"A".repeat(44));
+    super::write_private(&dir.join("secret-other"), &"B".repeat(44));
+    (hsm, certs)
+}
+
 pub fn write_config(dir: &Path, certs: &Certs, opts: &Options) -> PathBuf {
     let config = dir.join("config.toml");
     std::fs::write(

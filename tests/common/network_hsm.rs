@@ -30,19 +30,25 @@ pub fn add_second_token_with_shared_key(dir: &Path, hsm: &TestToken) {
     std::fs::remove_file(&key).unwrap();
 }
 
-/// Two key managers on one module: the SoftHSM tokens "xks-test"
-/// (`token-a`) and "second-hsm" (`token-b`), holding [`SHARED_KEY`].
+/// Two key managers on one module: the tokens "xks-test" (`token-a`) and
+/// "second-hsm" (`token-b`), holding [`SHARED_KEY`].
 pub fn two_tokens() -> Options {
+    two_tokens_with(Arc::new(|dir: &Path, hsm: &TestToken| {
+        add_second_token_with_shared_key(dir, hsm);
+        Vec::new()
+    }))
+}
+
+/// The key managers of [`two_tokens`], with another `setup` (which adds
+/// "second-hsm" and the keys).
+pub fn two_tokens_with(setup: Arc<SetupFn>) -> Options {
     Options {
         create_keys: false,
         health_interval_secs: 1,
         backends: "[[hsm.backends]]\nname = \"token-a\"\ntoken_label = \"xks-test\"\n\n\
                    [[hsm.backends]]\nname = \"token-b\"\ntoken_label = \"second-hsm\"\n"
             .into(),
-        setup: Some(Arc::new(|dir: &Path, hsm: &TestToken| {
-            add_second_token_with_shared_key(dir, hsm);
-            Vec::new()
-        })),
+        setup: Some(setup),
         ..Options::default()
     }
 }

@@ -170,20 +170,27 @@ impl TestToken {
 
     /// Runs OpenSC's `pkcs11-tool` on `token`, logged in; asserts success.
     pub fn pkcs11_tool(&self, token: &str, args: &[&str]) -> String {
-        let out = Command::new("pkcs11-tool")
-            .args(["--module", &self.module(), "--token-label", token])
-            .args(["--login", "--pin", &self.pin])
-            .args(args)
-            .env(self.env_var(), &self.conf)
-            .output()
-            .expect("pkcs11-tool (Debian package opensc) must be installed");
-        assert!(
-            out.status.success(),
-            "pkcs11-tool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut all = vec!["--token-label", token, "--login", "--pin", &self.pin];
+        all.extend_from_slice(args);
+        pkcs11_tool(&self.module(), (self.env_var(), &self.conf), &all)
     }
+}
+
+/// Runs OpenSC's `pkcs11-tool` on `module`, its configuration in `env`;
+/// asserts success and returns what it printed.
+fn pkcs11_tool(module: &str, env: (&str, &Path), args: &[&str]) -> String {
+    let out = Command::new("pkcs11-tool")
+        .args(["--module", module])
+        .args(args)
+        .env(env.0, env.1)
+        .output()
+        .expect("pkcs11-tool (Debian package opensc) must be installed");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Builds the vendor-behaviour PKCS#11 filter module
@@ -238,17 +245,9 @@ fn add_kryoptic_token(conf: &Path, label: &str, pin: &str) {
     .unwrap();
     let slot = slot.to_string();
     let tool = |args: &[&str]| {
-        let out = Command::new("pkcs11-tool")
-            .args(["--module", kryoptic_module(), "--slot", &slot])
-            .args(args)
-            .env("KRYOPTIC_CONF", conf)
-            .output()
-            .expect("pkcs11-tool (Debian package opensc) must be installed");
-        assert!(
-            out.status.success(),
-            "pkcs11-tool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut all = vec!["--slot", slot.as_str()];
+        all.extend_from_slice(args);
+        pkcs11_tool(kryoptic_module(), ("KRYOPTIC_CONF", conf), &all);
     };
     tool(&["--init-token", "--label", label, "--so-pin", SO_PIN]);
     tool(&[
