@@ -358,7 +358,12 @@ impl KeyManagers {
             if b.index == candidate {
                 return all_lack_it.then(|| self.settle(label, candidate, Verdict::Same));
             }
-            let Some(reference) = b.pool() else {
+            // One known to be down is not asked: a hung reference would
+            // cost the request its whole budget.
+            let reference = b.pool().filter(|p| {
+                b.health.current(Some(p), &self.inner.health).0 != EkmStatus::Unavailable
+            });
+            let Some(reference) = reference else {
                 all_lack_it = false;
                 continue;
             };
@@ -493,8 +498,8 @@ impl KeyManagers {
     /// Runs `op` on key managers in [`Self::order`] until one answers with
     /// something other than a key manager fault, or the deadline passes. An
     /// UNAVAILABLE one is tried only when no other could answer. A key
-    /// manager known to hold another key under it than
-    /// the reference is skipped (see [`super::agreement`]).
+    /// manager known to hold another key under `label` than the reference
+    /// is skipped (see [`super::agreement`]).
     async fn with_failover<T, F, Fut>(&self, label: &str, op: F) -> Result<T, Fault>
     where
         F: Fn(Arc<Pool>, Instant) -> Fut,
