@@ -26,7 +26,8 @@ const DEFAULT_SEAL_KEY: &str = "xks-proxy-audit-seal";
 pub enum AuditCommand {
     /// Check the trail's hash chain and its seals (in the HSM): names the
     /// first changed, deleted, inserted or reordered record. Exit 0 intact,
-    /// 3 tampered, 4 intact but ending with records no seal covers yet.
+    /// 3 tampered, 4 intact but ending with records no seal covers yet, 5
+    /// intact but holding records a crashed run left unsealed.
     Verify {
         #[arg(long, short)]
         config: PathBuf,
@@ -240,8 +241,11 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
             let code = verdicts
                 .iter()
                 .map(|v| v.exit_code())
+                // The worst verdict decides: tampered, then unproven, then
+                // an unsealed tail.
                 .max_by_key(|c| match c {
-                    3 => 2,
+                    3 => 3,
+                    5 => 2,
                     4 => 1,
                     _ => 0,
                 })

@@ -4,7 +4,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage;
 //! `check` adds 3 (connected, but the key cannot serve KMS); `audit verify`
-//! 3 (tampered) and 4 (unsealed tail); `audit reconcile` 3 (requests KMS
+//! 3 (tampered), 4 (unsealed tail) and 5 (unproven records); `audit reconcile` 3 (requests KMS
 //! never made); `hsm probe` 0 ready, 1 not usable, 2 usable with changes.
 
 mod audit;
