@@ -988,3 +988,66 @@ fn what_a_client_put_in_a_request_cannot_rewrite_the_reports() {
     assert_eq!(code, 0, "{out}");
     assert!(!hostile(&out), "{out:?}");
 }
+
+/// Each instance keeps one witness object in the HSM; an instance gone for
+/// good is retired: only when its trail verifies whole and ends at a clean
+/// stop, with a sealed `retire` record, and then the object goes.
+#[test]
+fn a_retired_chain_leaves_no_object_in_the_hsm_and_verifies_as_closed() {
+    let mut p = Proxy::start_with(Options {
+        extra_sections: audit_section("instance_id = \"retiring\""),
+        ..Options::default()
+    });
+    block_on(async {
+        let r = p
+            .h1()
+            .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    });
+    let witness_objects = |p: &Proxy| {
+        p.pkcs11_tool(&["--list-objects", "--type", "data"])
+            .matches("xks-proxy-audit-head:retiring")
+            .count()
+    };
+    // Running: its chain is locked, and it does not end at a stop.
+    let out = p.cli_raw(&["audit", "retire", "--instance", "retiring"]);
+    assert!(!out.status.success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
+    assert!(witness_objects(&p) >= 1);
+    let out = p.cli(&["audit", "retire", "--instance", "retiring"]);
+    assert!(
+        out.contains("retired (sealed at seq") && out.contains("removed"),
+        "{out}"
+    );
+    assert_eq!(witness_objects(&p), 0, "the witness is gone");
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("at its retirement"), "{out}");
+    // Records forged after the retirement are tampering, like after a stop.
+    let dir = p.dir.path().join("audit");
+    let file = trail_files(&dir).pop().unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let last = text.lines().last().unwrap().to_string();
+    let mut forged: Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.contains("\"type\":\"request\""))
+            .unwrap(),
+    )
+    .unwrap();
+    forged["seq"] = (json(&last)["seq"].as_u64().unwrap() + 1).into();
+    let forged = relink(&serde_json::to_string(&forged).unwrap(), &last);
+    std::fs::write(&file, format!("{text}{forged}\n")).unwrap();
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 3, "{out}");
+    std::fs::write(&file, &text).unwrap();
+    // The id used again later: the chain goes on, and is whole.
+    p.start_again();
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}\n{}", p.log());
+    let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
+    assert_eq!(code, 0, "{out}");
+    assert!(witness_objects(&p) >= 1);
+}

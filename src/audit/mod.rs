@@ -13,6 +13,7 @@
 //! - [`report`]: who used which key (`audit report`, `keys disable
 //!   --dry-run`);
 //! - [`reconcile`]: the trail against CloudTrail (`audit reconcile`);
+//! - [`retire`]: closing a chain for good, so its witness can leave the HSM;
 //! - [`config`]: what `[audit]` becomes.
 //!
 //! This layer sits below the API (which produces the records) and above the
@@ -27,6 +28,7 @@ mod queue;
 pub mod reconcile;
 pub mod record;
 pub mod report;
+pub mod retire;
 mod sealer;
 pub mod trail;
 pub mod verify;

@@ -287,6 +287,14 @@ pub(crate) struct StartBody<'a> {
     pub witness_unchecked: Option<bool>,
 }
 
+/// The chain is closed for good (`xks-proxy audit retire`): its witness is
+/// removed from the HSM, and this record, sealed, is what says so.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RetireBody<'a> {
+    pub by: &'a str,
+}
+
 /// A proxy run ends cleanly.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -390,6 +390,9 @@ pub struct InstanceVerdict {
     pub last_seal: Option<(u64, String)>,
     /// The trail ends with a clean stop (`stop`, then a seal).
     pub clean_stop: bool,
+    /// The trail ends with its retirement (`retire`, then a seal): closed
+    /// for good, its witness removed from the HSM.
+    pub retired: bool,
     /// Records reported lost by `loss` records.
     pub lost: u64,
     pub status: Status,
@@ -414,6 +417,7 @@ impl InstanceVerdict {
             seals_verified: 0,
             last_seal: None,
             clean_stop: false,
+            retired: false,
             lost: 0,
             status: Status::Tampered(problem),
             notes: note.map(str::to_string).into_iter().collect(),
@@ -438,6 +442,8 @@ enum Kind {
     Stop,
     /// The first record of a file (a rotation, or a new run).
     File,
+    /// The chain closed for good (`audit retire`).
+    Retire,
     Loss,
     Other,
     /// Not a record at all.
@@ -475,7 +481,7 @@ fn left_out(l: &[Rec], i: usize, tails: &Tails) -> Option<usize> {
 /// the seal), and what follows is not a new run's `file` record.
 fn after_final_seal(l: &[Rec], seal: usize) -> bool {
     seal > 0
-        && l[seal - 1].kind == Kind::Stop
+        && matches!(l[seal - 1].kind, Kind::Stop | Kind::Retire)
         && l.get(seal + 1).is_some_and(|r| r.kind != Kind::File)
 }
 
@@ -554,6 +560,7 @@ pub fn verify(
                         "seal" => Kind::Seal,
                         "stop" => Kind::Stop,
                         "file" => Kind::File,
+                        "retire" => Kind::Retire,
                         "loss" => Kind::Loss,
                         _ => Kind::Other,
                     };
@@ -665,6 +672,7 @@ pub fn verify(
             seals_verified: 0,
             last_seal: None,
             clean_stop: false,
+            retired: false,
             lost: l
                 .iter()
                 .filter(|r| r.kind == Kind::Loss)
@@ -838,13 +846,15 @@ fn walk(
         }
         v.seals_verified += 1;
         v.last_seal = Some((c.seq, s.time.clone()));
-        v.clean_stop = i > 0 && l[i - 1].kind == Kind::Stop;
+        v.clean_stop = i > 0 && matches!(l[i - 1].kind, Kind::Stop | Kind::Retire);
+        v.retired = i > 0 && l[i - 1].kind == Kind::Retire;
         last_seal = Some(i);
         since_seal = 0;
     }
     let tail_from = last_seal.map_or(0, |j| j + 1);
     if tail_from < l.len() {
         v.clean_stop = false;
+        v.retired = false;
         let count = (l.len() - tail_from) as u64;
         if let Some(seal) = last_seal.filter(|&j| after_final_seal(l, j)) {
             return Ok(Status::Tampered(Problem::AfterFinalSeal {

@@ -77,11 +77,11 @@ const SEAL_WITHIN: Duration = Duration::from_millis(250);
 const LAST_SEAL_WITHIN: Duration = Duration::from_secs(5);
 
 /// The newest file of a chain and where it left off.
-struct Resume {
-    file: String,
+pub(super) struct Resume {
+    pub file: String,
     /// The next record's `seq`.
-    seq: u64,
-    head: Hash,
+    pub seq: u64,
+    pub head: Hash,
     /// Records after the last seal seen.
     unsealed: u64,
     /// The last seal seen, if any.
@@ -142,7 +142,7 @@ pub(crate) fn chain_file_seq(instance: &str, name: &str) -> Option<u64> {
 }
 
 /// The files of `instance`'s chain in `dir`, oldest first.
-fn chain_files(dir: &Path, instance: &str) -> std::io::Result<Vec<String>> {
+pub(super) fn chain_files(dir: &Path, instance: &str) -> std::io::Result<Vec<String>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -173,7 +173,7 @@ fn read_tail(path: &Path, window: u64) -> std::io::Result<(Vec<u8>, bool)> {
 /// last line is skipped) and the records after the last seal. A line that
 /// is not a record still counts and is linked to: `verify` will say what
 /// is wrong with it; the proxy does not refuse to start over it.
-fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
+pub(super) fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
     let path = dir.join(file);
     let (tail, whole) = read_tail(&path, RESUME_WINDOW).map_err(|e| AuditError::Resume {
         file: path.clone(),

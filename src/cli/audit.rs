@@ -95,6 +95,18 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Close an instance's chain for good and remove its witness from the
+    /// HSM (one object per instance id: fleets whose ids change would pile
+    /// them up). Only for a trail that verifies INTACT and ends at a clean
+    /// stop, with no proxy writing it; a sealed `retire` record says so in
+    /// the trail, and `verify` reads it as closed. Archive the files first.
+    Retire {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The instance id of the chain.
+        #[arg(long)]
+        instance: String,
+    },
     /// Create the seal key in the key managers that lack it: a 256-bit
     /// HMAC key, sensitive, non-extractable, sign and verify only.
     InitKey {
@@ -104,6 +116,82 @@ pub enum AuditCommand {
         #[arg(long)]
         label: Option<String>,
     },
+}
+
+/// `audit retire`: verify, append the sealed retirement, remove the witness.
+fn retire(config: &std::path::Path, instance: &str) -> Result<(), ExitCode> {
+    let cfg = load(config)?;
+    let Some(audit) = &cfg.audit else {
+        return Err(usage_error("the configuration has no [audit] section"));
+    };
+    let mut check = TokenVerifier::new(&cfg.hsm);
+    let witnesses = Witnesses {
+        newest: check.witnesses().map_err(fail)?,
+        partial: false,
+        expect: Some((instance.to_string(), audit.dir.display().to_string())),
+    };
+    let files = trail_files(&[], Some(&cfg))?;
+    let trail: Vec<TrailFile> = files
+        .iter()
+        .map(|f| TrailFile::read(f).map_err(|e| fail(format!("{}: {e}", f.display()))))
+        .collect::<Result<_, _>>()?;
+    let keys = vec![audit.seal_key_label.clone()];
+    let verdicts = verify(&trail, &keys, &mut check, &witnesses)
+        .map_err(|e| fail(format!("cannot verify the seals: {e}")))?;
+    let Some(v) = verdicts.iter().find(|v| v.instance == instance) else {
+        return Err(fail(format!(
+            "no trail of instance '{}' in {}",
+            crate::spec::text::printable(instance),
+            audit.dir.display()
+        )));
+    };
+    if v.status != Status::Intact || !v.clean_stop {
+        print!("{}", verdict_text(v));
+        return Err(fail(
+            "not retired: only a trail that verifies INTACT and ends at a clean stop is retired \
+             (its witness is what catches a cut while it is not)",
+        ));
+    }
+    // The seal, in the first key manager that holds the seal key.
+    let label = audit.seal_key_label.clone();
+    let mut seal = |input: &[u8]| -> Result<(String, Vec<u8>), String> {
+        let mut last = "no key manager holds the seal key".to_string();
+        for b in &cfg.hsm.backends {
+            let t = match crate::hsm::Token::open(&cfg.hsm, b) {
+                Ok(t) => t,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            if let Ok(Some(k)) = t.hmac_key(&label) {
+                return t
+                    .sign_hmac(&k, input)
+                    .map(|mac| (t.ekm_info().id.clone(), mac))
+                    .map_err(|e| e.to_string());
+            }
+        }
+        Err(last)
+    };
+    let by = super::lockdown::operator();
+    let seq =
+        crate::audit::retire::retire(&audit.dir, instance, &label, &by, &mut seal).map_err(fail)?;
+    println!(
+        "instance '{}': retired (sealed at seq {seq})",
+        crate::spec::text::printable(instance)
+    );
+    let marker = crate::audit::Witness::label(instance);
+    on_each(
+        &cfg.hsm,
+        &cfg.hsm.backends,
+        cfg.hsm.backends.len() > 1,
+        |token| {
+            let n = token
+                .remove_markers(crate::audit::witness::APPLICATION, Some(&marker))
+                .map_err(|e| e.to_string())?;
+            Ok(format!("{n} witness object(s) removed"))
+        },
+    )
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -325,6 +413,7 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
                 Err(ExitCode::from(3))
             }
         }
+        AuditCommand::Retire { config, instance } => retire(&config, &instance),
         AuditCommand::InitKey { target, label } => {
             let (hsm, chosen, cfg) = selected(&target)?;
             let label = label.unwrap_or_else(|| {
@@ -390,7 +479,13 @@ fn verdict_text(v: &crate::audit::verify::InstanceVerdict) -> String {
     match &v.status {
         Status::Intact => s.push_str(&format!(
             "  INTACT: every link holds and every seal verifies; the trail ends sealed{}\n",
-            if v.clean_stop { " at a clean stop" } else { "" }
+            if v.retired {
+                " at its retirement (closed for good; its witness was removed from the HSM)"
+            } else if v.clean_stop {
+                " at a clean stop"
+            } else {
+                ""
+            }
         )),
         Status::UnsealedTail { from, count } => s.push_str(&format!(
             "  UNSEALED TAIL: every link holds and every seal verifies, but {count} record(s) \

@@ -80,7 +80,7 @@ fn scope(cfg: &Config, key_store: &Option<String>, all: bool) -> Result<String, 
 }
 
 /// `user@host` of whoever runs the command.
-fn operator() -> String {
+pub(super) fn operator() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());

@@ -410,6 +410,12 @@ impl Token {
             .ok_or_else(|| HsmError::NoKey(label.to_string()))
     }
 
+    /// HMAC-SHA256 of `data` under `key`, computed in the token (a seal
+    /// made by the CLI: `audit retire`).
+    pub fn sign_hmac(&self, key: &HmacKey, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        super::hmac::sign(&self.session, key.handle, data).map_err(p11("C_Sign"))
+    }
+
     /// Whether `mac` is the HMAC-SHA256 of `data` under `key`, checked in
     /// the token.
     pub fn verify_hmac(&self, key: &HmacKey, data: &[u8], mac: &[u8]) -> Result<bool, HsmError> {
