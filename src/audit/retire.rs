@@ -19,6 +19,9 @@ use super::record::{hash_line, hex, render, seal_input, RetireBody, SealBody};
 use super::writer::{chain_files, resume_from};
 use crate::spec::time::format_timestamp_micros;
 
+/// Computes a seal's HMAC in the HSM: (the key manager, the MAC).
+pub type SealFn<'a> = dyn FnMut(&[u8]) -> Result<(String, Vec<u8>), String> + 'a;
+
 /// Appends the `retire` record and its seal to `instance`'s newest file in
 /// `dir`, holding the chain's lock (no proxy may be writing it). `seal`
 /// computes the HMAC in the HSM: (the key manager, the MAC). Returns the
@@ -28,7 +31,7 @@ pub fn retire(
     instance: &str,
     key_label: &str,
     by: &str,
-    seal: &mut dyn FnMut(&[u8]) -> Result<(String, Vec<u8>), String>,
+    seal: &mut SealFn<'_>,
 ) -> Result<u64, AuditError> {
     let dir_err = |source| AuditError::Dir {
         dir: dir.to_path_buf(),
