@@ -267,9 +267,23 @@ impl KeyManagers {
     /// that nothing is inside the PKCS#11 library when the process exits
     /// and the library is torn down. Blocking.
     pub fn close(&self) {
+        let mut stopped = true;
         for b in self.backends() {
             if let Some(pool) = b.pool.swap(None) {
-                pool.close();
+                stopped &= pool.close();
+            }
+        }
+        // C_Finalize only once no thread of ours is inside the library
+        // (PKCS#11 §5.4: finalizing under a running call is undefined; some
+        // vendor libraries crash). With a thread stuck in a hung HSM, the
+        // process exits without it.
+        if stopped {
+            let modules =
+                std::mem::take(&mut *self.inner.modules.lock().unwrap_or_else(|p| p.into_inner()));
+            for (path, m) in modules {
+                if let Err(e) = m.ctx.clone().finalize() {
+                    tracing::debug!(module = %path.display(), error = %e, "C_Finalize failed");
+                }
             }
         }
     }

@@ -66,7 +66,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.close();
+        let _ = self.close();
     }
 }
 
@@ -75,7 +75,8 @@ impl Inner {
     /// already queued); joining them closes their sessions; then the
     /// explicit logout. A thread stuck in a call that never returns (a hung
     /// network HSM) is not waited for. Only the first call does anything.
-    fn close(&self) {
+    /// Returns whether every thread stopped (none is stuck in the HSM).
+    fn close(&self) -> bool {
         self.queue.close();
         self.control_queue.close();
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
@@ -85,7 +86,7 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if workers.is_empty() && control.is_none() {
-            return;
+            return true;
         }
         // A thread still in a job (a probe or a marker read the shutdown
         // caught mid-call) finishes it and then sees the closed queue: wait
@@ -114,12 +115,12 @@ impl Inner {
         }
         if hung {
             tracing::warn!(ekm = %self.ekm.id, "a pool thread is still inside the HSM; not logging out");
-            return;
+            return false;
         }
         // Log out explicitly rather than relying on the last session closing:
         // some HSMs keep a login alive per client until told otherwise.
         let m = &self.shared.module;
-        let Some(slot) = m.slot() else { return };
+        let Some(slot) = m.slot() else { return true };
         match m
             .ctx()
             .open_ro_session(slot)
@@ -136,6 +137,7 @@ impl Inner {
             }
             Err(e) => tracing::warn!(ekm = %self.ekm.id, error = %e, "HSM logout failed"),
         }
+        true
     }
 }
 
@@ -236,8 +238,8 @@ impl Pool {
     /// Vendor, id and model of the token, for GetHealthStatus.
     /// Stops the pool's threads, closes their sessions and logs out (see
     /// `Inner::close`); jobs sent afterwards fail at once.
-    pub(crate) fn close(&self) {
-        self.inner.close();
+    pub(crate) fn close(&self) -> bool {
+        self.inner.close()
     }
 
     pub fn ekm_info(&self) -> &EkmInfo {
