@@ -38,11 +38,11 @@
 //! (`--partial`), when it is a note. A run that started on files already
 //! cut says so in its `start` record; the records it found missing must be
 //! in the files given.
-
 //!
-//! Inside: [`problem`] (what is wrong and its text), `walk` (the pure
-//! chain walk), `witness_check` (the chain against the HSM's witness),
-//! [`token`] (seals and witnesses in the HSM).
+//! Inside: [`problem`] (what is wrong and its text), `verdict` (a chain's
+//! status, and the [`SealCheck`] seam), `walk` (the pure chain walk),
+//! `witness_check` (the chain against the HSM's witness), [`token`] (seals
+//! and witnesses in the HSM).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
