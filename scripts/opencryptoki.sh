@@ -42,7 +42,15 @@ slot="$(pkcsconf -t | awk '/^Token #/ { n = $2; sub(/#/, "", n) } /Model: IBM So
 [ -n "$slot" ] || { echo "no openCryptoki soft token (pkcsconf -t)" >&2; exit 1; }
 p11() { pkcs11-tool --module "$module" --slot "$slot" "$@"; }
 
-current="$(p11 -T | sed -n 's/^ *token label *: //p')"
+info="$(p11 -T)"
+current="$(sed -n 's/^ *token label *: //p' <<<"$info")"
+# A token someone initialized for something else is never wiped without
+# being told to: this is the machine's one openCryptoki soft token.
+if grep -q "token initialized" <<<"$info" && [ "$current" != "$label" ] &&
+  [ "${XKS_TEST_OPENCRYPTOKI_WIPE:-}" != 1 ]; then
+  echo "the openCryptoki soft token is labelled '$current', not '$label': left alone; set XKS_TEST_OPENCRYPTOKI_WIPE=1 to let the tests re-initialize it (its keys are lost)" >&2
+  exit 1
+fi
 if [ "$current" != "$label" ] || ! p11 --login --pin "$user_pin" -O >/dev/null 2>&1; then
   # Why wipe instead of C_InitToken with the old SO PIN: 3.8 resets the SO PIN
   # hash but not its master key on re-initialization, so the next SO login
