@@ -150,6 +150,20 @@ fn decrypt_record(lines: &[String]) -> (usize, u64) {
     (i, json(&lines[i])["seq"].as_u64().unwrap())
 }
 
+/// `n` Encrypts of `key-ed`, each answered 200.
+fn encrypt_n(p: &Proxy, n: usize) {
+    block_on(async {
+        for _ in 0..n {
+            let r = p
+                .h1()
+                .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        }
+    })
+}
+
 /// Replaces a line's `prev` (always its last field) with the hash of
 /// `previous`.
 fn relink(line: &str, previous: &str) -> String {
@@ -378,14 +392,7 @@ fn a_trail_cut_while_stopped_stays_caught_across_a_restart() {
         "{}",
         p.log()
     );
-    block_on(async {
-        let r = p
-            .h1()
-            .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200);
-    });
+    encrypt_n(&p, 1);
     let status = p.terminate();
     assert!(status.success(), "{status:?}\n{}", p.log());
     let files = trail_files(&dir);
@@ -442,19 +449,7 @@ fn records_forged_after_a_clean_stop_are_never_sealed() {
         extra_sections: audit_section("instance_id = \"forged\""),
         ..Options::default()
     });
-    let encrypt = |p: &Proxy| {
-        block_on(async {
-            let r = p
-                .h1()
-                .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
-                .await
-                .unwrap();
-            assert_eq!(r.status, 200);
-        })
-    };
-    for _ in 0..3 {
-        encrypt(&p);
-    }
+    encrypt_n(&p, 3);
     let status = p.terminate();
     assert!(status.success(), "{status:?}\n{}", p.log());
     let dir = p.dir.path().join("audit");
@@ -497,7 +492,7 @@ fn records_forged_after_a_clean_stop_are_never_sealed() {
         "{}",
         p.log()
     );
-    encrypt(&p);
+    encrypt_n(&p, 1);
     let status = p.terminate();
     assert!(status.success(), "{status:?}\n{}", p.log());
     let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
@@ -521,19 +516,7 @@ fn a_killed_runs_unsealed_records_stay_unproven() {
             .into(),
         ..Options::default()
     });
-    let requests = |p: &Proxy, n: usize| {
-        block_on(async {
-            for _ in 0..n {
-                let r = p
-                    .h1()
-                    .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
-                    .await
-                    .unwrap();
-                assert_eq!(r.status, 200);
-            }
-        })
-    };
-    requests(&p, 2);
+    encrypt_n(&p, 2);
     let status = p.terminate();
     assert!(status.success(), "{status:?}\n{}", p.log());
     let dir = p.dir.path().join("audit");
@@ -551,7 +534,7 @@ fn a_killed_runs_unsealed_records_stay_unproven() {
             >= n
     };
     p.start_again();
-    requests(&p, 3);
+    encrypt_n(&p, 3);
     assert!(eventually(10, || written(5)));
     p.kill();
     let (code, out) = verify_output(p.cli_raw(&["audit", "verify"]));
@@ -998,14 +981,7 @@ fn a_retired_chain_leaves_no_object_in_the_hsm_and_verifies_as_closed() {
         extra_sections: audit_section("instance_id = \"retiring\""),
         ..Options::default()
     });
-    block_on(async {
-        let r = p
-            .h1()
-            .call("/keys/key-ed/encrypt", bodies::encrypt(b"k", None, false))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200);
-    });
+    encrypt_n(&p, 1);
     let witness_objects = |p: &Proxy| {
         p.pkcs11_tool(&["--list-objects", "--type", "data"])
             .matches("xks-proxy-audit-head:retiring")

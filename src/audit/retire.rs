@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use super::error::AuditError;
 use super::record::{hash_line, hex, render, seal_input, RetireBody, SealBody};
-use super::writer::{chain_files, resume_from};
+use super::writer::{chain_files, lock_chain, resume_from};
 use crate::spec::time::format_timestamp_micros;
 
 /// Computes a seal's HMAC in the HSM: (the key manager, the MAC).
@@ -37,22 +37,7 @@ pub fn retire(
         dir: dir.to_path_buf(),
         source,
     };
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(format!("{instance}.lock")))
-        .map_err(dir_err)?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(AuditError::InUse {
-                instance: instance.to_string(),
-                dir: dir.to_path_buf(),
-            })
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
-    }
+    let _lock = lock_chain(dir, instance)?;
     let mut resume = None;
     for name in chain_files(dir, instance).map_err(dir_err)?.iter().rev() {
         if let Some(r) = resume_from(dir, name)? {

@@ -128,6 +128,29 @@ pub(crate) struct Writer {
     _lock: File,
 }
 
+/// Takes the exclusive lock of `instance`'s chain in `dir` (held while the
+/// returned file is open): one writer per chain.
+pub(super) fn lock_chain(dir: &Path, instance: &str) -> Result<File, AuditError> {
+    let dir_err = |source| AuditError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{instance}.lock")))
+        .map_err(dir_err)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
+            instance: instance.to_string(),
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(dir_err(e)),
+    }
+}
+
 /// Whether `name` is a file of `instance`'s chain; its first seq if so.
 pub(crate) fn chain_file_seq(instance: &str, name: &str) -> Option<u64> {
     let middle = name
@@ -306,22 +329,7 @@ impl Writer {
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(&dir).map_err(dir_err)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{instance}.lock")))
-            .map_err(dir_err)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(AuditError::InUse {
-                    instance: instance.to_string(),
-                    dir,
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
-        }
+        let lock = lock_chain(&dir, instance)?;
         let mut resume = None;
         for name in chain_files(&dir, instance).map_err(dir_err)?.iter().rev() {
             if let Some(r) = resume_from(&dir, name)? {
