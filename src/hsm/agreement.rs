@@ -35,10 +35,14 @@ pub enum Verdict {
     Differs { reference: String },
 }
 
+type Verdicts = HashMap<String, HashMap<usize, (Verdict, Instant)>>;
+
 /// The verdicts of one fleet.
 pub(crate) struct Agreement {
     ttl: Duration,
-    verdicts: Mutex<HashMap<(String, usize), (Verdict, Instant)>>,
+    /// Label → key manager → verdict and when it was reached. Keyed by the
+    /// label first so that a request's lookup borrows its `&str`.
+    verdicts: Mutex<Verdicts>,
 }
 
 /// What routing may do with a key manager for a label now.
@@ -59,7 +63,7 @@ impl Agreement {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), (Verdict, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Verdicts> {
         self.verdicts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -68,7 +72,7 @@ impl Agreement {
     /// background comparison), so one comparison runs, not one per request.
     pub fn known(&self, label: &str, backend: usize) -> Known {
         let mut map = self.lock();
-        match map.get_mut(&(label.to_string(), backend)) {
+        match map.get_mut(label).and_then(|m| m.get_mut(&backend)) {
             None => Known::Unknown,
             Some((v, at)) if at.elapsed() < self.ttl => Known::Fresh(v.clone()),
             Some((v, at)) => {
@@ -81,20 +85,31 @@ impl Agreement {
     /// Records a comparison's verdict; returns the previous one.
     pub fn record(&self, label: &str, backend: usize, verdict: Verdict) -> Option<Verdict> {
         let mut map = self.lock();
-        if map.len() >= MAX_VERDICTS {
-            let mut ages: Vec<Instant> = map.values().map(|(_, at)| *at).collect();
+        if map.values().map(HashMap::len).sum::<usize>() >= MAX_VERDICTS {
+            let mut ages: Vec<Instant> = map
+                .values()
+                .flat_map(|m| m.values().map(|(_, at)| *at))
+                .collect();
             ages.sort();
             let cut = ages[ages.len() / 2];
-            map.retain(|_, (_, at)| *at > cut);
+            map.retain(|_, m| {
+                m.retain(|_, (_, at)| *at > cut);
+                !m.is_empty()
+            });
         }
-        map.insert((label.to_string(), backend), (verdict, Instant::now()))
+        map.entry(label.to_string())
+            .or_default()
+            .insert(backend, (verdict, Instant::now()))
             .map(|(v, _)| v)
     }
 
     /// Forgets what is known of key manager `backend` (it joined again:
     /// its token may be another one now).
     pub fn forget(&self, backend: usize) {
-        self.lock().retain(|(_, b), _| *b != backend);
+        self.lock().retain(|_, m| {
+            m.remove(&backend);
+            !m.is_empty()
+        });
     }
 
     /// The labels key manager `backend` holds other keys for, with the
@@ -103,8 +118,8 @@ impl Agreement {
         let mut out: Vec<(String, String)> = self
             .lock()
             .iter()
-            .filter_map(|((label, b), (v, _))| match v {
-                Verdict::Differs { reference } if *b == backend => {
+            .filter_map(|(label, m)| match m.get(&backend) {
+                Some((Verdict::Differs { reference }, _)) => {
                     Some((label.clone(), reference.clone()))
                 }
                 _ => None,
@@ -140,6 +155,6 @@ mod tests {
         for n in 0..MAX_VERDICTS + 10 {
             a.record(&format!("key-{n}"), 1, Verdict::Same);
         }
-        assert!(a.lock().len() <= MAX_VERDICTS);
+        assert!(a.lock().values().map(HashMap::len).sum::<usize>() <= MAX_VERDICTS);
     }
 }

@@ -15,7 +15,7 @@
 //! label of the token the sample would have used (the sample logs in to the
 //! first slot its module lists), which only the module itself knows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
@@ -445,6 +445,10 @@ pub fn import_sample_settings(
         }
     };
     let mut key_stores = String::new();
+    // The sample lets two prefixes share one access key id; this proxy
+    // looks a secret up by its access key id across all key stores, so
+    // each must be one key store's (check-config refuses a repeat).
+    let mut first_use: BTreeMap<String, String> = BTreeMap::new();
     for (i, store) in stores.iter().enumerate() {
         let field = format!("external_key_stores[{i}]");
         let t = store
@@ -455,6 +459,14 @@ pub fn import_sample_settings(
         let uri_path = format!("{}/kms/xks/v1", prefix.trim_end_matches('/'));
         let akid = get("sigv4_access_key_id")
             .ok_or_else(|| field_error(&format!("{field}.sigv4_access_key_id"), "is required"))?;
+        if let Some(earlier) = first_use.insert(akid.clone(), prefix.clone()) {
+            unmapped.push(format!(
+                "{field}: access key id {akid} is also the one of prefix {earlier:?}: this proxy \
+                 needs one access key id per key store, so check-config refuses the imported file \
+                 until one of them gets its own credential (`xks-proxy credentials new`, then \
+                 UpdateCustomKeyStore in KMS with the printed credential)"
+            ));
+        }
         let secret = Zeroizing::new(get("sigv4_secret_access_key").ok_or_else(|| {
             field_error(&format!("{field}.sigv4_secret_access_key"), "is required")
         })?);
@@ -704,6 +716,20 @@ is_zero_iv_required = false
         );
         assert!(
             unmapped.contains("tls.tls_cert_pem: not used"),
+            "{unmapped}"
+        );
+    }
+
+    /// The sample accepts one access key id for two prefixes; this proxy
+    /// does not, and the import says so before check-config does.
+    #[test]
+    fn a_shared_access_key_id_is_reported() {
+        let shared = SAMPLE.replace("AKIA2222222222222222", "BETWEEN2TENAND3TENCHARACTERS");
+        let out = import_sample_settings(&shared, Path::new("/x"), |_| Some("t".into())).unwrap();
+        let unmapped = out.unmapped.join("\n");
+        assert!(
+            unmapped
+                .contains("access key id BETWEEN2TENAND3TENCHARACTERS is also the one of prefix"),
             "{unmapped}"
         );
     }
