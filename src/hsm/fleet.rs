@@ -358,7 +358,7 @@ impl KeyManagers {
         let cand = self.backends().get(candidate)?.pool()?;
         let mut plaintext = zeroize::Zeroizing::new(vec![0u8; 32]);
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut plaintext).ok()?;
-        let aad = b"xks-proxy: do the key managers agree?".to_vec();
+        let aad = super::gcm::PROBE_AAD.to_vec();
         let probe = Arc::new(EncryptInput {
             plaintext: plaintext.clone(),
             aad: aad.clone(),

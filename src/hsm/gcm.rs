@@ -15,6 +15,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
+use super::config::IvSource;
 use crate::spec::aead::{IV_LEN, TAG_LEN};
 
 /// Where the IV of one encryption comes from.
@@ -29,6 +30,34 @@ pub enum IvInput {
     /// after the tag, as Thales Luna does.
     HsmAppended,
 }
+
+impl IvInput {
+    /// The IV input `iv_source` calls for: for `hsm-rng`, a fresh IV from
+    /// `random` (the HSM's RNG, or a batch of it); the HSM-generated shapes
+    /// need none.
+    pub fn for_source<E>(
+        iv_source: IvSource,
+        random: impl FnOnce() -> Result<[u8; IV_LEN], E>,
+    ) -> Result<IvInput, E> {
+        Ok(match iv_source {
+            IvSource::HsmRng => IvInput::Given(random()?),
+            IvSource::HsmGenerated => IvInput::HsmIntoParameter,
+            IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
+        })
+    }
+
+    /// An IV from the session's `C_GenerateRandom` (not batched: for the
+    /// CLI and the probe).
+    pub fn random_iv(s: &Session) -> Result<[u8; IV_LEN], P11Error> {
+        let mut iv = [0u8; IV_LEN];
+        s.generate_random_slice(&mut iv)?;
+        Ok(iv)
+    }
+}
+
+/// The AAD of a probe that compares two key managers' keys, or tries a
+/// token's GCM: never a request's.
+pub const PROBE_AAD: &[u8] = b"xks-proxy: do the key managers agree?";
 
 /// Why an encryption produced nothing usable.
 #[derive(Debug)]

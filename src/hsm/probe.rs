@@ -24,11 +24,11 @@ use zeroize::Zeroizing;
 
 use super::config::{IvSource, SessionKind, TokenSelector};
 use super::gcm::{self, IvInput, Sealed};
-use super::mechanisms::{self, Support, NEEDS};
+use super::mechanisms::{self, NEEDS};
 use super::objects::protected_key_template;
 use super::token::{find_slot, load_module, login};
 use super::token_info::{Limit, TokenInfo};
-use crate::spec::aead::{hsm_aad, IV_LEN};
+use crate::spec::aead::hsm_aad;
 
 /// What to probe, and (from a configuration, when there is one) what the
 /// proxy would be configured to do there.
@@ -216,8 +216,11 @@ pub fn run(target: &Target) -> Report {
     };
     describe_token(&mut r, slot, &ti);
     let mut usable = true;
-    for need in &NEEDS {
+    // Asked once each; the HMAC check below reuses the answers.
+    let mut supported = [false; NEEDS.len()];
+    for (need, ok) in NEEDS.iter().zip(supported.iter_mut()) {
         let support = mechanisms::support(&ctx, slot, need);
+        *ok = support.ok();
         match mechanisms::shortfall(need, &support) {
             None => r.add(Level::Ok, format!("{} ({})", need.name, need.for_what)),
             Some(why) if need.required => {
@@ -237,17 +240,15 @@ pub fn run(target: &Target) -> Report {
     }
     r.add(Level::Ok, "login with the PIN");
     data_objects(&mut r, &session);
-    if support_ok(&ctx, slot, 2) && support_ok(&ctx, slot, 3) {
+    // The audit seal's mechanisms: every optional one.
+    let seal_ok = NEEDS.iter().zip(supported).all(|(n, ok)| n.required || ok);
+    if seal_ok {
         hmac(&mut r, &session);
     }
     if usable {
         gcm_checks(&mut r, &session, target.iv_source);
     }
     r
-}
-
-fn support_ok(ctx: &Pkcs11, slot: Slot, need: usize) -> bool {
-    mechanisms::support(ctx, slot, &NEEDS[need]) == Support::Supported
 }
 
 fn describe_token(r: &mut Report, slot: Slot, ti: &TokenInfo) {
@@ -468,7 +469,6 @@ fn gcm_checks(r: &mut Report, s: &Session, configured: Option<IvSource>) {
     };
     let aad = hsm_aad(b"xks-proxy probe", b"");
     let plaintext = [0x5a_u8; 32];
-    let mut caller_iv = [0u8; IV_LEN];
     let shapes: Vec<(IvSource, Result<Sealed, String>)> = [
         IvSource::HsmRng,
         IvSource::HsmGenerated,
@@ -476,13 +476,9 @@ fn gcm_checks(r: &mut Report, s: &Session, configured: Option<IvSource>) {
     ]
     .into_iter()
     .map(|source| {
-        let input = match source {
-            IvSource::HsmRng => match s.generate_random_slice(&mut caller_iv) {
-                Ok(()) => IvInput::Given(caller_iv),
-                Err(e) => return (source, Err(format!("C_GenerateRandom: {e}"))),
-            },
-            IvSource::HsmGenerated => IvInput::HsmIntoParameter,
-            IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
+        let input = match IvInput::for_source(source, || IvInput::random_iv(s)) {
+            Ok(input) => input,
+            Err(e) => return (source, Err(format!("C_GenerateRandom: {e}"))),
         };
         let sealed = gcm::seal(s, key, input, &aad, &plaintext)
             .map_err(|e| e.to_string())
@@ -557,16 +553,8 @@ fn round_trip(r: &mut Report, s: &Session, key: ObjectHandle, source: IvSource, 
             .generate_random_slice(&mut plaintext)
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                let input = match source {
-                    IvSource::HsmRng => {
-                        let mut iv = [0u8; IV_LEN];
-                        s.generate_random_slice(&mut iv)
-                            .map_err(|e| e.to_string())?;
-                        IvInput::Given(iv)
-                    }
-                    IvSource::HsmGenerated => IvInput::HsmIntoParameter,
-                    IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
-                };
+                let input = IvInput::for_source(source, || IvInput::random_iv(s))
+                    .map_err(|e| e.to_string())?;
                 let sealed =
                     gcm::seal(s, key, input, aad, &plaintext).map_err(|e| e.to_string())?;
                 let back = gcm::open(s, key, &sealed.iv, aad, &sealed.ciphertext, &sealed.tag)

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::config::{BackendConfig, HsmConfig, IvSource, TokenSelector};
-use super::gcm::{self, IvInput};
+use super::gcm::{self, IvInput, PROBE_AAD};
 use super::hmac::HmacKey;
 use super::markers::Marker;
 use super::objects::{
@@ -25,11 +25,6 @@ use super::objects::{
     Protection, Usages,
 };
 use super::token_info::TokenInfo;
-use crate::spec::aead::IV_LEN;
-
-/// The AAD of an agreement probe: never a request's (those carry the
-/// spec's length prefixes), so a probe is never a valid answer to one.
-const PROBE_AAD: &[u8] = b"xks-proxy: do the key managers agree?";
 
 /// A probe ciphertext and what it must decrypt to.
 pub struct Probe {
@@ -348,17 +343,8 @@ impl Token {
         self.session
             .generate_random_slice(&mut plaintext)
             .map_err(p11("C_GenerateRandom"))?;
-        let iv = match iv_source {
-            IvSource::HsmRng => {
-                let mut iv = [0u8; IV_LEN];
-                self.session
-                    .generate_random_slice(&mut iv)
-                    .map_err(p11("C_GenerateRandom"))?;
-                IvInput::Given(iv)
-            }
-            IvSource::HsmGenerated => IvInput::HsmIntoParameter,
-            IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
-        };
+        let iv = IvInput::for_source(iv_source, || IvInput::random_iv(&self.session))
+            .map_err(p11("C_GenerateRandom"))?;
         let sealed = gcm::seal(&self.session, key, iv, PROBE_AAD, &plaintext).map_err(|e| {
             HsmError::Info {
                 context: "C_Encrypt",

@@ -597,11 +597,7 @@ impl Worker {
         let metadata = metadata_for_version(version);
         // Taken before the key lookup: an attempt that fails on a stale key
         // handle encrypts nothing, so its retry may use the same IV.
-        let iv = match self.shared.iv_source {
-            IvSource::HsmRng => IvInput::Given(self.next_iv()?),
-            IvSource::HsmGenerated => IvInput::HsmIntoParameter,
-            IvSource::HsmGeneratedAppended => IvInput::HsmAppended,
-        };
+        let iv = IvInput::for_source(self.shared.iv_source, || self.next_iv())?;
         self.with_key(&version_label(id, version), OpKind::Encrypt, |s, key, _| {
             encrypt_once(s, key.handle, iv, &metadata, input)
         })
