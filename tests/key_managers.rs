@@ -425,8 +425,8 @@ fn two_instances_on_one_token_start_and_stop_cleanly_fifty_times() {
             b.log()
         );
         std::thread::scope(|s| {
-            s.spawn(|| b.start_again());
-            a.start_again();
+            s.spawn(|| b.start_on_new_ports());
+            a.start_on_new_ports();
         });
     }
 }

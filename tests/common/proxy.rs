@@ -153,6 +153,12 @@ impl Proxy {
     pub fn restart(&mut self) {
         let status = self.terminate();
         assert!(status.success(), "exit status {status:?}");
+        self.start_on_new_ports();
+    }
+
+    /// Starts the stopped process again on new ports (the ports it had may
+    /// have gone to another test's listener meanwhile).
+    pub fn start_on_new_ports(&mut self) {
         self.log.lock().unwrap().clear();
         self.spawn();
     }
