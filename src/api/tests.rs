@@ -172,6 +172,7 @@ fn harness(setup: Setup) -> Harness {
             seal_every: Duration::from_secs(3600),
             rotate_bytes: 1 << 20,
             rotate_every: Duration::from_secs(3600),
+            compress: Default::default(),
             queue_records,
             seal_key_label: "seal".into(),
             create_seal_key: false,

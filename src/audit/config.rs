@@ -48,6 +48,8 @@ pub struct AuditConfig {
     pub rotate_bytes: u64,
     /// ...or this age.
     pub rotate_every: Duration,
+    /// How rotated files are kept (see `super::files`).
+    pub compress: super::files::Compression,
     /// Records queued (or reserved by requests in flight) at most.
     pub queue_records: usize,
     /// The label of the HMAC key that seals the trail, in the HSM.

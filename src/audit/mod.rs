@@ -9,6 +9,8 @@
 //! - [`witness`]: the HSM's record of each chain's newest seal, so that a
 //!   trail cut back while the proxy was stopped is caught;
 //! - `writer`: the one thread that writes files, rotates and seals;
+//! - [`files`]: the trail's files on disk (names, reading them in bounded
+//!   memory, compressing the rotated ones);
 //! - [`verify`]: checking a trail's links and seals (`audit verify`);
 //! - [`report`]: who used which key (`audit report`, `keys disable
 //!   --dry-run`);
@@ -24,6 +26,7 @@
 
 pub mod config;
 mod error;
+pub mod files;
 mod queue;
 pub mod reconcile;
 pub mod record;
@@ -40,7 +43,8 @@ mod restart_tests;
 
 pub use config::{AuditConfig, OnFailure};
 pub use error::AuditError;
+pub use files::Compression;
 pub use record::{Decision, LockEvent, LockEventKind, RequestRecord};
-pub use sealer::{HsmSealer, Sealer};
+pub use sealer::{HsmSealer, SealError, Sealer};
 pub use trail::{AuditTrail, Slot};
 pub use witness::Witness;

@@ -33,7 +33,7 @@
 //! default), unless `--from`/`--to` set the span; what falls outside is
 //! counted, not reported.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -118,8 +118,11 @@ pub struct Outcome {
     pub matched: usize,
     /// Made by KMS, never reached this proxy (within the span).
     pub never_reached: Vec<KmsEvent>,
-    /// Served by the proxy, never made by KMS: the alarm.
+    /// Served by the proxy, never made by KMS: the alarm (the first
+    /// [`MAX_LISTED`]).
     pub never_made: Vec<Unmade>,
+    /// How many requests the alarm concerns, listed or not.
+    pub never_made_total: usize,
 }
 
 /// A request of the trail that KMS never made.
@@ -223,32 +226,81 @@ fn span<'a>(times: impl Iterator<Item = &'a str>) -> Option<(SystemTime, SystemT
     Some((lo?, hi?))
 }
 
-/// Matches KMS's events with the trail's requests; see the module docs.
-pub fn reconcile(events: &[(Value, String)], requests: &[RequestLine], opts: &Options) -> Outcome {
-    // The trail's authenticated requests: only those can be KMS's.
-    let authenticated: Vec<&RequestLine> = requests
-        .iter()
-        .filter(|r| r.access_key_id.is_some())
-        .collect();
-    let request_ids: HashSet<&str> = authenticated
-        .iter()
-        .filter_map(|r| r.kms_request_id.as_deref())
-        .collect();
-    let mut key_ids: HashSet<&str> = authenticated
-        .iter()
-        .filter_map(|r| r.kms_key_arn.as_deref().map(key_id_of))
-        .collect();
-    key_ids.extend(opts.key_arns.iter().map(|a| key_id_of(a)));
+/// The trail's request records, read from the start each time it is called
+/// (reconcile reads the trail twice and never holds it).
+pub type ReadTrail<'a> = dyn FnMut(&mut dyn FnMut(RequestLine)) -> std::io::Result<()> + 'a;
 
-    let mut kms = Vec::new();
+/// Requests of the alarm list kept whole: beyond it they are counted
+/// (`never_made_total`), so a flood of forged requests cannot exhaust the
+/// memory of the command that reports them.
+pub const MAX_LISTED: usize = 10_000;
+
+/// Matches KMS's events with the trail's requests; see the module docs.
+/// Memory: the events, the key ids, and at most [`MAX_LISTED`] alarm
+/// entries, whatever the trail's size.
+pub fn reconcile(
+    events: &[(Value, String)],
+    trail: &mut ReadTrail<'_>,
+    opts: &Options,
+) -> std::io::Result<Outcome> {
+    // KMS's calls that reach a proxy, by request id: whether the trail
+    // holds that id is found while reading it.
+    struct Candidate<'e> {
+        event: &'e Value,
+        source: &'e str,
+        request_id: &'e str,
+        in_trail: bool,
+    }
+    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    let mut by_id: HashMap<&str, Vec<usize>> = HashMap::new();
     for (e, source) in events {
-        if str_at(e, &["eventSource"]) != Some("kms.amazonaws.com") {
+        if str_at(e, &["eventSource"]) != Some("kms.amazonaws.com")
+            || !CALLS_PROXY.contains(&str_at(e, &["eventName"]).unwrap_or(""))
+        {
             continue;
         }
-        let name = str_at(e, &["eventName"]).unwrap_or("");
         let Some(request_id) = str_at(e, &["requestID"]) else {
             continue;
         };
+        by_id.entry(request_id).or_default().push(candidates.len());
+        candidates.push(Candidate {
+            event: e,
+            source,
+            request_id,
+            in_trail: false,
+        });
+    }
+
+    // First read: the trail's keys and span, and which events it holds.
+    // Only authenticated requests can be KMS's.
+    let mut key_ids: HashSet<String> = opts
+        .key_arns
+        .iter()
+        .map(|a| key_id_of(a).to_string())
+        .collect();
+    let mut trail_span: Option<(SystemTime, SystemTime)> = None;
+    trail(&mut |r| {
+        if r.access_key_id.is_none() {
+            return;
+        }
+        if let Some(k) = r.kms_key_arn.as_deref().map(key_id_of) {
+            if !key_ids.contains(k) {
+                key_ids.insert(k.to_string());
+            }
+        }
+        if let Some(t) = parse_timestamp_any(&r.time) {
+            trail_span = Some(trail_span.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t))));
+        }
+        if let Some(found) = r.kms_request_id.as_deref().and_then(|id| by_id.get(id)) {
+            for &i in found {
+                candidates[i].in_trail = true;
+            }
+        }
+    })?;
+
+    let mut kms = Vec::new();
+    for c in &candidates {
+        let e = c.event;
         let store = str_at(e, &["additionalEventData", "customKeyStoreId"])
             .or_else(|| str_at(e, &["requestParameters", "customKeyStoreId"]));
         if !opts.key_store_ids.is_empty()
@@ -265,30 +317,24 @@ pub fn reconcile(events: &[(Value, String)], requests: &[RequestLine], opts: &Op
             || str_at(e, &["additionalEventData", "xksKeyId"]).is_some()
             || store.is_some_and(|s| opts.key_store_ids.iter().any(|k| k == s))
             || key.is_some_and(|k| key_ids.contains(key_id_of(k)))
-            || request_ids.contains(request_id);
-        if !xks || !CALLS_PROXY.contains(&name) {
+            || c.in_trail;
+        if !xks {
             continue;
         }
-        kms.push(KmsEvent {
-            request_id: request_id.to_string(),
-            event_name: name.to_string(),
-            event_time: str_at(e, &["eventTime"]).unwrap_or("").to_string(),
-            key: key.map(str::to_string),
-            custom_key_store_id: store.map(str::to_string),
-            error_code: str_at(e, &["errorCode"]).map(str::to_string),
-            source: source.clone(),
-        });
+        kms.push((
+            KmsEvent {
+                request_id: c.request_id.to_string(),
+                event_name: str_at(e, &["eventName"]).unwrap_or("").to_string(),
+                event_time: str_at(e, &["eventTime"]).unwrap_or("").to_string(),
+                key: key.map(str::to_string),
+                custom_key_store_id: store.map(str::to_string),
+                error_code: str_at(e, &["errorCode"]).map(str::to_string),
+                source: c.source.to_string(),
+            },
+            c.in_trail,
+        ));
     }
 
-    let key_ops: Vec<&RequestLine> = authenticated
-        .iter()
-        .copied()
-        .filter(|r| {
-            r.operation
-                .as_deref()
-                .is_some_and(|o| KEY_OPERATIONS.contains(&o))
-        })
-        .collect();
     let shrink = |s: Option<(SystemTime, SystemTime)>| match s {
         Some((lo, hi)) => (
             Some(lo + opts.slack),
@@ -298,57 +344,71 @@ pub fn reconcile(events: &[(Value, String)], requests: &[RequestLine], opts: &Op
         None => (None, None),
     };
     let (req_from, req_to) = match (opts.from, opts.to) {
-        (None, None) => shrink(span(kms.iter().map(|e| e.event_time.as_str()))),
+        (None, None) => shrink(span(kms.iter().map(|(e, _)| e.event_time.as_str()))),
         given => given,
     };
     let (ev_from, ev_to) = match (opts.from, opts.to) {
-        (None, None) => shrink(span(authenticated.iter().map(|r| r.time.as_str()))),
+        (None, None) => shrink(trail_span),
         given => given,
     };
 
-    let event_ids: HashSet<&str> = kms.iter().map(|e| e.request_id.as_str()).collect();
+    let event_ids: HashSet<&str> = kms.iter().map(|(e, _)| e.request_id.as_str()).collect();
     let mut out = Outcome {
         events: kms.len(),
-        requests: key_ops.len(),
         ..Outcome::default()
     };
-    let mut seen_unmade = BTreeSet::new();
-    for r in &key_ops {
+    // Second read: each key operation against KMS's events.
+    let mut listed = BTreeSet::new();
+    trail(&mut |r| {
+        let key_op = r
+            .operation
+            .as_deref()
+            .is_some_and(|o| KEY_OPERATIONS.contains(&o));
+        if r.access_key_id.is_none() || !key_op {
+            return;
+        }
+        out.requests += 1;
         if !in_span(&r.time, req_from, req_to) {
-            continue;
+            return;
         }
         out.requests_compared += 1;
         match r.kms_request_id.as_deref() {
             Some(id) if event_ids.contains(id) => out.matched += 1,
             _ => {
-                if seen_unmade.insert((r.instance.clone(), r.seq)) {
+                // A record given twice (the same file twice) is one.
+                if listed.contains(&(r.instance.clone(), r.seq)) {
+                    return;
+                }
+                out.never_made_total += 1;
+                if out.never_made.len() < MAX_LISTED {
+                    listed.insert((r.instance.clone(), r.seq));
                     out.never_made.push(Unmade {
-                        time: r.time.clone(),
-                        instance: r.instance.clone(),
+                        time: r.time,
+                        instance: r.instance,
                         seq: r.seq,
-                        kms_request_id: r.kms_request_id.clone(),
-                        operation: r.operation.clone(),
-                        key_store: r.key_store.clone(),
-                        key_id: r.key_id.clone(),
-                        aws_principal_arn: r.aws_principal_arn.clone(),
-                        access_key_id: r.access_key_id.clone(),
-                        client_addr: r.client_addr.clone(),
+                        kms_request_id: r.kms_request_id,
+                        operation: r.operation,
+                        key_store: r.key_store,
+                        key_id: r.key_id,
+                        aws_principal_arn: r.aws_principal_arn,
+                        access_key_id: r.access_key_id,
+                        client_addr: r.client_addr,
                         status: r.status,
                     });
                 }
             }
         }
-    }
-    for e in &kms {
+    })?;
+    for (e, in_trail) in kms {
         if !in_span(&e.event_time, ev_from, ev_to) {
             continue;
         }
         out.events_compared += 1;
-        if !request_ids.contains(e.request_id.as_str()) {
-            out.never_reached.push(e.clone());
+        if !in_trail {
+            out.never_reached.push(e);
         }
     }
-    out
+    Ok(out)
 }
 
 impl Outcome {
@@ -387,8 +447,13 @@ impl Outcome {
         } else {
             s.push_str(&format!(
                 "ALARM: served by the proxy, never made by KMS: {} (someone else holds the \
-                 key store's SigV4 credentials)\n",
-                self.never_made.len()
+                 key store's SigV4 credentials){}\n",
+                self.never_made_total,
+                if self.never_made_total > self.never_made.len() {
+                    format!("; the first {} listed", self.never_made.len())
+                } else {
+                    String::new()
+                }
             ));
             for r in &self.never_made {
                 s.push_str(&format!(
@@ -438,6 +503,33 @@ mod tests {
         })
     }
 
+    fn from_memory(
+        requests: &[RequestLine],
+    ) -> impl FnMut(&mut dyn FnMut(RequestLine)) -> std::io::Result<()> + '_ {
+        |each| {
+            requests.iter().cloned().for_each(each);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_alarm_list_is_bounded_and_the_count_is_not() {
+        let requests: Vec<RequestLine> = (0..MAX_LISTED as u64 + 5)
+            .map(|seq| RequestLine {
+                seq,
+                ..request("2026-01-01T00:10:00.000000Z", &format!("r{seq}"), "Decrypt")
+            })
+            .collect();
+        let out = reconcile(&[], &mut from_memory(&requests), &Options::default()).unwrap();
+        assert_eq!(out.never_made.len(), MAX_LISTED);
+        assert_eq!(out.never_made_total, MAX_LISTED + 5);
+        assert!(out.to_text().contains(&format!(
+            "never made by KMS: {} (someone else holds the key store's SigV4 credentials); the \
+             first {MAX_LISTED} listed",
+            MAX_LISTED + 5
+        )));
+    }
+
     #[test]
     fn both_one_sided_sets_come_out() {
         let requests = vec![
@@ -459,7 +551,7 @@ mod tests {
             slack: Duration::ZERO,
             ..Options::default()
         };
-        let out = reconcile(&events, &requests, &opts);
+        let out = reconcile(&events, &mut from_memory(&requests), &opts).unwrap();
         assert_eq!(out.matched, 1);
         assert_eq!(out.never_made.len(), 1);
         assert_eq!(out.never_made[0].kms_request_id.as_deref(), Some("rogue"));

@@ -11,7 +11,6 @@
 //! know they are the ones the proxy wrote.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -53,26 +52,23 @@ impl RequestLine {
     }
 }
 
-/// Reads the request records of trail files, calling `each` for every one
-/// (other record types and lines that are not records are skipped).
+/// Reads the request records of trail files (plain or compressed), calling
+/// `each` for every one (other record types and lines that are not records
+/// are skipped). One line in memory at a time.
 pub fn read_requests(
     files: &[impl AsRef<Path>],
     mut each: impl FnMut(RequestLine),
 ) -> std::io::Result<()> {
     for f in files {
-        let mut reader = std::io::BufReader::new(std::fs::File::open(f.as_ref())?);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                break;
-            }
+        let file = super::files::TrailFile::at(f.as_ref());
+        let mut lines = file.lines()?;
+        while let Some(line) = lines.next()? {
             // A last piece without its line break is a cut-off write, which
             // `verify` does not vouch for: neither do report and reconcile.
-            if line.last() != Some(&b'\n') {
+            if !line.complete {
                 break;
             }
-            if let Ok(r) = serde_json::from_slice::<RequestLine>(&line) {
+            if let Ok(r) = serde_json::from_slice::<RequestLine>(line.bytes) {
                 if r.kind == "request" {
                     each(r);
                 }
@@ -283,6 +279,25 @@ mod tests {
         let mut n = 0;
         read_requests(&[&f], |_| n += 1).unwrap();
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn compressed_files_are_read_as_written() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.jsonl.gz");
+        let rec = r#"{"type":"request","key_id":"k","status":200}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        write!(gz, "{rec}\n{rec}\n").unwrap();
+        let mut bytes = gz.finish().unwrap();
+        // A second gzip member (what `audit retire` appends) is read on.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        writeln!(gz, "{rec}").unwrap();
+        bytes.extend(gz.finish().unwrap());
+        std::fs::write(&f, bytes).unwrap();
+        let mut n = 0;
+        read_requests(&[&f], |_| n += 1).unwrap();
+        assert_eq!(n, 3);
     }
 
     #[test]

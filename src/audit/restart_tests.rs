@@ -12,7 +12,9 @@ use super::config::{AuditConfig, OnFailure};
 use super::record::RequestRecord;
 use super::sealer::{moves_forward, SealError, Sealer};
 use super::trail::AuditTrail;
-use super::verify::{expand, verify, Problem, SealCheck, Status, TrailFile, Witnesses};
+use super::verify::{
+    expand, verify, Problem, SealCheck, SealCheckError, Status, TrailFile, Witnesses,
+};
 use super::witness::Witness;
 use super::AuditError;
 use crate::telemetry::metrics::Metrics;
@@ -71,7 +73,7 @@ impl Sealer for FakeSealer {
 
 struct FakeCheck;
 impl SealCheck for FakeCheck {
-    fn check(&mut self, key: &str, input: &[u8], m: &[u8]) -> Result<bool, String> {
+    fn check(&mut self, key: &str, input: &[u8], m: &[u8]) -> Result<bool, SealCheckError> {
         Ok(mac(key, input) == m)
     }
 }
@@ -85,6 +87,7 @@ fn cfg(dir: &Path, on_failure: OnFailure) -> AuditConfig {
         seal_every: Duration::from_secs(3600),
         rotate_bytes: 1 << 30,
         rotate_every: Duration::from_secs(3600),
+        compress: Default::default(),
         queue_records: 100,
         seal_key_label: "seal".into(),
         create_seal_key: false,
@@ -120,7 +123,7 @@ fn verdict(dir: &Path, hsm: &Arc<Mutex<Hsm>>) -> super::verify::InstanceVerdict 
     let files: Vec<TrailFile> = expand(&[dir.to_path_buf()])
         .unwrap()
         .iter()
-        .map(|f| TrailFile::read(f).unwrap())
+        .map(|f| TrailFile::at(f))
         .collect();
     let mut w = Witnesses::default();
     if let Some(x) = hsm.lock().unwrap().witness.clone() {

@@ -15,8 +15,9 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use super::error::AuditError;
+use super::files::chain_files;
 use super::record::{hash_line, hex, render, seal_input, RetireBody, SealBody};
-use super::writer::{chain_files, lock_chain, resume_from};
+use super::writer::{lock_chain, resume_from};
 use crate::spec::time::format_timestamp_micros;
 
 /// Computes a seal's HMAC in the HSM: (the key manager, the MAC).
@@ -90,6 +91,14 @@ pub fn retire(
     out.push(b'\n');
     out.extend_from_slice(&sealed);
     out.push(b'\n');
+    if r.file.ends_with(".gz") {
+        // A compressed newest file (the plain ones after it were empty): a
+        // gzip member of its own, which every reader (and zcat) reads on
+        // after the others.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&out).map_err(file_err)?;
+        out = gz.finish().map_err(file_err)?;
+    }
     f.write_all(&out).map_err(file_err)?;
     f.sync_data().map_err(file_err)?;
     Ok(r.seq + 1)

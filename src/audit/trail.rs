@@ -207,14 +207,15 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    use crate::audit::verify::{expand, verify, SealCheck, Status, TrailFile};
+    use crate::audit::verify::{expand, verify, SealCheck, SealCheckError, Status, TrailFile};
+    use crate::audit::Compression;
 
     /// Unit tests write unsealed chains (seals need the HSM: see
     /// `tests/audit.rs`).
     struct NoSeals;
     impl SealCheck for NoSeals {
-        fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, String> {
-            Err("no seals here".into())
+        fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, SealCheckError> {
+            Err(SealCheckError::NoKeyManager("no seals here".into()))
         }
     }
 
@@ -227,6 +228,7 @@ mod tests {
             seal_every: Duration::from_secs(3600),
             rotate_bytes: 2000,
             rotate_every: Duration::from_secs(3600),
+            compress: Compression::None,
             queue_records: queue,
             seal_key_label: "seal".into(),
             create_seal_key: false,
@@ -243,11 +245,23 @@ mod tests {
 
     #[test]
     fn the_chain_goes_on_across_rotations_and_restarts() {
+        the_chain_goes_on_across_rotations_and_restarts_with(Compression::None);
+    }
+
+    #[test]
+    fn compressed_rotated_files_are_one_chain_with_the_rest() {
+        the_chain_goes_on_across_rotations_and_restarts_with(Compression::Gzip);
+    }
+
+    fn the_chain_goes_on_across_rotations_and_restarts_with(compress: Compression) {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new();
+        let cfg = AuditConfig {
+            compress,
+            ..cfg(dir.path(), 1000)
+        };
         for run in 0..2 {
-            let t =
-                AuditTrail::start(&cfg(dir.path(), 1000), "unit".into(), None, &metrics).unwrap();
+            let t = AuditTrail::start(&cfg, "unit".into(), None, &metrics).unwrap();
             // The run's first file exists once the trail has started.
             let before = expand(&[dir.path().to_path_buf()]).unwrap().len();
             for i in 0..10 {
@@ -270,7 +284,24 @@ mod tests {
             files.len() >= 4,
             "the files rotated at 2000 bytes: {files:?}"
         );
-        let trail: Vec<TrailFile> = files.iter().map(|f| TrailFile::read(f).unwrap()).collect();
+        if compress == Compression::Gzip {
+            // Every file but the newest is compressed, in the background;
+            // a run's start compresses what the last one left.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let plain = || {
+                expand(&[dir.path().to_path_buf()])
+                    .unwrap()
+                    .iter()
+                    .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
+                    .count()
+            };
+            while plain() > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(plain(), 1, "{:?}", expand(&[dir.path().to_path_buf()]));
+        }
+        let files = expand(&[dir.path().to_path_buf()]).unwrap();
+        let trail: Vec<TrailFile> = files.iter().map(|f| TrailFile::at(f)).collect();
         let v = verify(&trail, &[], &mut NoSeals, &Default::default()).unwrap();
         assert_eq!(v.len(), 1);
         // Every link holds; without a sealer nothing is sealed.
@@ -281,10 +312,14 @@ mod tests {
         );
         assert_eq!(v[0].files, files.len());
         // The second run continued the count and said what it found unsealed.
-        let text: String = trail
-            .iter()
-            .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
-            .collect();
+        let mut text = String::new();
+        for f in &trail {
+            let mut lines = f.lines().unwrap();
+            while let Some(l) = lines.next().unwrap() {
+                text.push_str(&String::from_utf8_lossy(l.bytes));
+                text.push('\n');
+            }
+        }
         let seq_of = |id: &str| {
             text.lines()
                 .find(|l| l.contains(&format!("\"kmsRequestId\":\"{id}\"")))

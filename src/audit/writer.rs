@@ -47,6 +47,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
 use super::config::{AuditConfig, OnFailure};
 use super::error::AuditError;
+
+use super::files::{chain_files, tidy, Compression, Compressor};
 use super::queue::{Entry, Shared};
 use super::record::{
     hash_line, hex, render, seal_input, FileBody, Hash, Header, LockEvent, LossBody, RequestRecord,
@@ -124,6 +126,8 @@ pub(crate) struct Writer {
     /// Bytes written since the last `fdatasync`, and when that was.
     unsynced: bool,
     last_sync: Instant,
+    /// Compresses rotated files (`audit.compress`), when on.
+    compressor: Option<super::files::Compressor>,
     /// Held for the life of the process: see the module docs.
     _lock: File,
 }
@@ -151,38 +155,27 @@ pub(super) fn lock_chain(dir: &Path, instance: &str) -> Result<File, AuditError>
     }
 }
 
-/// Whether `name` is a file of `instance`'s chain; its first seq if so.
-pub(crate) fn chain_file_seq(instance: &str, name: &str) -> Option<u64> {
-    let middle = name
-        .strip_prefix(instance)?
-        .strip_prefix('.')?
-        .strip_suffix(".jsonl")?;
-    let digits = middle.get(..16)?;
-    if !digits.bytes().all(|b| b.is_ascii_digit()) || !middle[16..].starts_with('-') {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-/// The files of `instance`'s chain in `dir`, oldest first.
-pub(super) fn chain_files(dir: &Path, instance: &str) -> std::io::Result<Vec<String>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // Regular files only: a device or a directory is never ours.
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
-            if let Some(seq) = chain_file_seq(instance, &name) {
-                files.push((seq, name));
+/// The tail of a file: its last `window` bytes (all of it when smaller),
+/// and whether that is all of it. A compressed file (an older one, when the
+/// newest are empty) is read through, keeping the last `window` bytes.
+fn read_tail(path: &Path, window: u64) -> std::io::Result<(Vec<u8>, bool)> {
+    if path.to_string_lossy().ends_with(".gz") {
+        let mut whole = true;
+        let mut buf = Vec::new();
+        let file = super::files::TrailFile::at(path);
+        let mut lines = file.lines()?;
+        while let Some(line) = lines.next()? {
+            buf.extend_from_slice(line.bytes);
+            if line.complete {
+                buf.push(b'\n');
+            }
+            if buf.len() as u64 > 2 * window {
+                buf.drain(..buf.len() - window as usize);
+                whole = false;
             }
         }
+        return Ok((buf, whole));
     }
-    files.sort();
-    Ok(files.into_iter().map(|(_, n)| n).collect())
-}
-
-/// The tail of a file: its last `window` bytes (all of it when smaller).
-fn read_tail(path: &Path, window: u64) -> std::io::Result<(Vec<u8>, bool)> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
     let start = len.saturating_sub(window);
@@ -387,6 +380,18 @@ impl Writer {
             }
         }
         let (file, file_name) = create_file(&dir, instance, seq)?;
+        // Rotated files: finish what a crash cut short, and queue what is
+        // not compressed yet (every file but the new one).
+        let compressor = match cfg.compress {
+            Compression::None => None,
+            Compression::Gzip => {
+                let c = Compressor::start(&dir).map_err(dir_err)?;
+                for name in tidy(&dir, instance).map_err(dir_err)? {
+                    c.queue(name);
+                }
+                Some(c)
+            }
+        };
         let now = Instant::now();
         let mut w = Writer {
             dir,
@@ -409,6 +414,7 @@ impl Writer {
             out: Vec::with_capacity(64 * 1024),
             unsynced: false,
             last_sync: now,
+            compressor,
             _lock: lock,
         };
         let time = format_timestamp_micros(SystemTime::now());
@@ -674,7 +680,10 @@ impl Writer {
                     tracing::warn!(error = %e, "fdatasync of the audit file failed");
                 }
                 let previous = std::mem::replace(&mut self.file_name, name);
-                self.file = file;
+                let old = std::mem::replace(&mut self.file, file);
+                // Its last bytes are on disk (synced above) before the
+                // compressor reads it.
+                drop(old);
                 self.file_bytes = 0;
                 self.file_opened = Instant::now();
                 let time = format_timestamp_micros(SystemTime::now());
@@ -685,6 +694,9 @@ impl Writer {
                         previous_file: Some(&previous),
                     },
                 );
+                if let Some(c) = &self.compressor {
+                    c.queue(previous);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open a new audit file; staying with the current one");
@@ -820,24 +832,5 @@ mod tests {
         assert!(files_behind(&w, 7, &[9; 32]));
         assert!(files_behind(&w, 0, &GENESIS));
         assert!(files_behind(&w, 11, &[9; 32]));
-    }
-
-    #[test]
-    fn chain_files_are_recognized_by_instance_and_seq() {
-        assert_eq!(
-            chain_file_seq("a", "a.0000000000000042-20260101T000000Z.jsonl"),
-            Some(42)
-        );
-        assert_eq!(
-            chain_file_seq("a", "a.0000000000000042-20260101T000000Z-2.jsonl"),
-            Some(42)
-        );
-        // Another instance whose id starts with ours.
-        assert_eq!(
-            chain_file_seq("a", "a.b.0000000000000042-20260101T000000Z.jsonl"),
-            None
-        );
-        assert_eq!(chain_file_seq("a", "a.lock"), None);
-        assert_eq!(chain_file_seq("a", "a.00000000000042-x.jsonl"), None);
     }
 }

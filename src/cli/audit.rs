@@ -14,7 +14,7 @@ use clap::Subcommand;
 use super::exit::{load, usage_error};
 use super::target::{on_each, selected, Target};
 use crate::audit::reconcile::{self, parse_cloudtrail, Options};
-use crate::audit::report::{read_requests, Filter, Report, RequestLine};
+use crate::audit::report::{read_requests, Filter, Report};
 use crate::audit::verify::{expand, verify, Status, TokenVerifier, TrailFile, Witnesses};
 use crate::config::Config;
 use crate::spec::time::{format_timestamp_micros, parse_span, parse_timestamp_any};
@@ -131,13 +131,9 @@ fn retire(config: &std::path::Path, instance: &str) -> Result<(), ExitCode> {
         expect: Some((instance.to_string(), audit.dir.display().to_string())),
     };
     let files = trail_files(&[], Some(&cfg))?;
-    let trail: Vec<TrailFile> = files
-        .iter()
-        .map(|f| TrailFile::read(f).map_err(|e| fail(format!("{}: {e}", f.display()))))
-        .collect::<Result<_, _>>()?;
+    let trail: Vec<TrailFile> = files.iter().map(|f| TrailFile::at(f)).collect();
     let keys = vec![audit.seal_key_label.clone()];
-    let verdicts = verify(&trail, &keys, &mut check, &witnesses)
-        .map_err(|e| fail(format!("cannot verify the seals: {e}")))?;
+    let verdicts = verify(&trail, &keys, &mut check, &witnesses).map_err(fail)?;
     let Some(v) = verdicts.iter().find(|v| v.instance == instance) else {
         return Err(fail(format!(
             "no trail of instance '{}' in {}",
@@ -215,7 +211,7 @@ fn trail_files(files: &[PathBuf], cfg: Option<&Config>) -> Result<Vec<PathBuf>, 
     };
     let found = expand(&given).map_err(fail)?;
     if found.is_empty() {
-        return Err(usage_error("no trail files (*.jsonl) found"));
+        return Err(usage_error("no trail files (*.jsonl, *.jsonl.gz) found"));
     }
     Ok(found)
 }
@@ -312,12 +308,8 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
                     .as_ref()
                     .map_or(DEFAULT_SEAL_KEY.to_string(), |a| a.seal_key_label.clone()),
             );
-            let trail: Vec<TrailFile> = files
-                .iter()
-                .map(|f| TrailFile::read(f).map_err(|e| fail(format!("{}: {e}", f.display()))))
-                .collect::<Result<_, _>>()?;
-            let verdicts = verify(&trail, &keys, &mut check, &witnesses)
-                .map_err(|e| fail(format!("cannot verify the seals: {e}")))?;
+            let trail: Vec<TrailFile> = files.iter().map(|f| TrailFile::at(f)).collect();
+            let verdicts = verify(&trail, &keys, &mut check, &witnesses).map_err(fail)?;
             if json {
                 let v: Vec<serde_json::Value> = verdicts.iter().map(verdict_json).collect();
                 println!("{}", serde_json::Value::Array(v));
@@ -399,9 +391,8 @@ pub fn run(command: AuditCommand) -> Result<(), ExitCode> {
                     events.push((e, name.clone()));
                 }
             }
-            let mut requests: Vec<RequestLine> = Vec::new();
-            read_requests(&files, |r| requests.push(r)).map_err(fail)?;
-            let out = reconcile::reconcile(&events, &requests, &opts);
+            let out = reconcile::reconcile(&events, &mut |each| read_requests(&files, each), &opts)
+                .map_err(fail)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&out).map_err(fail)?);
             } else {

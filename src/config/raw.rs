@@ -47,6 +47,8 @@ pub(super) struct RawAudit {
     pub(super) rotate_bytes: u64,
     #[serde(default = "default_rotate_secs")]
     pub(super) rotate_secs: u64,
+    #[serde(default)]
+    pub(super) compress: crate::audit::Compression,
     #[serde(default = "default_queue_records")]
     pub(super) queue_records: usize,
     #[serde(default = "default_seal_key_label")]

@@ -701,6 +701,7 @@ pub(super) fn validate_audit(
         seal_every: Duration::from_secs(raw.seal_every_secs),
         rotate_bytes: raw.rotate_bytes,
         rotate_every: Duration::from_secs(raw.rotate_secs),
+        compress: raw.compress,
         queue_records: raw.queue_records,
         seal_key_label: raw.seal_key_label,
         create_seal_key: raw.create_seal_key,

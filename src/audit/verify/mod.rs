@@ -39,13 +39,19 @@
 //! cut says so in its `start` record; the records it found missing must be
 //! in the files given.
 //!
+//! **Bounded memory, one pass.** Each file is opened once to learn its
+//! instance and first seq (one line), then each chain is read once, record
+//! by record, in chain order: a trail of any size is verified in a few
+//! hundred kilobytes (see `walk`). Only a broken link costs one more read
+//! of that chain, to say what broke it. Compressed files (`.jsonl.gz`) are
+//! read as they are.
+//!
 //! Inside: [`problem`] (what is wrong and its text), `verdict` (a chain's
-//! status, and the [`SealCheck`] seam), `walk` (the pure chain walk),
-//! `witness_check` (the chain against the HSM's witness), [`token`] (seals
-//! and witnesses in the HSM).
+//! status, and the [`SealCheck`] seam), `walk` (the chain walk, one record
+//! at a time), `witness_check` (the chain against the HSM's witness),
+//! [`token`] (seals and witnesses in the HSM).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use crate::audit::record::{hash_line, unhex, Header};
 
@@ -55,245 +61,38 @@ mod verdict;
 mod walk;
 mod witness_check;
 
+pub use crate::audit::files::{expand, TrailFile};
 pub use problem::{Place, Problem};
 pub use token::TokenVerifier;
-pub use verdict::{InstanceVerdict, SealCheck, Status, Witnesses};
-use walk::{to_hash, walk, Kind, Rec, SealInfo, Tails};
-use witness_check::against_witness;
-
-/// One file to verify.
-pub struct TrailFile {
-    pub name: String,
-    pub bytes: Vec<u8>,
-}
-
-impl TrailFile {
-    pub fn read(path: &std::path::Path) -> std::io::Result<TrailFile> {
-        Ok(TrailFile {
-            name: path.display().to_string(),
-            bytes: std::fs::read(path)?,
-        })
-    }
-}
+pub use verdict::{InstanceVerdict, SealCheck, SealCheckError, Status, VerifyError, Witnesses};
+use walk::{classify, to_hash, End, Facts, Kind, Rec, SealInfo, Walk};
+use witness_check::{against_witness, Span};
 
 /// Verifies the chains in `files`. `keys` are the seal key labels seals
-/// may name; `check` verifies their MACs in the HSM. `Err` when a seal
-/// could not be checked at all.
+/// may name; `check` verifies their MACs in the HSM. `Err` when a file
+/// cannot be read or a seal cannot be checked at all.
 pub fn verify(
     files: &[TrailFile],
     keys: &[String],
     check: &mut dyn SealCheck,
     witnesses: &Witnesses,
-) -> Result<Vec<InstanceVerdict>, String> {
-    // Per instance: its records, file by file.
-    let mut by_instance: BTreeMap<String, Vec<(u64, Vec<Rec>)>> = BTreeMap::new();
-    let mut seals: Vec<SealInfo> = Vec::new();
-    let mut early: BTreeMap<String, Problem> = BTreeMap::new();
-    let mut notes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    // Per instance: runs that started on cut files (see the module docs).
-    let mut cuts: BTreeMap<String, Vec<(Place, u64, u64)>> = BTreeMap::new();
-    // Per instance: runs that went on from the previous run's last seal,
-    // leaving the records after it out of the chain: (the start record's
-    // seq, first and last seq left out).
-    let mut tails: BTreeMap<String, Tails> = BTreeMap::new();
+) -> Result<Vec<InstanceVerdict>, VerifyError> {
+    // Each file's instance and first seq: its first record.
+    let mut by_instance: BTreeMap<String, Vec<(u64, usize)>> = BTreeMap::new();
     let mut orphans = Vec::new();
     for (fi, f) in files.iter().enumerate() {
-        let mut pieces: Vec<&[u8]> = f.bytes.split(|b| *b == b'\n').collect();
-        let torn = pieces.pop().filter(|p| !p.is_empty());
-        let mut instance: Option<String> = None;
-        let mut recs = Vec::with_capacity(pieces.len());
-        for (li, line) in pieces.iter().enumerate() {
-            let place = || Place {
-                file: f.name.clone(),
-                line: li + 1,
-                seq: None,
-            };
-            let rec = match serde_json::from_slice::<Header>(line) {
-                Ok(h) if h.v == 1 => {
-                    match &instance {
-                        None => instance = Some(h.instance.clone()),
-                        Some(i) if *i != h.instance => {
-                            early.entry(i.clone()).or_insert(Problem::ForeignRecord {
-                                at: Place {
-                                    seq: Some(h.seq),
-                                    ..place()
-                                },
-                                instance: h.instance.clone(),
-                            });
-                        }
-                        Some(_) => {}
-                    }
-                    let kind = match h.kind.as_str() {
-                        "seal" => Kind::Seal,
-                        "stop" => Kind::Stop,
-                        "file" => Kind::File,
-                        "retire" => Kind::Retire,
-                        "loss" => Kind::Loss,
-                        _ => Kind::Other,
-                    };
-                    let extra = match kind {
-                        Kind::Seal => {
-                            seals.push(SealInfo {
-                                time: h.time.clone(),
-                                count: h.count,
-                                key: h.key.clone(),
-                                hmac: h.hmac.as_deref().and_then(unhex),
-                            });
-                            (seals.len() - 1) as u64
-                        }
-                        Kind::Loss => h.count.unwrap_or(0),
-                        _ => 0,
-                    };
-                    if let (true, Some(w), Some(n)) =
-                        (h.kind == "start", h.witness_seq, h.files_next_seq)
-                    {
-                        let at = Place {
-                            seq: Some(h.seq),
-                            ..place()
-                        };
-                        cuts.entry(h.instance.clone()).or_default().push((at, w, n));
-                    }
-                    if let (true, Some(from), Some(to)) =
-                        (h.kind == "start", h.tail_from, h.tail_to)
-                    {
-                        tails
-                            .entry(h.instance.clone())
-                            .or_default()
-                            .insert(h.seq, (from, to));
-                    }
-                    if h.kind == "start" && h.witness_unchecked == Some(true) {
-                        notes.entry(h.instance.clone()).or_default().push(format!(
-                            "the run that started at seq {} ({} line {}) could not read the HSM's \
-                             witness and did not check the files against it (audit.on_failure = \
-                             \"continue\"): a cut made before it would show only as that run's \
-                             witness being refused",
-                            h.seq,
-                            crate::spec::text::printable(&f.name),
-                            li + 1
-                        ));
-                    }
-                    if h.kind == "start" && h.unsealed_before.is_some_and(|n| n > 0) {
-                        notes.entry(h.instance.clone()).or_default().push(format!(
-                            "the run that started at seq {} ({} line {}) found {} record(s) of \
-                             the previous run after its last seal (a crash or kill); they are \
-                             proven only from this run's first seal on",
-                            h.seq,
-                            crate::spec::text::printable(&f.name),
-                            li + 1,
-                            h.unsealed_before.unwrap_or(0)
-                        ));
-                    }
-                    Rec {
-                        file: fi,
-                        line: li + 1,
-                        seq: h.seq,
-                        kind,
-                        hash: hash_line(line),
-                        prev: to_hash(&h.prev),
-                        extra,
-                    }
-                }
-                _ => Rec {
-                    file: fi,
-                    line: li + 1,
-                    seq: u64::MAX,
-                    kind: Kind::Bad,
-                    hash: hash_line(line),
-                    prev: None,
-                    extra: 0,
-                },
-            };
-            recs.push(rec);
-        }
-        match instance {
-            Some(i) => {
-                if let Some(t) = torn {
-                    notes.entry(i.clone()).or_default().push(format!(
-                        "{} ends with a cut-off line ({} bytes, no line break): a write the \
-                         proxy did not finish (a crash); it is not part of the chain",
-                        crate::spec::text::printable(&f.name),
-                        t.len()
-                    ));
-                }
-                let first = recs
-                    .iter()
-                    .find(|r| r.kind != Kind::Bad)
-                    .map_or(0, |r| r.seq);
-                by_instance.entry(i).or_default().push((first, recs));
-            }
+        match first_record(f)? {
+            Some(h) => by_instance.entry(h.instance).or_default().push((h.seq, fi)),
             None => orphans.push(f.name.clone()),
         }
     }
-
     let mut out = Vec::new();
     for (instance, mut parts) in by_instance {
-        parts.sort_by_key(|(first, _)| *first);
-        let files_n = parts.len();
-        let l: Vec<Rec> = parts.into_iter().flat_map(|(_, r)| r).collect();
-        let mut v = InstanceVerdict {
-            instance: instance.clone(),
-            files: files_n,
-            records: l.iter().filter(|r| r.kind != Kind::Bad).count() as u64,
-            first_seq: l.iter().find(|r| r.kind != Kind::Bad).map(|r| r.seq),
-            last_seq: l.iter().rev().find(|r| r.kind != Kind::Bad).map(|r| r.seq),
-            seals_verified: 0,
-            last_seal: None,
-            clean_stop: false,
-            retired: false,
-            lost: l
-                .iter()
-                .filter(|r| r.kind == Kind::Loss)
-                .map(|r| r.extra)
-                .sum(),
-            status: Status::Intact,
-            notes: notes.remove(&instance).unwrap_or_default(),
-        };
-        let place = |r: &Rec| Place {
-            file: files[r.file].name.clone(),
-            line: r.line,
-            seq: (r.kind != Kind::Bad).then_some(r.seq),
-        };
-        if let Some(p) = early.remove(&instance) {
-            v.status = Status::Tampered(p);
-            out.push(v);
-            continue;
-        }
-        let tails = tails.remove(&instance).unwrap_or_default();
-        v.status = walk(&instance, &l, &seals, &tails, keys, check, &place, &mut v)?;
-        if !matches!(v.status, Status::Tampered(_)) {
-            if let Some(p) = against_witness(
-                &l,
-                &place,
-                witnesses.newest.get(&instance),
-                cuts.remove(&instance).unwrap_or_default(),
-                witnesses.partial,
-                &mut v.notes,
-            ) {
-                v.status = Status::Tampered(p);
-            }
-        }
-        if v.first_seq.is_some_and(|s| s > 0) {
-            v.notes.push(format!(
-                "the chain starts at seq {}: the files before it were not given (or are gone); \
-                 records from there on are still proven by the seals after them",
-                v.first_seq.unwrap_or(0)
-            ));
-        }
-        if v.lost > 0 {
-            v.notes.push(format!(
-                "{} record(s) were lost when the trail could not take them (audit.on_failure = \
-                 \"continue\", or requests that never authenticated); `loss` records mark where",
-                v.lost
-            ));
-        }
-        if v.status == Status::Intact && !v.clean_stop {
-            v.notes.push(
-                "the trail ends at a periodic seal, not at a clean stop: the instance is still \
-                 running, was killed, or records after this seal were deleted (see docs/audit.md)"
-                    .into(),
-            );
-        }
-        out.push(v);
+        parts.sort();
+        let order: Vec<usize> = parts.into_iter().map(|(_, fi)| fi).collect();
+        out.push(verify_chain(
+            files, &order, &instance, keys, check, witnesses,
+        )?);
     }
     if let Some((instance, dir)) = &witnesses.expect {
         let seen = out
@@ -329,23 +128,267 @@ pub fn verify(
     Ok(out)
 }
 
-/// The trail files under `paths` (files as given; directories: their
-/// `*.jsonl` files).
-pub fn expand(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(p)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "jsonl") && f.is_file())
-                .collect();
-            found.sort();
-            out.extend(found);
-        } else {
-            out.push(p.clone());
+fn read_error(f: &TrailFile) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
+    |source| VerifyError::Read {
+        file: crate::spec::text::printable(&f.name),
+        source,
+    }
+}
+
+/// The first record of `f`, if it holds one.
+fn first_record(f: &TrailFile) -> Result<Option<Header>, VerifyError> {
+    let mut lines = f.lines().map_err(read_error(f))?;
+    while let Some(line) = lines.next().map_err(read_error(f))? {
+        if !line.complete {
+            break;
+        }
+        if let (Rec { kind, .. }, Some(h)) = parse(&line, 0, 0) {
+            if kind != Kind::Bad {
+                return Ok(Some(h));
+            }
         }
     }
-    Ok(out)
+    Ok(None)
+}
+
+/// A line as the walk sees it, and its header when it is a record.
+fn parse(line: &crate::audit::files::Line<'_>, file: usize, index: u64) -> (Rec, Option<Header>) {
+    let bad = Rec {
+        index,
+        file,
+        line: line.number,
+        seq: u64::MAX,
+        kind: Kind::Bad,
+        hash: hash_line(line.bytes),
+        prev: None,
+        seal: None,
+        tail: None,
+    };
+    // A line cut at the reading limit is no record the proxy wrote.
+    if line.len > line.bytes.len() {
+        return (bad, None);
+    }
+    let h = match serde_json::from_slice::<Header>(line.bytes) {
+        Ok(h) if h.v == 1 => h,
+        _ => return (bad, None),
+    };
+    let kind = match h.kind.as_str() {
+        "seal" => Kind::Seal,
+        "stop" => Kind::Stop,
+        "file" => Kind::File,
+        "retire" => Kind::Retire,
+        "loss" => Kind::Loss,
+        _ => Kind::Other,
+    };
+    let rec = Rec {
+        seq: h.seq,
+        kind,
+        prev: to_hash(&h.prev),
+        seal: (kind == Kind::Seal).then(|| {
+            Box::new(SealInfo {
+                time: h.time.clone(),
+                count: h.count,
+                key: h.key.clone(),
+                hmac: h.hmac.as_deref().and_then(unhex),
+            })
+        }),
+        tail: match (h.kind.as_str(), h.tail_from, h.tail_to) {
+            ("start", Some(from), Some(to)) => Some((from, to)),
+            _ => None,
+        },
+        ..bad
+    };
+    (rec, Some(h))
+}
+
+/// What [`read_chain`] hands out (one at a time: the size difference
+/// costs nothing).
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    /// A line as a record (`index` counting from 0 across the files), with
+    /// its header when it is one.
+    Line(Rec, Option<Header>),
+    /// A file's cut-off last line: the file, its length.
+    Torn(usize, usize),
+}
+
+/// Every line of the files in `order`, in order.
+fn read_chain(
+    files: &[TrailFile],
+    order: &[usize],
+    each: &mut dyn FnMut(Item) -> Result<(), SealCheckError>,
+) -> Result<(), VerifyError> {
+    let mut index = 0u64;
+    for &fi in order {
+        let f = &files[fi];
+        let mut lines = f.lines().map_err(read_error(f))?;
+        while let Some(line) = lines.next().map_err(read_error(f))? {
+            if !line.complete {
+                each(Item::Torn(fi, line.len))?;
+                break;
+            }
+            let (rec, header) = parse(&line, fi, index);
+            index += 1;
+            each(Item::Line(rec, header))?;
+        }
+    }
+    Ok(())
+}
+
+/// Verifies one instance's chain: the files in `order` (chain order).
+fn verify_chain(
+    files: &[TrailFile],
+    order: &[usize],
+    instance: &str,
+    keys: &[String],
+    check: &mut dyn SealCheck,
+    witnesses: &Witnesses,
+) -> Result<InstanceVerdict, VerifyError> {
+    let place = |r: &Rec| Place {
+        file: files[r.file].name.clone(),
+        line: r.line,
+        seq: (r.kind != Kind::Bad).then_some(r.seq),
+    };
+    let witness = witnesses.newest.get(instance);
+    let mut v = InstanceVerdict::new(instance, order.len());
+    // What the files say of themselves, before what the walk finds.
+    let mut file_notes = Vec::new();
+    // A record of another instance in this one's files.
+    let mut foreign: Option<Problem> = None;
+    // Runs that started on cut files (see the module docs).
+    let mut cuts = Vec::new();
+    // The last record: its seq, file and line (a place only when needed).
+    let mut last: Option<(u64, usize, usize)> = None;
+    let mut at_witness = None;
+    let mut walk = Walk::new(instance, keys, &place);
+    read_chain(files, order, &mut |item| {
+        let (rec, header) = match item {
+            Item::Line(rec, header) => (rec, header),
+            Item::Torn(fi, len) => {
+                file_notes.push(format!(
+                    "{} ends with a cut-off line ({len} bytes, no line break): a write the \
+                         proxy did not finish (a crash); it is not part of the chain",
+                    crate::spec::text::printable(&files[fi].name)
+                ));
+                return Ok(());
+            }
+        };
+        let Some(h) = header else {
+            return walk.push(rec, check, &mut v);
+        };
+        let at = || Place {
+            seq: Some(h.seq),
+            ..place(&rec)
+        };
+        let file = || crate::spec::text::printable(&files[rec.file].name);
+        if h.instance != instance && foreign.is_none() {
+            foreign = Some(Problem::ForeignRecord {
+                at: at(),
+                instance: h.instance.clone(),
+            });
+        }
+        v.records += 1;
+        v.first_seq.get_or_insert(h.seq);
+        v.last_seq = Some(h.seq);
+        last = Some((h.seq, rec.file, rec.line));
+        if rec.kind == Kind::Loss {
+            v.lost += h.count.unwrap_or(0);
+        }
+        if witness.is_some_and(|w| w.seq == h.seq) && at_witness.is_none() {
+            at_witness = Some((at(), rec.hash));
+        }
+        if h.kind == "start" {
+            if let (Some(w), Some(n)) = (h.witness_seq, h.files_next_seq) {
+                cuts.push((at(), w, n));
+            }
+            if h.witness_unchecked == Some(true) {
+                file_notes.push(format!(
+                    "the run that started at seq {} ({} line {}) could not read the HSM's \
+                         witness and did not check the files against it (audit.on_failure = \
+                         \"continue\"): a cut made before it would show only as that run's \
+                         witness being refused",
+                    h.seq,
+                    file(),
+                    rec.line
+                ));
+            }
+            if let Some(n) = h.unsealed_before.filter(|n| *n > 0) {
+                file_notes.push(format!(
+                    "the run that started at seq {} ({} line {}) found {n} record(s) of the \
+                         previous run after its last seal (a crash or kill); they are proven \
+                         only from this run's first seal on",
+                    h.seq,
+                    file(),
+                    rec.line
+                ));
+            }
+        }
+        walk.push(rec, check, &mut v)
+    })?;
+    let end = walk.finish(check, &mut v)?;
+    let mut walk_notes = std::mem::replace(&mut v.notes, file_notes);
+    if let Some(p) = foreign {
+        // The files are not one chain: nothing the walk found counts.
+        v.seals_verified = 0;
+        v.last_seal = None;
+        v.clean_stop = false;
+        v.retired = false;
+        v.status = Status::Tampered(p);
+        return Ok(v);
+    }
+    v.notes.append(&mut walk_notes);
+    v.status = match end {
+        End::Status(s) => s,
+        End::Break(b) => {
+            // What broke the link: one more read of the chain.
+            let mut facts = Facts::default();
+            read_chain(files, order, &mut |item| {
+                if let Item::Line(rec, _) = item {
+                    facts.add(&rec, &b);
+                }
+                Ok(())
+            })?;
+            Status::Tampered(classify(&b, &facts, &place))
+        }
+    };
+    if !matches!(v.status, Status::Tampered(_)) {
+        if let (Some(first), Some((seq, file, line))) = (v.first_seq, last) {
+            let at = Place {
+                file: files[file].name.clone(),
+                line,
+                seq: Some(seq),
+            };
+            let span = Span {
+                first,
+                last: (seq, at),
+                at_witness,
+            };
+            if let Some(p) = against_witness(span, witness, cuts, witnesses.partial, &mut v.notes) {
+                v.status = Status::Tampered(p);
+            }
+        }
+    }
+    if let Some(first) = v.first_seq.filter(|s| *s > 0) {
+        v.notes.push(format!(
+            "the chain starts at seq {first}: the files before it were not given (or are gone); \
+             records from there on are still proven by the seals after them"
+        ));
+    }
+    if v.lost > 0 {
+        v.notes.push(format!(
+            "{} record(s) were lost when the trail could not take them (audit.on_failure = \
+             \"continue\", or requests that never authenticated); `loss` records mark where",
+            v.lost
+        ));
+    }
+    if v.status == Status::Intact && !v.clean_stop {
+        v.notes.push(
+            "the trail ends at a periodic seal, not at a clean stop: the instance is still \
+             running, was killed, or records after this seal were deleted (see docs/audit.md)"
+                .into(),
+        );
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use crate::audit::witness::Witness;
 /// Seals need the HSM; these tests check the chain alone.
 struct NoSeals;
 impl SealCheck for NoSeals {
-    fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, String> {
-        Err("no seals in this test".into())
+    fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, SealCheckError> {
+        Err(SealCheckError::NoKeyManager("no seals in this test".into()))
     }
 }
 
@@ -34,16 +34,17 @@ fn chain(n: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn file(lines: &[Vec<u8>]) -> TrailFile {
+fn bytes_of(lines: &[Vec<u8>]) -> Vec<u8> {
     let mut bytes = Vec::new();
     for l in lines {
         bytes.extend_from_slice(l);
         bytes.push(b'\n');
     }
-    TrailFile {
-        name: "t.jsonl".into(),
-        bytes,
-    }
+    bytes
+}
+
+fn file(lines: &[Vec<u8>]) -> TrailFile {
+    TrailFile::in_memory("t.jsonl", bytes_of(lines))
 }
 
 fn verdict(lines: &[Vec<u8>]) -> Status {
@@ -62,7 +63,7 @@ fn problem(lines: &[Vec<u8>]) -> Problem {
 /// Every seal verifies: these tests are about what lies between seals.
 struct AnySeal;
 impl SealCheck for AnySeal {
-    fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, String> {
+    fn check(&mut self, _: &str, _: &[u8], _: &[u8]) -> Result<bool, SealCheckError> {
         Ok(true)
     }
 }
@@ -299,9 +300,9 @@ fn a_swap_is_a_reordering() {
 #[test]
 fn files_are_put_in_chain_order_and_a_torn_last_line_is_only_a_note() {
     let l = chain(6);
-    let mut second = file(&l[3..]);
-    second.name = "a-second.jsonl".into();
-    second.bytes.extend_from_slice(b"{\"v\":1,\"seq\"");
+    let mut bytes = bytes_of(&l[3..]);
+    bytes.extend_from_slice(b"{\"v\":1,\"seq\"");
+    let second = TrailFile::in_memory("a-second.jsonl", bytes);
     let first = file(&l[..3]);
     let v = verify(&[second, first], &[], &mut NoSeals, &Witnesses::default()).unwrap();
     assert!(

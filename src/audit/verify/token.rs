@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::verdict::SealCheck;
+use super::verdict::{SealCheck, SealCheckError};
 use crate::audit::witness::{Witness, APPLICATION};
 use crate::hsm::config::HsmConfig;
 use crate::hsm::{HmacKey, Token};
@@ -28,7 +28,7 @@ impl TokenVerifier {
 
     /// The newest witness of each instance among the configured key
     /// managers (see [`super::witness`]). An error when none could be read.
-    pub fn witnesses(&mut self) -> Result<BTreeMap<String, Witness>, String> {
+    pub fn witnesses(&mut self) -> Result<BTreeMap<String, Witness>, SealCheckError> {
         let mut errors = Vec::new();
         let mut read = false;
         let mut copies = Vec::new();
@@ -50,10 +50,7 @@ impl TokenVerifier {
             }
         }
         if !read {
-            return Err(format!(
-                "cannot read the audit witnesses from the key managers: {}",
-                errors.join("; ")
-            ));
+            return Err(SealCheckError::NoWitness(errors.join("; ")));
         }
         Ok(Witness::newest_per_instance(copies))
     }
@@ -69,7 +66,7 @@ fn open_token<'a>(
 }
 
 impl SealCheck for TokenVerifier {
-    fn check(&mut self, key: &str, input: &[u8], mac: &[u8]) -> Result<bool, String> {
+    fn check(&mut self, key: &str, input: &[u8], mac: &[u8]) -> Result<bool, SealCheckError> {
         let mut errors = Vec::new();
         let mut holders = 0;
         for i in 0..self.hsm.backends.len() {
@@ -83,16 +80,15 @@ impl SealCheck for TokenVerifier {
             let k = match self.keys.get(&(i, key.to_string())) {
                 Some(k) => *k,
                 None => {
-                    let found = token.hmac_key(key).map_err(|e| e.to_string())?;
-                    if let Some(k) = found {
-                        if !k.is_protected() {
-                            return Err(format!(
-                                "the seal key '{key}' in key manager {} can leave the token \
-                                 (extractable, not sensitive, or not generated in the token): a seal made with it proves \
-                                 nothing",
-                                token.ekm_info().id
-                            ));
-                        }
+                    let ekm = || token.ekm_info().id.clone();
+                    let found = token
+                        .hmac_key(key)
+                        .map_err(|source| SealCheckError::Hsm { ekm: ekm(), source })?;
+                    if found.is_some_and(|k| !k.is_protected()) {
+                        return Err(SealCheckError::Unprotected {
+                            key: key.to_string(),
+                            ekm: ekm(),
+                        });
                     }
                     self.keys.insert((i, key.to_string()), found);
                     found
@@ -102,16 +98,21 @@ impl SealCheck for TokenVerifier {
             holders += 1;
             if token
                 .verify_hmac(&k, input, mac)
-                .map_err(|e| e.to_string())?
+                .map_err(|source| SealCheckError::Hsm {
+                    ekm: token.ekm_info().id.clone(),
+                    source,
+                })?
             {
                 return Ok(true);
             }
         }
         if holders == 0 {
             return Err(if errors.is_empty() {
-                format!("no configured key manager holds the seal key '{key}'")
+                SealCheckError::NoKey {
+                    key: key.to_string(),
+                }
             } else {
-                format!("cannot open the key managers: {}", errors.join("; "))
+                SealCheckError::NoKeyManager(errors.join("; "))
             });
         }
         Ok(false)

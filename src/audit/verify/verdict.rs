@@ -10,7 +10,42 @@ use crate::audit::witness::Witness;
 pub trait SealCheck {
     /// Whether `mac` is the HMAC-SHA256 of `input` under the seal key
     /// `key`. `Err` when it cannot be checked at all (no HSM, no key).
-    fn check(&mut self, key: &str, input: &[u8], mac: &[u8]) -> Result<bool, String>;
+    fn check(&mut self, key: &str, input: &[u8], mac: &[u8]) -> Result<bool, SealCheckError>;
+}
+
+/// Why a seal could not be checked at all (not: why it is wrong).
+#[derive(Debug, thiserror::Error)]
+pub enum SealCheckError {
+    #[error("no configured key manager holds the seal key '{key}'")]
+    NoKey { key: String },
+    #[error(
+        "the seal key '{key}' in key manager {ekm} can leave the token (extractable, not \
+         sensitive, or not generated in the token): a seal made with it proves nothing"
+    )]
+    Unprotected { key: String, ekm: String },
+    #[error("cannot open the key managers: {0}")]
+    NoKeyManager(String),
+    #[error("cannot read the audit witnesses from the key managers: {0}")]
+    NoWitness(String),
+    #[error("key manager {ekm}: {source}")]
+    Hsm {
+        ekm: String,
+        #[source]
+        source: crate::hsm::HsmError,
+    },
+}
+
+/// Why a trail could not be verified at all (not: what is wrong with it).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot verify the seals: {0}")]
+    Seal(#[from] SealCheckError),
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The verdict on one instance's chain.
@@ -76,13 +111,8 @@ pub struct InstanceVerdict {
 }
 
 impl InstanceVerdict {
-    /// The verdict on `files` files that hold no record of `instance`.
-    pub(super) fn without_records(
-        instance: &str,
-        files: usize,
-        problem: Problem,
-        note: Option<&str>,
-    ) -> InstanceVerdict {
+    /// Nothing read yet of `instance`'s chain in `files` files.
+    pub(super) fn new(instance: &str, files: usize) -> InstanceVerdict {
         InstanceVerdict {
             instance: instance.to_string(),
             files,
@@ -94,8 +124,22 @@ impl InstanceVerdict {
             clean_stop: false,
             retired: false,
             lost: 0,
+            status: Status::Intact,
+            notes: Vec::new(),
+        }
+    }
+
+    /// The verdict on `files` files that hold no record of `instance`.
+    pub(super) fn without_records(
+        instance: &str,
+        files: usize,
+        problem: Problem,
+        note: Option<&str>,
+    ) -> InstanceVerdict {
+        InstanceVerdict {
             status: Status::Tampered(problem),
             notes: note.map(str::to_string).into_iter().collect(),
+            ..InstanceVerdict::new(instance, files)
         }
     }
 

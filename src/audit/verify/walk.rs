@@ -1,12 +1,19 @@
-//! The pure chain walk: links, seals, what a broken link is (modified,
-//! deleted, inserted, reordered), and the ranges a restart left out. No
-//! I/O: the records come parsed, the seals are checked through a
+//! The chain walk, one record at a time: links, seals, what a broken link
+//! is (modified, deleted, inserted, reordered), and the ranges a restart
+//! left out. No I/O: records come parsed, seals are checked through a
 //! [`SealCheck`].
-
-use std::collections::BTreeMap;
+//!
+//! **Bounded memory.** The walk keeps a few records, never the trail: the
+//! two before the current one, one ahead (a restart's `file` record is
+//! judged with the `start` record after it), and the last seal with the
+//! records around it. What a broken link *is* needs records from anywhere
+//! in the trail (does anything link to this one? does the missing seq turn
+//! up later?): the walk then stops with a [`Break`], and the caller reads
+//! the files once more for the [`Facts`] that [`classify`] needs. An intact
+//! trail is read once.
 
 use super::problem::{Place, Problem};
-use super::verdict::{InstanceVerdict, SealCheck, Status};
+use super::verdict::{InstanceVerdict, SealCheck, SealCheckError, Status};
 use crate::audit::record::{seal_input, unhex, Hash, GENESIS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,54 +30,26 @@ pub(super) enum Kind {
     Bad,
 }
 
-/// Runs that left the previous run's records after its last seal out of
-/// the chain: the `start` record's seq → (first, last) seq left out.
-pub(super) type Tails = BTreeMap<u64, (u64, u64)>;
-
-/// The records `l[from..i]` when they are exactly the range a new run
-/// left out (`l[i]` its `file` record, `l[i + 1]` its `start` record
-/// declaring the range, and `l[i]` linked to the seal before the range).
-pub(super) fn left_out(l: &[Rec], i: usize, tails: &Tails) -> Option<usize> {
-    let c = &l[i];
-    let start = l.get(i + 1)?;
-    let &(from, to) = tails.get(&start.seq)?;
-    let n = usize::try_from(to.checked_sub(from)? + 1).ok()?;
-    let first = i.checked_sub(n)?;
-    let seal = l.get(first.checked_sub(1)?)?;
-    let range_ok = l[first].seq == from
-        && l[i - 1].seq == to
-        && l[first..i].iter().all(|r| r.kind != Kind::Bad);
-    (c.kind == Kind::File
-        && start.seq == c.seq + 1
-        && c.seq == to + 1
-        && seal.kind == Kind::Seal
-        && c.prev == Some(seal.hash)
-        && range_ok)
-        .then_some(first)
-}
-
-/// Whether records after the seal `l[seal]` can only have been added while
-/// the instance was stopped: the seal closes a clean stop (`stop`, then
-/// the seal), and what follows is not a new run's `file` record.
-pub(super) fn after_final_seal(l: &[Rec], seal: usize) -> bool {
-    seal > 0
-        && matches!(l[seal - 1].kind, Kind::Stop | Kind::Retire)
-        && l.get(seal + 1).is_some_and(|r| r.kind != Kind::File)
-}
-
-/// What the walk keeps of a record (about 100 bytes).
+/// What the walk keeps of a record.
+#[derive(Debug, Clone)]
 pub(super) struct Rec {
+    /// Its place in the instance's chain order, from 0.
+    pub(super) index: u64,
     pub(super) file: usize,
     pub(super) line: usize,
     pub(super) seq: u64,
     pub(super) kind: Kind,
     pub(super) hash: Hash,
     pub(super) prev: Option<Hash>,
-    /// The index into `seals` for a seal, the lost count for a loss.
-    pub(super) extra: u64,
+    /// A seal's fields.
+    pub(super) seal: Option<Box<SealInfo>>,
+    /// A `start` record's declared range of the previous run's records
+    /// after its last seal, left out of the chain: (first, last) seq.
+    pub(super) tail: Option<(u64, u64)>,
 }
 
-/// A seal's fields (kept apart: there are few).
+/// A seal's fields.
+#[derive(Debug, Clone)]
 pub(super) struct SealInfo {
     pub(super) time: String,
     pub(super) count: Option<u64>,
@@ -82,131 +61,327 @@ pub(super) fn to_hash(s: &str) -> Option<Hash> {
     unhex(s).and_then(|v| v.try_into().ok())
 }
 
-/// Walks one instance's records in chain order: links, seals, the tail.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn walk(
-    instance: &str,
-    l: &[Rec],
-    seals: &[SealInfo],
-    tails: &Tails,
-    keys: &[String],
-    check: &mut dyn SealCheck,
-    place: &dyn Fn(&Rec) -> Place,
-    v: &mut InstanceVerdict,
-) -> Result<Status, String> {
-    let mut last_seal: Option<usize> = None;
-    let mut since_seal = 0u64;
-    // Records left out by a run that went on from the last seal before them.
-    let mut unproven: Option<(Place, u64)> = None;
-    for (i, c) in l.iter().enumerate() {
-        if c.kind == Kind::Bad {
-            return Ok(Status::Tampered(Problem::NotARecord { at: place(c) }));
+/// The newest seal walked past, with what is around it.
+struct LastSeal {
+    rec: Rec,
+    /// The kind of the record before it.
+    before: Option<Kind>,
+    /// The first record after it, once walked.
+    after: Option<Rec>,
+}
+
+impl LastSeal {
+    /// Whether records after this seal can only have been added while the
+    /// instance was stopped: the seal closes a clean stop (`stop`, then the
+    /// seal), and what follows is not a new run's `file` record.
+    fn is_final_then_more(&self) -> bool {
+        matches!(self.before, Some(Kind::Stop | Kind::Retire))
+            && self.after.as_ref().is_some_and(|r| r.kind != Kind::File)
+    }
+}
+
+/// Where the chain broke, for [`classify`]: the records before the break
+/// (`p`, and `pp` before it), the one that does not link (`c`), the one
+/// after it.
+#[derive(Debug, Clone)]
+pub(super) struct Break {
+    pub(super) pp: Option<Rec>,
+    pub(super) p: Rec,
+    pub(super) c: Rec,
+    pub(super) next: Option<Rec>,
+}
+
+/// What [`classify`] needs from the whole trail, read by the caller.
+#[derive(Debug, Default)]
+pub(super) struct Facts {
+    /// Some record links to `c`.
+    pub(super) c_linked: bool,
+    /// Some record links to `p`.
+    pub(super) p_linked: bool,
+    /// The first record after `c` with the seq `p` should be followed by.
+    pub(super) missing_later: Option<Rec>,
+    /// The first record before `c` with `c`'s seq.
+    pub(super) same_seq_before: Option<Rec>,
+}
+
+impl Facts {
+    /// Takes in one record of the trail (all of them, in chain order).
+    pub(super) fn add(&mut self, r: &Rec, b: &Break) {
+        self.c_linked |= r.prev == Some(b.c.hash);
+        self.p_linked |= r.prev == Some(b.p.hash);
+        if r.index > b.c.index && r.seq == b.p.seq.wrapping_add(1) && self.missing_later.is_none() {
+            self.missing_later = Some(r.clone());
         }
-        if i == 0 {
-            if c.seq == 0 && c.prev != Some(GENESIS) {
-                return Ok(Status::Tampered(Problem::BadGenesis { at: place(c) }));
+        if r.index < b.c.index && r.seq == b.c.seq && self.same_seq_before.is_none() {
+            self.same_seq_before = Some(r.clone());
+        }
+    }
+}
+
+/// How the walk ended.
+pub(super) enum End {
+    /// The status is known.
+    Status(Status),
+    /// A link is broken; what it is needs [`Facts`].
+    Break(Box<Break>),
+}
+
+/// One instance's chain, walked in order.
+pub(super) struct Walk<'a> {
+    instance: &'a str,
+    keys: &'a [String],
+    place: &'a dyn Fn(&Rec) -> Place,
+    /// The record waiting for the one after it.
+    pending: Option<Rec>,
+    pp: Option<Rec>,
+    p: Option<Rec>,
+    first: Option<Rec>,
+    walked: u64,
+    last_seal: Option<LastSeal>,
+    since_seal: u64,
+    /// Records left out by a run that went on from the last seal before
+    /// them: the first such record, and how many in all.
+    unproven: Option<(Place, u64)>,
+    end: Option<End>,
+}
+
+impl<'a> Walk<'a> {
+    pub(super) fn new(
+        instance: &'a str,
+        keys: &'a [String],
+        place: &'a dyn Fn(&Rec) -> Place,
+    ) -> Walk<'a> {
+        Walk {
+            instance,
+            keys,
+            place,
+            pending: None,
+            pp: None,
+            p: None,
+            first: None,
+            walked: 0,
+            last_seal: None,
+            since_seal: 0,
+            unproven: None,
+            end: None,
+        }
+    }
+
+    /// Takes the next record in chain order.
+    pub(super) fn push(
+        &mut self,
+        r: Rec,
+        check: &mut dyn SealCheck,
+        v: &mut InstanceVerdict,
+    ) -> Result<(), SealCheckError> {
+        if self.end.is_some() {
+            return Ok(());
+        }
+        if let Some(c) = self.pending.take() {
+            self.step(c, Some(&r), check, v)?;
+        }
+        self.pending = Some(r);
+        Ok(())
+    }
+
+    /// The end of the chain: the verdict, or the break to classify.
+    pub(super) fn finish(
+        mut self,
+        check: &mut dyn SealCheck,
+        v: &mut InstanceVerdict,
+    ) -> Result<End, SealCheckError> {
+        if let Some(c) = self.pending.take() {
+            if self.end.is_none() {
+                self.step(c, None, check, v)?;
             }
-        } else {
-            let p = &l[i - 1];
-            if !(c.seq == p.seq.wrapping_add(1) && c.prev == Some(p.hash)) {
-                let Some(first) = left_out(l, i, tails) else {
-                    return Ok(Status::Tampered(classify(l, i, place)));
+        }
+        if let Some(end) = self.end.take() {
+            return Ok(end);
+        }
+        let place = self.place;
+        if let Some(first_after) = match &self.last_seal {
+            Some(s) => s.after.clone(),
+            None => self.first.clone(),
+        } {
+            v.clean_stop = false;
+            v.retired = false;
+            let count = self.walked - first_after.index;
+            if let Some(seal) = self.last_seal.as_ref().filter(|s| s.is_final_then_more()) {
+                return Ok(End::Status(Status::Tampered(Problem::AfterFinalSeal {
+                    first: place(&first_after),
+                    seal: place(&seal.rec),
+                    count,
+                })));
+            }
+            if self.unproven.is_none() {
+                return Ok(End::Status(Status::UnsealedTail {
+                    from: place(&first_after),
+                    count,
+                }));
+            }
+            v.notes.push(format!(
+                "{count} record(s) from {} on come after the last seal (the proxy is running, or \
+                 crashed)",
+                place(&first_after)
+            ));
+        }
+        Ok(End::Status(match self.unproven {
+            Some((from, count)) => Status::Unproven { from, count },
+            None => Status::Intact,
+        }))
+    }
+
+    fn stop(&mut self, s: Status) {
+        self.end = Some(End::Status(s));
+    }
+
+    /// Walks record `c`, with `next` the record after it.
+    fn step(
+        &mut self,
+        c: Rec,
+        next: Option<&Rec>,
+        check: &mut dyn SealCheck,
+        v: &mut InstanceVerdict,
+    ) -> Result<(), SealCheckError> {
+        let place = self.place;
+        self.walked += 1;
+        if self.first.is_none() {
+            self.first = Some(c.clone());
+        }
+        if let Some(s) = self.last_seal.as_mut().filter(|s| s.after.is_none()) {
+            s.after = Some(c.clone());
+        }
+        if c.kind == Kind::Bad {
+            self.stop(Status::Tampered(Problem::NotARecord { at: place(&c) }));
+            return Ok(());
+        }
+        match &self.p {
+            None => {
+                if c.seq == 0 && c.prev != Some(GENESIS) {
+                    self.stop(Status::Tampered(Problem::BadGenesis { at: place(&c) }));
+                    return Ok(());
+                }
+            }
+            Some(p) if !(c.seq == p.seq.wrapping_add(1) && c.prev == Some(p.hash)) => {
+                let Some((first, count)) = self.left_out(p, &c, next) else {
+                    self.end = Some(End::Break(Box::new(Break {
+                        pp: self.pp.clone(),
+                        p: p.clone(),
+                        c,
+                        next: next.cloned(),
+                    })));
+                    return Ok(());
                 };
-                // The new run went on from the seal before `first`: what
-                // lies between was never sealed, and never will be.
-                let count = (i - first) as u64;
-                if after_final_seal(l, first - 1) {
-                    return Ok(Status::Tampered(Problem::AfterFinalSeal {
-                        first: place(&l[first]),
-                        seal: place(&l[first - 1]),
+                // The new run went on from the last seal: what lies between
+                // was never sealed, and never will be.
+                if let Some(seal) = self.last_seal.as_ref().filter(|s| s.is_final_then_more()) {
+                    self.stop(Status::Tampered(Problem::AfterFinalSeal {
+                        first: place(&first),
+                        seal: place(&seal.rec),
                         count,
                     }));
+                    return Ok(());
                 }
-                match &mut unproven {
+                match &mut self.unproven {
                     Some((_, n)) => *n += count,
-                    None => unproven = Some((place(&l[first]), count)),
+                    None => self.unproven = Some((place(&first), count)),
                 }
-                since_seal = 0;
+                self.since_seal = 0;
             }
+            Some(_) => {}
         }
-        if c.kind != Kind::Seal {
-            since_seal += 1;
-            continue;
+        if c.kind == Kind::Seal {
+            if let Some(problem) = self.seal(&c, check, v)? {
+                self.stop(Status::Tampered(problem));
+                return Ok(());
+            }
+        } else {
+            self.since_seal += 1;
         }
-        let s = &seals[c.extra as usize];
+        self.pp = self.p.replace(c);
+        Ok(())
+    }
+
+    /// When `c` is a new run's `file` record going on from the last seal,
+    /// and the records between are exactly the range its `start` record
+    /// (`next`) declares left out: the first of them and their count.
+    fn left_out(&self, p: &Rec, c: &Rec, next: Option<&Rec>) -> Option<(Rec, u64)> {
+        let start = next?;
+        let (from, to) = start.tail?;
+        let n = to.checked_sub(from)?.checked_add(1)?;
+        let seal = self.last_seal.as_ref()?;
+        let first = seal.after.as_ref()?;
+        (c.kind == Kind::File
+            && start.seq == c.seq.wrapping_add(1)
+            && c.seq == to.wrapping_add(1)
+            && c.prev == Some(seal.rec.hash)
+            && c.index - first.index == n
+            && first.seq == from
+            && p.seq == to)
+            .then(|| (first.clone(), n))
+    }
+
+    /// Checks the seal `c`; a problem if it does not hold.
+    fn seal(
+        &mut self,
+        c: &Rec,
+        check: &mut dyn SealCheck,
+        v: &mut InstanceVerdict,
+    ) -> Result<Option<Problem>, SealCheckError> {
+        let place = self.place;
+        let Some(s) = c.seal.as_deref() else {
+            return Ok(Some(Problem::SealMalformed { seal: place(c) }));
+        };
         let (Some(count), Some(key), Some(mac), Some(head)) =
             (s.count, s.key.as_deref(), s.hmac.as_deref(), c.prev)
         else {
-            return Ok(Status::Tampered(Problem::SealMalformed { seal: place(c) }));
+            return Ok(Some(Problem::SealMalformed { seal: place(c) }));
         };
-        if !keys.iter().any(|k| k == key) {
-            return Ok(Status::Tampered(Problem::SealKey {
+        if !self.keys.iter().any(|k| k == key) {
+            return Ok(Some(Problem::SealKey {
                 seal: place(c),
                 key: key.to_string(),
             }));
         }
-        let input = seal_input(instance, c.seq, &s.time, count, key, &head);
+        let input = seal_input(self.instance, c.seq, &s.time, count, key, &head);
         if !check.check(key, &input, mac)? {
-            return Ok(Status::Tampered(Problem::SealInvalid {
+            return Ok(Some(Problem::SealInvalid {
                 seal: place(c),
-                since: last_seal.map(|j| place(&l[j])),
-                counted: since_seal,
+                since: self.last_seal.as_ref().map(|j| place(&j.rec)),
+                counted: self.since_seal,
                 claimed: count,
             }));
         }
         // The MAC covers the writer's own count; a difference here is the
         // writer's (a restart that could not count the whole previous
         // tail, or files before the first one given), not tampering.
-        if count != since_seal && last_seal.is_some() {
+        if count != self.since_seal && self.last_seal.is_some() {
             v.notes.push(format!(
-                "the seal {} counts {count} records since the previous seal; {since_seal} were \
-                 found (the previous run's tail was longer than a restart reads)",
-                place(c)
+                "the seal {} counts {count} records since the previous seal; {} were found (the \
+                 previous run's tail was longer than a restart reads)",
+                place(c),
+                self.since_seal
             ));
         }
+        let before = self.p.as_ref().map(|p| p.kind);
         v.seals_verified += 1;
         v.last_seal = Some((c.seq, s.time.clone()));
-        v.clean_stop = i > 0 && matches!(l[i - 1].kind, Kind::Stop | Kind::Retire);
-        v.retired = i > 0 && l[i - 1].kind == Kind::Retire;
-        last_seal = Some(i);
-        since_seal = 0;
+        v.clean_stop = matches!(before, Some(Kind::Stop | Kind::Retire));
+        v.retired = before == Some(Kind::Retire);
+        self.last_seal = Some(LastSeal {
+            rec: c.clone(),
+            before,
+            after: None,
+        });
+        self.since_seal = 0;
+        Ok(None)
     }
-    let tail_from = last_seal.map_or(0, |j| j + 1);
-    if tail_from < l.len() {
-        v.clean_stop = false;
-        v.retired = false;
-        let count = (l.len() - tail_from) as u64;
-        if let Some(seal) = last_seal.filter(|&j| after_final_seal(l, j)) {
-            return Ok(Status::Tampered(Problem::AfterFinalSeal {
-                first: place(&l[tail_from]),
-                seal: place(&l[seal]),
-                count,
-            }));
-        }
-        if unproven.is_none() {
-            return Ok(Status::UnsealedTail {
-                from: place(&l[tail_from]),
-                count,
-            });
-        }
-        v.notes.push(format!(
-            "{count} record(s) from {} on come after the last seal (the proxy is running, or \
-             crashed)",
-            place(&l[tail_from])
-        ));
-    }
-    Ok(match unproven {
-        Some((from, count)) => Status::Unproven { from, count },
-        None => Status::Intact,
-    })
 }
 
-/// What broke the link between `l[i-1]` and `l[i]`; see the module docs.
-pub(super) fn classify(l: &[Rec], i: usize, place: &dyn Fn(&Rec) -> Place) -> Problem {
-    let (p, c) = (&l[i - 1], &l[i]);
+/// What broke the link between `b.p` and `b.c`; see the module docs.
+pub(super) fn classify(b: &Break, f: &Facts, place: &dyn Fn(&Rec) -> Place) -> Problem {
+    let (p, c) = (&b.p, &b.c);
     let expect = p.seq.wrapping_add(1);
-    let linked = |h: &Hash| l.iter().any(|r| r.prev.as_ref() == Some(h));
-    let next = l.get(i + 1);
     if c.hash == p.hash {
         return Problem::Duplicate {
             record: place(c),
@@ -214,13 +389,17 @@ pub(super) fn classify(l: &[Rec], i: usize, place: &dyn Fn(&Rec) -> Place) -> Pr
         };
     }
     // The chain goes on from p past c, and nothing links to c.
-    if next.is_some_and(|n| n.seq == expect && n.prev == Some(p.hash)) && !linked(&c.hash) {
+    if b.next
+        .as_ref()
+        .is_some_and(|n| n.seq == expect && n.prev == Some(p.hash))
+        && !f.c_linked
+    {
         return Problem::Inserted { record: place(c) };
     }
     if c.seq > expect && c.seq != u64::MAX {
-        if let Some(j) = (i + 1..l.len()).find(|&j| l[j].seq == expect) {
+        if let Some(r) = &f.missing_later {
             return Problem::Reordered {
-                record: place(&l[j]),
+                record: place(r),
                 after: place(c),
             };
         }
@@ -233,17 +412,15 @@ pub(super) fn classify(l: &[Rec], i: usize, place: &dyn Fn(&Rec) -> Place) -> Pr
     }
     if c.seq <= p.seq {
         // c links to the record before p: p is the stranger.
-        if i >= 2
-            && c.seq == l[i - 2].seq.wrapping_add(1)
-            && c.prev == Some(l[i - 2].hash)
-            && !linked(&p.hash)
-        {
-            return Problem::Inserted { record: place(p) };
+        if let Some(pp) = &b.pp {
+            if c.seq == pp.seq.wrapping_add(1) && c.prev == Some(pp.hash) && !f.p_linked {
+                return Problem::Inserted { record: place(p) };
+            }
         }
-        if let Some(k) = (0..i).find(|&k| l[k].seq == c.seq) {
+        if let Some(k) = &f.same_seq_before {
             return Problem::Duplicate {
                 record: place(c),
-                first: place(&l[k]),
+                first: place(k),
             };
         }
         return Problem::Reordered {

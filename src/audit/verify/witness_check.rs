@@ -3,24 +3,40 @@
 //! run on files that were cut.
 
 use super::problem::{Place, Problem};
-use super::walk::{Kind, Rec};
+use crate::audit::record::Hash;
 use crate::audit::witness::Witness;
 
-/// The chain `l` (whose links and seals hold) against what the HSM
-/// witnessed: its newest seal `w`, and the `cuts` runs found at their
-/// start (place, witnessed seq, seq the files went on with). A problem
-/// when the files lack what was witnessed; with `partial` files, a note.
+/// What the walk saw of a chain whose links and seals hold. Such a chain
+/// counts up by one from `first` to `last` (every link checks it), so a
+/// seq is in the files exactly when it lies between them.
+pub(super) struct Span {
+    pub(super) first: u64,
+    /// The last record: its seq and place.
+    pub(super) last: (u64, Place),
+    /// The record at the witnessed seq, when the files hold it: its place
+    /// and hash.
+    pub(super) at_witness: Option<(Place, Hash)>,
+}
+
+impl Span {
+    fn holds(&self, seq: u64) -> bool {
+        (self.first..=self.last.0).contains(&seq)
+    }
+}
+
+/// The chain against what the HSM witnessed: its newest seal `w`, and the
+/// `cuts` runs found at their start (place, witnessed seq, seq the files
+/// went on with). A problem when the files lack what was witnessed; with
+/// `partial` files, a note.
 pub(super) fn against_witness(
-    l: &[Rec],
-    place: &dyn Fn(&Rec) -> Place,
+    span: Span,
     w: Option<&Witness>,
     cuts: Vec<(Place, u64, u64)>,
     partial: bool,
     notes: &mut Vec<String>,
 ) -> Option<Problem> {
-    let at_seq = |seq: u64| l.iter().find(|r| r.kind != Kind::Bad && r.seq == seq);
     for (start, witnessed, files_next) in cuts {
-        if at_seq(witnessed).is_some() {
+        if span.holds(witnessed) {
             // The missing records were given: the links decided.
             continue;
         }
@@ -37,16 +53,15 @@ pub(super) fn against_witness(
         ));
     }
     let w = w?;
-    let last = l.iter().rev().find(|r| r.kind != Kind::Bad)?;
-    match at_seq(w.seq) {
-        Some(r) if r.hash == w.hash => None,
-        Some(r) => Some(Problem::WitnessMismatch {
-            record: place(r),
+    match &span.at_witness {
+        Some((_, hash)) if *hash == w.hash => None,
+        Some((place, _)) => Some(Problem::WitnessMismatch {
+            record: place.clone(),
             time: w.time.clone(),
         }),
-        None if last.seq < w.seq => {
+        None if span.last.0 < w.seq => {
             let p = Problem::Truncated {
-                last: place(last),
+                last: span.last.1,
                 witnessed: w.seq,
                 time: w.time.clone(),
             };

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use xks_proxy::client::{bodies, tls_config, HttpVersion, XksClient};
 
+mod audit_trail;
 mod raw_hsm;
 use raw_hsm::{RawLoad, RawOp};
 
@@ -127,6 +128,11 @@ struct Args {
     /// the configuration gives the proxy).
     #[arg(long)]
     sessions: Option<usize>,
+    /// Write this many request records through the audit trail that
+    /// --config configures (sealed in its key managers), then exit: a
+    /// trail to measure `xks-proxy audit verify` on.
+    #[arg(long)]
+    write_audit_trail: Option<u64>,
 }
 
 /// `--raw-hsm`: runs the loop and reports it like a proxy run.
@@ -341,6 +347,15 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(n) = args.write_audit_trail {
+        return match audit_trail::write(&args.config, n) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xks-bench: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     if let Some(op) = args.raw_hsm {
         return run_raw(&args, op);
     }
