@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_packages
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # The build without Cedar (what scripts/dev-up.sh runs) must compile, lint
-# clean and refuse policies with the reason.
-cargo clippy --all-targets --locked --no-default-features -- -D warnings
-cargo test --locked --no-default-features --lib guard::authz
+# clean and refuse policies with the reason. Only the crates above the
+# guard are checked again (the feature is the guard crate's).
+cargo clippy --workspace --all-targets --locked --no-default-features -- -D warnings
+cargo test --locked --no-default-features -p xks-guard --lib authz
 # Deployment artefacts, each with its own linter (promtool, cfn-lint,
 # kubernetes-validate, the AWS CLI's argument model).
 scripts/check-deploy.sh
@@ -22,7 +23,7 @@ scripts/p11-kit-rpc.sh >/dev/null
 # Kryoptic, pinned and checked, built once into a cache outside the clone.
 XKS_TEST_KRYOPTIC="$(scripts/kryoptic.sh)"
 export XKS_TEST_KRYOPTIC
-cargo test --locked --all-targets
+cargo test --workspace --locked --all-targets
 # The suites that exercise the key manager, on Kryoptic. Two tests are
 # SoftHSM's alone: they make a token lose its objects by moving SoftHSM's
 # token directory away, which does nothing to Kryoptic (its sqlite database

@@ -6,18 +6,21 @@
 //!
 //! # The layers
 //!
-//! Each module may use only those listed below it; nothing reaches up.
-//! `tests/layers.rs` reads the source and fails on an import that points up,
-//! or on any circle of imports between files.
+//! Each layer is a crate of the workspace (`crates/xks-<layer>`), re-exported
+//! here under its layer's name (`xks_proxy::hsm` is the `xks-hsm` crate). A
+//! crate's `Cargo.toml` lists exactly the layers of its "uses" column, so
+//! the compiler refuses an import that points up or across, and `cargo
+//! tree` shows these arrows and no others. This crate is the top: the
+//! command line, the composition root, and the benchmark (`xks-bench`).
 //!
 //! | layer | what it is | uses |
 //! |---|---|---|
 //! | [`cli`] | the `xks-proxy` command line (`main.rs` only calls it) | everything below |
 //! | [`serve`] | the composition root: config in, a running proxy out | everything below |
 //! | [`ops`] | what an operator does to a running proxy or its files: hot reload, the admin listener, credentials, migration from the AWS sample | config, net, state, hsm, telemetry, spec |
-//! | [`config`] | reads the TOML file, resolves paths, validates; each section becomes the type of the subsystem that owns it | the section types below |
+//! | [`config`] | reads the TOML file, resolves paths, validates; each section becomes the type of the subsystem that owns it | the section types of net, audit, hsm, guard, state, telemetry; spec |
 //! | [`client`] | a SigV4-signing XKS client, and `check` (a KMS simulator that tells whether a proxy will work with KMS) | net (PEM), guard (the service name), spec |
-//! | [`api`] | the XKS API over HTTP: the request pipeline, one module per operation, the access log and audit records, faults → spec errors | lockdown (the locks in force), audit (the trail), net (connection info), state, guard, hsm (through a narrow trait), spec |
+//! | [`api`] | the XKS API over HTTP: the request pipeline, one module per operation, the access log and audit records, faults → spec errors | lockdown (the locks in force), audit (the trail), net (connection info), state, guard, hsm (through a narrow trait), telemetry (metrics, log limits), spec |
 //! | [`lockdown`] | the fleet-wide kill switch: locks as marker objects in the token, the board every request reads, the poller | audit (records what it sees), hsm (markers), telemetry, spec |
 //! | [`audit`] | the tamper-evident audit trail: records, hash chain, seals computed in the HSM, verify, report, CloudTrail reconciliation | hsm (seals), telemetry, spec |
 //! | [`net`] | listeners, connection caps, TLS, mutual TLS, PROXY protocol v2 | telemetry |
@@ -43,23 +46,25 @@
 //! one exception: [`hsm::token_info`] reads `C_GetTokenInfo` itself, because
 //! `cryptoki`'s strict conversion rejects tokens whose informational fields
 //! are not standard (openCryptoki's clock), which then could not be found.
-//! `unsafe` is denied everywhere else.
+//! `unsafe` is denied in `xks-hsm` outside that module and forbidden in every
+//! other crate.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
-pub mod api;
-pub mod audit;
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod guard;
-pub mod hsm;
-pub mod lockdown;
-pub mod net;
-pub mod ops;
 pub mod serve;
-pub mod spec;
-pub mod state;
-pub mod telemetry;
+
+pub use xks_api as api;
+pub use xks_audit as audit;
+pub use xks_client as client;
+pub use xks_config as config;
+pub use xks_guard as guard;
+pub use xks_hsm as hsm;
+pub use xks_lockdown as lockdown;
+pub use xks_net as net;
+pub use xks_ops as ops;
+pub use xks_spec as spec;
+pub use xks_state as state;
+pub use xks_telemetry as telemetry;
 
 pub use spec::error::XksError;

@@ -1,0 +1,492 @@
+//! One key manager's session pool: the async face of its worker threads.
+//!
+//! A fixed pool of OS threads each owns one logged-in session and takes jobs
+//! from a bounded queue (see [`super::worker`]). The async side only enqueues
+//! and awaits a reply, with two deadlines:
+//!
+//! - `queue_timeout`: a job not started by then is dropped unrun, and the
+//!   caller learns that no session became free ([`Fault::NoSession`]);
+//! - the request's deadline: the caller stops waiting even if the HSM is
+//!   still busy ([`Fault::Timeout`]: KMS would have given up at 250 ms).
+//!
+//! A full queue is [`Fault::Busy`] at once. So overload becomes fast, bounded
+//! errors instead of unbounded memory and latency.
+//!
+//! Beside the request threads, each pool has one **control** thread with
+//! its own session and its own small queue, for the proxy's own work that
+//! must not wait behind requests: reading the lockdown markers twice a
+//! second, sealing the audit trail and storing its witness (the one write:
+//! this session alone is read-write). A flood of requests (the very moment
+//! a lockdown is called for) fills the request queue, not this one.
+//!
+//! The pool also knows how long each thread has been inside its current job:
+//! a key manager whose threads all sit in one call for seconds is hung (a
+//! network HSM whose packets vanish), not merely slow, and health reports it
+//! so within that time (see [`Pool::stalled`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::config::HsmConfig;
+use super::fault::Fault;
+use super::keys::KeyCache;
+use super::markers::Marker;
+use super::module::ModuleSlot;
+use super::objects::KeyInfo;
+use super::queue::{JobQueue, PushError};
+use super::token::{EkmInfo, HsmError, Token};
+use super::worker::{check_key, Busy, Job, OpKind, SessionOpener, Shared, Worker};
+use xks_spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use xks_telemetry::metrics::Metrics;
+
+/// At shutdown, how long a pool thread still inside a job is waited for
+/// before it counts as hung (and the logout is skipped).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Jobs the control thread may have queued (a few polls and seals).
+const CONTROL_QUEUE: usize = 16;
+
+struct Inner {
+    queue: Arc<JobQueue<Job>>,
+    /// Taken (and joined) by the first [`Inner::close`].
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The control thread's queue and thread (see the module docs).
+    control_queue: Arc<JobQueue<Job>>,
+    control: std::sync::Mutex<Option<JoinHandle<()>>>,
+    control_busy: Arc<Busy>,
+    shared: Arc<Shared>,
+    ekm: EkmInfo,
+    queue_timeout: Duration,
+    busy: Arc<Busy>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl Inner {
+    /// Stops the pool: closing the queues ends the threads (after the jobs
+    /// already queued); joining them closes their sessions; then the
+    /// explicit logout. A thread stuck in a call that never returns (a hung
+    /// network HSM) is not waited for. Only the first call does anything.
+    /// Returns whether every thread stopped (none is stuck in the HSM).
+    fn close(&self) -> bool {
+        self.queue.close();
+        self.control_queue.close();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if workers.is_empty() && control.is_none() {
+            return true;
+        }
+        // A thread still in a job (a probe or a marker read the shutdown
+        // caught mid-call) finishes it and then sees the closed queue: wait
+        // for that, bounded; one still inside after the bound is hung.
+        let give_up = Instant::now() + CLOSE_WAIT;
+        let busy = |b: &Busy, n: usize| (0..n).any(|i| b.in_job(i));
+        while (busy(&self.busy, workers.len()) || busy(&self.control_busy, 1))
+            && Instant::now() < give_up
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut hung = false;
+        for (i, w) in workers.into_iter().enumerate() {
+            if !self.busy.in_job(i) {
+                let _ = w.join();
+            } else {
+                hung = true;
+            }
+        }
+        if let Some(c) = control {
+            if !self.control_busy.in_job(0) {
+                let _ = c.join();
+            } else {
+                hung = true;
+            }
+        }
+        if hung {
+            tracing::warn!(ekm = %self.ekm.id, "a pool thread is still inside the HSM; not logging out");
+            return false;
+        }
+        // Log out explicitly rather than relying on the last session closing:
+        // some HSMs keep a login alive per client until told otherwise.
+        let m = &self.shared.module;
+        let Some(slot) = m.slot() else { return true };
+        match m
+            .ctx()
+            .open_ro_session(slot)
+            // A token that refuses read-only sessions (see SessionKind).
+            .or_else(|_| m.ctx().open_rw_session(slot))
+            .and_then(|session| session.logout())
+        {
+            Ok(()) => tracing::info!(ekm = %self.ekm.id, "logged out of the HSM"),
+            // PKCS#11 ends the login when an application's last session
+            // closes; tokens that keep it (SoftHSM) need the explicit
+            // logout, others (Kryoptic) have already done it.
+            Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserNotLoggedIn, _)) => {
+                tracing::info!(ekm = %self.ekm.id, "logged out of the HSM (the login ended with the last session)")
+            }
+            Err(e) => tracing::warn!(ekm = %self.ekm.id, error = %e, "HSM logout failed"),
+        }
+        true
+    }
+}
+
+/// A job sent to a control thread, its answer still to come.
+pub(crate) struct Pending<T> {
+    rx: std::sync::mpsc::Receiver<Result<T, Fault>>,
+    started: Arc<AtomicBool>,
+    pool: Pool,
+}
+
+impl<T> Pending<T> {
+    /// Blocks the calling (non-runtime) thread until the answer, or
+    /// `deadline`.
+    pub fn wait(self, deadline: Instant) -> Result<T, Fault> {
+        match self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(self.pool.fault_timeout(false))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(self
+                .pool
+                .fault_timeout(self.started.load(Ordering::Relaxed))),
+        }
+    }
+}
+
+/// Handle to one key manager's pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    /// Starts the session pool of one key manager on its opened token.
+    /// Blocking: call it from `spawn_blocking` or before the runtime serves.
+    /// `index` names the pool's threads (`hsm-<index>-<n>`).
+    pub(crate) fn start(
+        cfg: &HsmConfig,
+        sessions: usize,
+        module: ModuleSlot,
+        token: &Token,
+        index: usize,
+        health_key: &str,
+        metrics: &Metrics,
+    ) -> Result<Pool, HsmError> {
+        // The request sessions (the control thread's is not one of them).
+        metrics.hsm_sessions.add(sessions as i64);
+        let shared = Arc::new(Shared {
+            module,
+            ekm_id: token.ekm_info().id.clone(),
+            pin: token.pin.clone(),
+            keys: KeyCache::new(cfg.key_cache_ttl),
+            iv_source: cfg.iv_source,
+            sessions: SessionOpener::new(cfg.session_kind),
+            health_key: health_key.to_string(),
+            metrics: metrics.clone(),
+        });
+        let busy = Arc::new(Busy::new(sessions));
+        let queue = Arc::new(JobQueue::new(cfg.queue_depth));
+        let mut workers = Vec::with_capacity(sessions);
+        for i in 0..sessions {
+            let queue = queue.clone();
+            let worker = Worker::new(shared.clone(), busy.clone(), i);
+            let handle = std::thread::Builder::new()
+                .name(format!("hsm-{index}-{i}"))
+                .spawn(move || worker.run(&queue))
+                .map_err(HsmError::Thread)?;
+            workers.push(handle);
+        }
+        let control_busy = Arc::new(Busy::new(1));
+        let control_queue = Arc::new(JobQueue::new(CONTROL_QUEUE));
+        let worker = Worker::new(shared.clone(), control_busy.clone(), 0).writable();
+        let control = {
+            let queue = control_queue.clone();
+            std::thread::Builder::new()
+                .name(format!("hsm-{index}-ctl"))
+                .spawn(move || worker.run(&queue))
+        }
+        .map_err(HsmError::Thread)?;
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                queue,
+                workers: std::sync::Mutex::new(workers),
+                control_queue,
+                control: std::sync::Mutex::new(Some(control)),
+                control_busy,
+                shared,
+                ekm: token.ekm_info().clone(),
+                queue_timeout: cfg.queue_timeout,
+                busy,
+            }),
+        })
+    }
+
+    /// Vendor, id and model of the token, for GetHealthStatus.
+    /// Stops the pool's threads, closes their sessions and logs out (see
+    /// `Inner::close`); jobs sent afterwards fail at once.
+    pub(crate) fn close(&self) -> bool {
+        self.inner.close()
+    }
+
+    pub fn ekm_info(&self) -> &EkmInfo {
+        &self.inner.ekm
+    }
+
+    /// Jobs waiting for a free session right now.
+    pub fn queue_len(&self) -> usize {
+        self.inner.queue.len()
+    }
+
+    /// How many of the pool's threads have been inside one job for longer
+    /// than `after`, and how many threads there are.
+    pub fn stalled(&self, after: Duration) -> (usize, usize) {
+        (self.inner.busy.stuck(after), self.inner.busy.threads())
+    }
+
+    /// Records whether this key manager can serve, for the module it shares
+    /// with others (see `super::module`).
+    pub(crate) fn set_usable(&self, usable: bool) {
+        let slot = &self.inner.shared.module;
+        slot.module.set_usable(slot.backend(), usable);
+    }
+
+    fn fault_timeout(&self, started: bool) -> Fault {
+        let ekm = self.inner.ekm.id.clone();
+        if started {
+            Fault::Timeout { ekm }
+        } else {
+            Fault::NoSession { ekm }
+        }
+    }
+
+    /// Runs `f` on a pool thread. It must start within the queue timeout and
+    /// answer by `deadline` (the request's whole HSM budget, shared with any
+    /// failover attempts); `kind` labels the job in the latency metric.
+    async fn run<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        let start_by = (Instant::now() + self.inner.queue_timeout).min(deadline);
+        self.run_on(false, kind, start_by, deadline, f).await
+    }
+
+    /// Runs `f` on the control thread (see the module docs), answering by
+    /// `deadline`.
+    pub(crate) async fn run_control<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        self.run_on(true, kind, deadline, deadline, f).await
+    }
+
+    async fn run_on<T: Send + 'static>(
+        &self,
+        control: bool,
+        kind: &'static str,
+        start_by: Instant,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        let (reply, rx) = oneshot::channel();
+        let started = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            kind,
+            enqueued: Instant::now(),
+            start_by,
+            started: started.clone(),
+            work: Box::new(move |w| {
+                let _ = reply.send(f(w));
+            }),
+        };
+        self.enqueue(control, job)?;
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(result)) => result,
+            // Dropped unrun: it waited past its start deadline.
+            Ok(Err(_)) => Err(self.fault_timeout(false)),
+            Err(_) => Err(self.fault_timeout(started.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// [`Self::run_control`] for a plain thread that may block (the audit
+    /// trail's writer): waits for the answer until `deadline`.
+    pub(crate) fn run_control_blocking<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<T, Fault> {
+        self.send_control(kind, deadline, f)?.wait(deadline)
+    }
+
+    /// Queues a job for the control thread and returns at once: the caller
+    /// waits for the answer with [`Pending::wait`]. So a caller that asks
+    /// several key managers sends to all of them first, and one that hangs
+    /// costs the others nothing.
+    pub(crate) fn send_control<T: Send + 'static>(
+        &self,
+        kind: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&mut Worker) -> Result<T, Fault> + Send + 'static,
+    ) -> Result<Pending<T>, Fault> {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let started = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            kind,
+            enqueued: Instant::now(),
+            start_by: deadline,
+            started: started.clone(),
+            work: Box::new(move |w| {
+                let _ = reply.send(f(w));
+            }),
+        };
+        self.enqueue(true, job)?;
+        Ok(Pending {
+            rx,
+            started,
+            pool: self.clone(),
+        })
+    }
+
+    /// Queues a job for the request threads or the control thread; a full
+    /// queue is [`Fault::Busy`] at once.
+    fn enqueue(&self, control: bool, job: Job) -> Result<(), Fault> {
+        let queue = if control {
+            &self.inner.control_queue
+        } else {
+            &self.inner.queue
+        };
+        match queue.push(job) {
+            Ok(()) => Ok(()),
+            Err(PushError::Full(_)) => Err(Fault::Busy {
+                ekm: self.inner.ekm.id.clone(),
+            }),
+            Err(PushError::Closed(_)) => Err(Fault::Unavailable {
+                ekm: self.inner.ekm.id.clone(),
+                why: "its session pool is shut down".into(),
+            }),
+        }
+    }
+
+    /// Checks a cached key before queueing, so a request that must fail
+    /// (wrong usage, disabled) costs no HSM session.
+    fn precheck(&self, label: &str, kind: OpKind) -> Result<(), Fault> {
+        match self.inner.shared.keys.get_fresh(label) {
+            Some(key) => check_key(&key, kind),
+            None => Ok(()),
+        }
+    }
+
+    /// Fresh attributes of a key (never from the cache).
+    pub async fn key_info(&self, label: &str, deadline: Instant) -> Result<KeyInfo, Fault> {
+        let label = label.to_owned();
+        self.run("metadata", deadline, move |w| w.resolve(&label, true))
+            .await
+    }
+
+    pub async fn encrypt(
+        &self,
+        label: &str,
+        input: Arc<EncryptInput>,
+        deadline: Instant,
+    ) -> Result<EncryptOutput, Fault> {
+        self.precheck(label, OpKind::Encrypt)?;
+        let label = label.to_owned();
+        self.run("encrypt", deadline, move |w| w.encrypt(&label, &input))
+            .await
+    }
+
+    pub async fn decrypt(
+        &self,
+        label: &str,
+        input: Arc<DecryptInput>,
+        deadline: Instant,
+    ) -> Result<DecryptOutput, Fault> {
+        self.precheck(label, OpKind::Decrypt)?;
+        let label = label.to_owned();
+        self.run("decrypt", deadline, move |w| w.decrypt(&label, &input))
+            .await
+    }
+
+    /// A sign of life (see `Worker::heartbeat`).
+    pub async fn heartbeat(&self, deadline: Instant) -> Result<(), Fault> {
+        self.run("heartbeat", deadline, |w| w.heartbeat()).await
+    }
+
+    /// One deep health probe with the health-check key.
+    pub async fn probe(&self, deadline: Instant) -> Result<(), Fault> {
+        self.run("health_probe", deadline, |w| w.probe()).await
+    }
+
+    /// The markers of one kind in the token (control thread).
+    pub async fn markers(
+        &self,
+        application: &'static [u8],
+        deadline: Instant,
+    ) -> Result<Vec<Marker>, Fault> {
+        self.run_control("markers", deadline, move |w| w.markers(application))
+            .await
+    }
+
+    /// [`Self::markers`] for a plain thread that may block.
+    pub(crate) fn send_markers(
+        &self,
+        application: &'static [u8],
+        deadline: Instant,
+    ) -> Result<Pending<Vec<Marker>>, Fault> {
+        self.send_control("markers", deadline, move |w| w.markers(application))
+    }
+
+    /// Stores a marker (control thread); blocks the calling (non-runtime)
+    /// thread until `deadline`.
+    pub(crate) fn send_put_marker(
+        &self,
+        application: &'static [u8],
+        label: &str,
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<Pending<()>, Fault> {
+        let (label, value) = (label.to_owned(), value.to_vec());
+        self.send_control("marker_put", deadline, move |w| {
+            w.put_marker(application, &label, &value)
+        })
+    }
+
+    /// Whether the token holds a protected HMAC key labelled `label`
+    /// (control thread).
+    pub async fn has_hmac_key(&self, label: &str, deadline: Instant) -> Result<bool, Fault> {
+        let label = label.to_owned();
+        self.run_control("hmac_key", deadline, move |w| w.has_hmac_key(&label))
+            .await
+    }
+
+    /// HMAC-SHA256 of `data` with the key labelled `label`, computed in the
+    /// token by the control thread; blocks the calling (non-runtime) thread
+    /// until `deadline`.
+    pub fn hmac_blocking(
+        &self,
+        label: &str,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Fault> {
+        let label = label.to_owned();
+        self.run_control_blocking("hmac", deadline, move |w| w.hmac(&label, &data))
+    }
+}

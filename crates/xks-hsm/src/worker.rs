@@ -1,0 +1,816 @@
+//! The threads that talk to the HSM.
+//!
+//! PKCS#11 calls block, sometimes for milliseconds on a network HSM, so they
+//! must never run on the async runtime's worker threads. Each pool worker is a
+//! plain OS thread that owns one logged-in session (a `Session` may not be used
+//! from two threads at once) and takes jobs from a bounded queue. A job that
+//! waited in the queue past its start deadline is dropped unrun: its caller has
+//! already answered 503, and doing the work anyway would only deepen overload.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::config::{IvSource, SessionKind};
+use super::fault::Fault;
+use super::gcm::{self, GcmError, IvInput, Sealed};
+use super::hmac;
+use super::keys::KeyCache;
+use super::markers::{self, Marker};
+use super::module::{module_lost, ModuleSlot};
+use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
+use super::queue::JobQueue;
+use super::token::login_raw;
+use xks_spec::aead::{
+    cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
+};
+use xks_spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
+use xks_telemetry::metrics::Metrics;
+
+/// When each pool thread started its current job (ms since the pool
+/// started, plus one; 0 while idle).
+pub(crate) struct Busy {
+    epoch: Instant,
+    since: Vec<AtomicU64>,
+}
+
+impl Busy {
+    pub(super) fn new(threads: usize) -> Busy {
+        Busy {
+            epoch: Instant::now(),
+            since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub(super) fn threads(&self) -> usize {
+        self.since.len()
+    }
+
+    /// Whether this thread is inside a job now.
+    pub(super) fn in_job(&self, thread: usize) -> bool {
+        self.since[thread].load(Ordering::Relaxed) != 0
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn enter(&self, thread: usize) {
+        self.since[thread].store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn leave(&self, thread: usize) {
+        self.since[thread].store(0, Ordering::Relaxed);
+    }
+
+    /// Threads that have been inside one job for longer than `after`.
+    pub(super) fn stuck(&self, after: Duration) -> usize {
+        let now = self.now_ms();
+        let limit = after.as_millis() as u64;
+        self.since
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&t| t != 0 && now.saturating_sub(t) > limit)
+            .count()
+    }
+}
+
+/// Work for a pool thread.
+pub(crate) struct Job {
+    /// Label for the latency metric.
+    pub kind: &'static str,
+    pub enqueued: Instant,
+    pub start_by: Instant,
+    /// Set when a thread takes the job: a caller that times out can tell
+    /// "never started" (no free session) from "no answer" (a hung HSM).
+    pub started: Arc<std::sync::atomic::AtomicBool>,
+    pub work: Box<dyn FnOnce(&mut Worker) + Send>,
+}
+
+/// State shared by all workers of one token.
+pub(crate) struct Shared {
+    /// The module and the token's slot, re-initialized after device loss.
+    pub module: ModuleSlot,
+    /// For logs: which key manager this is.
+    pub ekm_id: String,
+    pub pin: cryptoki::types::AuthPin,
+    pub keys: KeyCache,
+    pub iv_source: IvSource,
+    /// Which kind of session the request threads open.
+    pub sessions: SessionOpener,
+    /// The health-check key, used to tell a bad ciphertext from a sick HSM.
+    pub health_key: String,
+    pub metrics: Metrics,
+}
+
+/// Opens the request threads' sessions as `hsm.session_kind` says, and
+/// remembers (for every thread of the key manager) when `auto` found that
+/// the token refuses read-only sessions.
+pub(crate) struct SessionOpener {
+    kind: SessionKind,
+    refused_read_only: std::sync::atomic::AtomicBool,
+}
+
+impl SessionOpener {
+    pub fn new(kind: SessionKind) -> Self {
+        SessionOpener {
+            kind,
+            refused_read_only: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A session that is not closed on drop (see [`Worker::discard_session`]).
+    fn open(
+        &self,
+        ctx: &cryptoki::context::Pkcs11,
+        slot: cryptoki::slot::Slot,
+        ekm: &str,
+    ) -> Result<Session, P11Error> {
+        let read_only = match self.kind {
+            SessionKind::ReadOnly => true,
+            SessionKind::ReadWrite => false,
+            SessionKind::Auto => !self.refused_read_only.load(Ordering::Relaxed),
+        };
+        if !read_only {
+            return ctx.open_rw_session_no_drop(slot);
+        }
+        match ctx.open_ro_session_no_drop(slot) {
+            Ok(s) => Ok(s),
+            // Some tokens refuse read-only sessions outright (AWS CloudHSM
+            // SDK 5). If a read-write one opens where a read-only one did
+            // not, that was a refusal, not a fault: use read-write from now.
+            Err(ro) if self.kind == SessionKind::Auto => {
+                let Ok(s) = ctx.open_rw_session_no_drop(slot) else {
+                    return Err(ro);
+                };
+                if !self.refused_read_only.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(ekm = %ekm, error = %ro, "the token refused a read-only session; using read-write sessions (set hsm.session_kind = \"read-write\" to skip the attempt)");
+                }
+                Ok(s)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One pool thread's state: its session (opened lazily, reopened after faults).
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    session: Option<Session>,
+    /// The module generation the session belongs to (see [`super::module`]).
+    session_generation: u64,
+    ivs: IvPool,
+    /// Where this thread records how long it has been inside a job.
+    busy: Arc<Busy>,
+    index: usize,
+    /// A read-write session (the control thread: it stores markers); the
+    /// request threads' sessions are read-only, which is all they need.
+    writes: bool,
+}
+
+/// GCM IVs from the HSM's random generator, fetched in batches: one
+/// `C_GenerateRandom` per [`IV_BATCH`] encryptions instead of one each. An IV
+/// must be unique and unpredictable, not secret, and each one in the buffer is
+/// handed out exactly once, so batching changes nothing but the cost.
+struct IvPool {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// IVs fetched per `C_GenerateRandom`.
+const IV_BATCH: usize = 256;
+
+impl IvPool {
+    fn new() -> Self {
+        IvPool {
+            buf: vec![0; IV_LEN * IV_BATCH],
+            // Empty: the first use fills it.
+            pos: IV_LEN * IV_BATCH,
+        }
+    }
+
+    fn next(&mut self, s: &Session) -> Result<[u8; IV_LEN], P11Error> {
+        if self.pos + IV_LEN > self.buf.len() {
+            s.generate_random_slice(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let mut iv = [0u8; IV_LEN];
+        iv.copy_from_slice(&self.buf[self.pos..self.pos + IV_LEN]);
+        self.pos += IV_LEN;
+        Ok(iv)
+    }
+}
+
+/// Failure inside an operation: either already a fault, or a raw PKCS#11
+/// error whose meaning depends on the operation.
+enum OpError {
+    Fault(Fault),
+    P11(P11Error),
+    /// The key manager answered, but not as the configuration says it would.
+    Misconfigured(String),
+}
+
+impl From<Fault> for OpError {
+    fn from(e: Fault) -> Self {
+        OpError::Fault(e)
+    }
+}
+impl From<P11Error> for OpError {
+    fn from(e: P11Error) -> Self {
+        OpError::P11(e)
+    }
+}
+impl From<GcmError> for OpError {
+    fn from(e: GcmError) -> Self {
+        match e {
+            GcmError::P11(e) => OpError::P11(e),
+            GcmError::Misconfigured(why) => OpError::Misconfigured(why),
+        }
+    }
+}
+
+/// Which operation a PKCS#11 error came from; decides how it maps to XKS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    Lookup,
+    Encrypt,
+    Decrypt,
+}
+
+fn rv(e: &P11Error) -> Option<RvError> {
+    match e {
+        P11Error::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+/// An error that a key handle from the cache may have caused because the
+/// key behind it is gone (deleted or replaced behind the proxy's back):
+/// worth one fresh lookup. SoftHSM says so (`CKR_KEY_HANDLE_INVALID`,
+/// `CKR_OBJECT_HANDLE_INVALID`); Kryoptic answers `CKR_GENERAL_ERROR` from
+/// `C_EncryptInit`/`C_DecryptInit` for a deleted key's handle. Only the
+/// init calls, where the key is used: a failing `C_Decrypt` is about the
+/// data (SoftHSM reports a bad tag as a general error there).
+fn stale_handle(e: &P11Error) -> bool {
+    use cryptoki::context::Function;
+    matches!(
+        e,
+        P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)
+            | P11Error::Pkcs11(
+                RvError::GeneralError | RvError::FunctionFailed,
+                Function::EncryptInit | Function::DecryptInit,
+            )
+    )
+}
+
+/// A `C_Decrypt` failure that a tag mismatch can cause: the spec's codes,
+/// and the generic ones SoftHSM and others use for it.
+fn may_be_auth_failure(e: &P11Error) -> bool {
+    matches!(
+        rv(e),
+        Some(
+            RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid
+                | RvError::DataLenRange
+                | RvError::SignatureInvalid
+                | RvError::GeneralError
+                | RvError::FunctionFailed
+        )
+    )
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, busy: Arc<Busy>, index: usize) -> Self {
+        Worker {
+            shared,
+            session: None,
+            session_generation: 0,
+            ivs: IvPool::new(),
+            busy,
+            index,
+            writes: false,
+        }
+    }
+
+    /// The same, with a read-write session.
+    pub fn writable(mut self) -> Self {
+        self.writes = true;
+        self
+    }
+
+    fn ekm(&self) -> String {
+        self.shared.ekm_id.clone()
+    }
+
+    fn failed(&self, why: impl std::fmt::Display) -> Fault {
+        Fault::Failed {
+            ekm: self.ekm(),
+            why: why.to_string(),
+        }
+    }
+
+    /// Thread body: run jobs until the queue is closed; then close the session.
+    pub fn run(mut self, queue: &JobQueue<Job>) {
+        let m = self.shared.metrics.clone();
+        while let Some(job) = queue.pop() {
+            let picked = Instant::now();
+            m.hsm_queue_wait_seconds
+                .observe((picked - job.enqueued).as_secs_f64());
+            if picked > job.start_by {
+                // Dropping the job drops its reply channel: the caller sees 503.
+                continue;
+            }
+            job.started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            m.hsm_sessions_busy.inc();
+            self.busy.enter(self.index);
+            {
+                // In the module's gate for the whole job (see `super::module`).
+                let module = self.shared.module.module.clone();
+                let _inside = module.enter();
+                (job.work)(&mut self);
+            }
+            self.busy.leave(self.index);
+            m.hsm_sessions_busy.dec();
+            m.hsm_seconds
+                .with_label_values(&[self.shared.ekm_id.as_str(), job.kind])
+                .observe(picked.elapsed().as_secs_f64());
+        }
+        self.discard_session();
+    }
+
+    /// Lets go of the session. Pool sessions are opened "no close on drop" so
+    /// that this is the one place that closes them: one from an older module
+    /// generation is *not* closed (after `C_Initialize` its handle number may
+    /// belong to another thread's new session), and a failed close after a
+    /// device error is expected and logged at debug level only.
+    fn discard_session(&mut self) {
+        if let Some(s) = self.session.take() {
+            if self.session_generation == self.shared.module.module.generation() {
+                if let Err(e) = s.close() {
+                    tracing::debug!(ekm = %self.shared.ekm_id, error = %e, "closing a failed session");
+                }
+            }
+        }
+    }
+
+    fn open_session(&self) -> Result<Session, P11Error> {
+        let m = &self.shared.module;
+        let slot = m.slot().ok_or(P11Error::Pkcs11(
+            RvError::SlotIdInvalid,
+            cryptoki::context::Function::OpenSession,
+        ))?;
+        let s = match self.writes {
+            true => match m.ctx().open_rw_session_no_drop(slot) {
+                Ok(s) => s,
+                // A token that takes no writes: read-only, so that locks
+                // and seals still work; storing markers fails, and says so.
+                Err(P11Error::Pkcs11(RvError::TokenWriteProtected, _)) => {
+                    m.ctx().open_ro_session_no_drop(slot)?
+                }
+                Err(e) => return Err(e),
+            },
+            false => self
+                .shared
+                .sessions
+                .open(m.ctx(), slot, &self.shared.ekm_id)?,
+        };
+        if let Err(e) = login_raw(&s, &self.shared.pin) {
+            let _ = s.close();
+            return Err(e);
+        }
+        Ok(s)
+    }
+
+    fn session(&mut self) -> Result<&Session, Fault> {
+        let generation = self.shared.module.module.generation();
+        if self.session.is_some() && self.session_generation != generation {
+            self.discard_session();
+        }
+        if self.session.is_none() {
+            let opened = match self.open_session() {
+                Ok(s) => Ok(s),
+                // The device or token is gone: recover (see `super::module`)
+                // and try once more; meanwhile requests fail fast.
+                Err(e) if module_lost(&e) && self.shared.module.recover(&self.shared.ekm_id) => {
+                    self.open_session()
+                }
+                Err(e) => Err(e),
+            };
+            let s = opened.map_err(|e| Fault::Unavailable {
+                ekm: self.ekm(),
+                why: format!("cannot open a session: {e}"),
+            })?;
+            self.session_generation = self.shared.module.module.generation();
+            self.session = Some(s);
+            self.shared
+                .metrics
+                .hsm_sessions_opened
+                .with_label_values(&[self.shared.ekm_id.as_str()])
+                .inc();
+        }
+        self.shared.keys.sync_generation(self.session_generation);
+        let ekm = self.ekm();
+        self.session.as_ref().ok_or(Fault::Unavailable {
+            ekm,
+            why: "no session".into(),
+        })
+    }
+
+    /// Maps a PKCS#11 error to a fault, and drops the session when the
+    /// error says it is no longer usable.
+    fn map_p11(&mut self, e: P11Error, kind: OpKind) -> Fault {
+        use RvError::*;
+        match (rv(&e), &e) {
+            (Some(KeyFunctionNotPermitted), _) => {
+                Fault::WrongUsage("the key does not permit this operation".into())
+            }
+            (
+                Some(
+                    EncryptedDataInvalid
+                    | EncryptedDataLenRange
+                    | DataInvalid
+                    | DataLenRange
+                    | SignatureInvalid,
+                ),
+                _,
+            ) if kind == OpKind::Decrypt => Fault::BadCiphertext,
+            // Some modules (SoftHSM among them) report a GCM tag mismatch as a
+            // generic failure of C_Decrypt. Rather than guess, ask the HSM: if a
+            // known-good operation on the same session succeeds, the HSM is fine
+            // and the ciphertext was at fault; otherwise it is a key manager error.
+            (Some(GeneralError | FunctionFailed), P11Error::Pkcs11(_, Function::Decrypt))
+                if kind == OpKind::Decrypt =>
+            {
+                match self.probe() {
+                    Ok(()) => Fault::BadCiphertext,
+                    Err(_) => {
+                        self.discard_session();
+                        self.failed(&e)
+                    }
+                }
+            }
+            (
+                Some(r @ (DeviceRemoved | DeviceError | TokenNotPresent | CryptokiNotInitialized)),
+                _,
+            ) => {
+                self.discard_session();
+                Fault::Unavailable {
+                    ekm: self.ekm(),
+                    why: format!("{r}"),
+                }
+            }
+            (Some(r), _) => {
+                if matches!(
+                    r,
+                    SessionHandleInvalid
+                        | SessionClosed
+                        | UserNotLoggedIn
+                        | OperationActive
+                        | GeneralError
+                ) {
+                    self.discard_session();
+                }
+                self.failed(&e)
+            }
+            (None, _) => self.failed(&e),
+        }
+    }
+
+    fn next_iv(&mut self) -> Result<[u8; IV_LEN], Fault> {
+        self.session()?;
+        let result = match self.session.as_ref() {
+            Some(s) => self.ivs.next(s),
+            None => return Err(self.failed("no HSM session")),
+        };
+        result.map_err(|e| self.map_p11(e, OpKind::Encrypt))
+    }
+
+    /// Looks a key up by label, from the cache unless `fresh`.
+    pub fn resolve(&mut self, label: &str, fresh: bool) -> Result<KeyInfo, Fault> {
+        // First the session: opening it may re-initialize the module, which
+        // empties the cache of handles from the old instance.
+        self.session()?;
+        if !fresh {
+            if let Some(k) = self.shared.keys.get_fresh(label) {
+                return Ok(k);
+            }
+        }
+        let ekm = self.ekm();
+        let result = (|| -> Result<KeyInfo, OpError> {
+            let session = self.session()?;
+            let handles = find_keys(session, label)?;
+            match handles.len() {
+                0 => Err(Fault::KeyNotFound { key: label.to_string(), ekm }.into()),
+                1 => Ok(read_key_info(session, handles[0], label, SystemTime::now())?),
+                n => Err(Fault::Failed {
+                    ekm,
+                    why: format!(
+                        "{n} keys carry the label '{label}'; an external key id must name exactly one key"
+                    ),
+                }
+                .into()),
+            }
+        })();
+        match result {
+            Ok(info) => {
+                self.shared.keys.insert(info.clone());
+                Ok(info)
+            }
+            Err(OpError::Fault(e)) => {
+                if matches!(e, Fault::KeyNotFound { .. }) {
+                    self.shared.keys.remove(label);
+                }
+                Err(e)
+            }
+            Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
+            Err(OpError::Misconfigured(why)) => Err(self.failed(why)),
+        }
+    }
+
+    /// Runs `op` with the key; if the HSM says the cached handle is stale (key
+    /// deleted and recreated, token re-inserted), looks the key up again once.
+    fn with_key<T>(
+        &mut self,
+        label: &str,
+        kind: OpKind,
+        op: impl Fn(&Session, &KeyInfo, &Shared) -> Result<T, OpError>,
+    ) -> Result<T, Fault> {
+        let mut key = self.resolve(label, false)?;
+        for attempt in 0..2 {
+            check_key(&key, kind)?;
+            let shared = self.shared.clone();
+            let session = self.session()?;
+            match op(session, &key, &shared) {
+                Ok(v) => return Ok(v),
+                Err(OpError::Fault(e)) => return Err(e),
+                Err(OpError::P11(e)) if attempt == 0 && stale_handle(&e) => {
+                    self.shared.keys.remove(label);
+                    key = self.resolve(label, true)?;
+                }
+                Err(OpError::P11(e)) => return Err(self.map_p11(e, kind)),
+                Err(OpError::Misconfigured(why)) => return Err(self.failed(why)),
+            }
+        }
+        Err(self.failed("key handle stayed invalid after a fresh lookup"))
+    }
+
+    /// The newest version of external key `id` (0 when never rotated),
+    /// cached for the key cache TTL: a rotation reaches every instance
+    /// within it.
+    fn latest_version(&mut self, id: &str) -> Result<u32, Fault> {
+        if let Some(v) = self.shared.keys.fresh_version(id) {
+            return Ok(v);
+        }
+        let probed = latest_version(self.session()?, id);
+        match probed {
+            Ok(v) => {
+                self.shared.keys.set_version(id, v);
+                Ok(v)
+            }
+            Err(e) => Err(self.map_p11(e, OpKind::Lookup)),
+        }
+    }
+
+    /// For a version other than 0, the base key (the external key id itself)
+    /// must allow the operation too: disabling a key disables all its versions.
+    fn check_family(&mut self, id: &str, version: u32, kind: OpKind) -> Result<(), Fault> {
+        if version > 0 {
+            let base = self.resolve(id, false)?;
+            check_key(&base, kind)?;
+        }
+        Ok(())
+    }
+
+    /// Encrypts under the newest version of `id`, recording it in the metadata.
+    pub fn encrypt(&mut self, id: &str, input: &EncryptInput) -> Result<EncryptOutput, Fault> {
+        let version = self.latest_version(id)?;
+        self.check_family(id, version, OpKind::Encrypt)?;
+        let metadata = metadata_for_version(version);
+        // Taken before the key lookup: an attempt that fails on a stale key
+        // handle encrypts nothing, so its retry may use the same IV.
+        let iv = IvInput::for_source(self.shared.iv_source, || self.next_iv())?;
+        self.with_key(&version_label(id, version), OpKind::Encrypt, |s, key, _| {
+            encrypt_once(s, key.handle, iv, &metadata, input)
+        })
+    }
+
+    /// Decrypts with the version of `id` that the ciphertext metadata names,
+    /// trying the input's AAD layouts in order (see `spec::aead::decrypt_layouts`):
+    /// a layout that does not authenticate moves on to the next, and only
+    /// the last one's failure is reported.
+    pub fn decrypt(&mut self, id: &str, input: &DecryptInput) -> Result<DecryptOutput, Fault> {
+        let version = version_from_metadata(&input.metadata);
+        self.check_family(id, version, OpKind::Decrypt)?;
+        let label = version_label(id, version);
+        let result = self.with_key(&label, OpKind::Decrypt, |s, key, _| {
+            let mut layouts = input.layouts.iter().peekable();
+            while let Some(&layout) = layouts.next() {
+                let aad = layout.hsm_aad(input.aad.as_deref(), &input.metadata);
+                match gcm::open(
+                    s,
+                    key.handle,
+                    &input.iv,
+                    &aad,
+                    &input.ciphertext,
+                    &input.tag,
+                ) {
+                    Ok(plaintext) => return Ok(DecryptOutput { plaintext, layout }),
+                    Err(e) if layouts.peek().is_some() && may_be_auth_failure(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(OpError::P11(P11Error::Pkcs11(
+                RvError::ArgumentsBad,
+                Function::Decrypt,
+            )))
+        });
+        match result {
+            // The base key exists (checked above); a missing version means the
+            // metadata does not describe a ciphertext of this key.
+            Err(Fault::KeyNotFound { .. }) if version > 0 => Err(Fault::UnknownVersion {
+                key: id.to_string(),
+                version,
+            }),
+            other => other,
+        }
+    }
+
+    /// The markers of one kind (see [`super::markers`]).
+    pub fn markers(&mut self, application: &[u8]) -> Result<Vec<Marker>, Fault> {
+        let result = markers::list(self.session()?, application);
+        result.map_err(|e| self.map_p11(e, OpKind::Lookup))
+    }
+
+    /// Stores a marker, replacing one of the same kind and label (see
+    /// [`super::markers::put`]).
+    pub fn put_marker(
+        &mut self,
+        application: &[u8],
+        label: &str,
+        value: &[u8],
+    ) -> Result<(), Fault> {
+        let result = markers::put(self.session()?, application, label, value);
+        result.map_err(|e| self.map_p11(e, OpKind::Lookup))
+    }
+
+    /// Whether the token holds exactly one HMAC key labelled `label`, and
+    /// it cannot leave the token (see [`super::hmac`]).
+    pub fn has_hmac_key(&mut self, label: &str) -> Result<bool, Fault> {
+        let result = hmac::describe(self.session()?, label);
+        match result {
+            Ok(keys) => Ok(matches!(&keys[..], [k] if k.is_protected())),
+            Err(e) => Err(self.map_p11(e, OpKind::Lookup)),
+        }
+    }
+
+    /// HMAC-SHA256 of `data` under the HMAC key labelled `label`, computed
+    /// in the token. The key is looked up each time: seals are rare, and a
+    /// key replaced in the token is then never used by a stale handle.
+    pub fn hmac(&mut self, label: &str, data: &[u8]) -> Result<Vec<u8>, Fault> {
+        let ekm = self.ekm();
+        let result = (|| -> Result<Vec<u8>, OpError> {
+            let session = self.session()?;
+            match &hmac::describe(session, label)?[..] {
+                [] => Err(Fault::KeyNotFound {
+                    key: label.to_string(),
+                    ekm,
+                }
+                .into()),
+                [k] if k.is_protected() => Ok(hmac::sign(session, k.handle, data)?),
+                [_] => Err(OpError::Misconfigured(format!(
+                    "the HMAC key '{label}' is extractable or not sensitive; it cannot seal"
+                ))),
+                keys => Err(OpError::Misconfigured(format!(
+                    "{} HMAC keys carry the label '{label}'; a seal must name exactly one",
+                    keys.len()
+                ))),
+            }
+        })();
+        match result {
+            Ok(mac) => Ok(mac),
+            Err(OpError::Fault(f)) => Err(f),
+            Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
+            Err(OpError::Misconfigured(why)) => Err(self.failed(why)),
+        }
+    }
+
+    /// A cheap sign of life between deep probes: one `C_GetSessionInfo`. It
+    /// touches no key, so it leaves nothing in the HSM's audit log, but a
+    /// hung HSM does not answer it either.
+    pub fn heartbeat(&mut self) -> Result<(), Fault> {
+        let result = self.session()?.get_session_info();
+        result
+            .map(|_| ())
+            .map_err(|e| self.map_p11(e, OpKind::Lookup))
+    }
+
+    /// Deep health probe: a real encrypt and decrypt with the health-check key.
+    ///
+    /// The proxy made that key itself at startup, so when it is not found the
+    /// token has most likely lost its objects (SoftHSM forgets them when it
+    /// runs out of file descriptors, or its token directory went away): that
+    /// is recovered like a lost device (see `super::module`), and the probe
+    /// tried once more.
+    pub fn probe(&mut self) -> Result<(), Fault> {
+        let label = self.shared.health_key.clone();
+        let mut plaintext = Zeroizing::new(vec![0u8; 32]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut plaintext)
+            .map_err(|_| self.failed("the system RNG failed"))?;
+        let input = EncryptInput {
+            plaintext,
+            aad: b"xks-proxy health probe".to_vec(),
+            cdiv: true,
+        };
+        // `cdiv: true` makes encrypt do its verification decrypt in the HSM.
+        match self.encrypt(&label, &input) {
+            Err(Fault::KeyNotFound { .. }) => {
+                if self.shared.module.recover(&self.shared.ekm_id) {
+                    self.discard_session();
+                    if self.encrypt(&label, &input).is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(Fault::Unavailable {
+                    ekm: self.ekm(),
+                    why: format!(
+                        "its health-check key '{label}' is missing from the token (the token lost \
+                         its objects, or the key was deleted: then re-create it with \
+                         `xks-proxy keys create --label {label}`)"
+                    ),
+                })
+            }
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+/// Refuses a key that cannot serve the operation, before touching the HSM.
+/// A lookup (GetKeyMetadata) describes any key; only an AES-256 secret key
+/// is ever used for cryptography.
+pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), Fault> {
+    match kind {
+        OpKind::Lookup => Ok(()),
+        _ if !key.spec.is_aes256() => Err(Fault::WrongUsage(format!(
+            "key '{}' is {}, not an AES-256 secret key; only AES-256 keys back KMS keys",
+            key.label, key.spec
+        ))),
+        _ if !key.enabled => Err(Fault::KeyDisabled {
+            key: key.label.clone(),
+        }),
+        OpKind::Encrypt if !key.usages.encrypt => Err(Fault::WrongUsage(format!(
+            "key '{}' does not allow ENCRYPT (CKA_ENCRYPT is false)",
+            key.label
+        ))),
+        OpKind::Decrypt if !key.usages.decrypt => Err(Fault::WrongUsage(format!(
+            "key '{}' does not allow DECRYPT (CKA_DECRYPT is false)",
+            key.label
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Encrypt, then (when a CDIV is requested) compute the CDIV *first* and only
+/// then prove the output decrypts in the HSM, as Appendix C prescribes: a bit
+/// flip after the CDIV was computed is then caught by the verification decrypt.
+fn encrypt_once(
+    s: &Session,
+    key: ObjectHandle,
+    iv_input: IvInput,
+    metadata: &[u8],
+    input: &EncryptInput,
+) -> Result<EncryptOutput, OpError> {
+    let aad = hsm_aad(&input.aad, metadata);
+    let Sealed {
+        ciphertext,
+        tag,
+        iv,
+    } = gcm::seal(s, key, iv_input, &aad, &input.plaintext)?;
+    let cdiv = input
+        .cdiv
+        .then(|| cdiv_sha256(&input.aad, metadata, &iv, &ciphertext, &tag));
+    if input.cdiv {
+        let check = gcm::open(s, key, &iv, &aad, &ciphertext, &tag)?;
+        if !bool::from(check.as_slice().ct_eq(input.plaintext.as_slice())) {
+            return Err(OpError::Misconfigured(
+                "the verification decrypt of the fresh ciphertext did not return the plaintext"
+                    .into(),
+            ));
+        }
+    }
+    Ok(EncryptOutput {
+        ciphertext,
+        iv,
+        tag,
+        metadata: metadata.to_vec(),
+        cdiv,
+    })
+}
