@@ -5,8 +5,8 @@
 
 use serde::Deserialize;
 
-use super::access_log::{parse_logged, stage, AccessLog};
 use super::app::AppState;
+use super::context::{RequestContext, Stage};
 use xks_guard::authz::AuthzRequest;
 use xks_spec::error::XksError;
 use xks_spec::path::Operation;
@@ -18,19 +18,19 @@ pub struct KeyCall<'a, K> {
     pub app: &'a AppState<K>,
     pub target: Target<'a>,
     pub body: &'a [u8],
-    pub log: &'a mut AccessLog,
+    pub ctx: &'a mut RequestContext,
 }
 
 impl<'a, K> KeyCall<'a, K> {
-    /// The body as `T`, its metadata recorded in the access log.
+    /// The body as `T`, its metadata recorded in the request's context.
     pub fn parse<T: Deserialize<'a> + WithMetadata<'a>>(&mut self) -> Result<T, XksError> {
-        parse_logged(self.body, self.log)
+        self.ctx.parse(self.body)
     }
 
     /// Refuses Encrypt and Decrypt on a locked-down key store (see the
     /// `lockdown` layer).
     pub fn check_lock(&mut self) -> Result<(), XksError> {
-        self.log.stage = stage::LOCKDOWN;
+        self.ctx.enter(Stage::Lockdown);
         if self.app.locks.unread() {
             return Err(XksError::DependencyTimeout(
                 "the lockdown markers have not been read from any key manager yet; Encrypt and \
@@ -41,7 +41,7 @@ impl<'a, K> KeyCall<'a, K> {
         match self.app.locks.check(&self.target.store.name) {
             None => Ok(()),
             Some(lock) => {
-                self.log.lock_id = Some(lock.id.clone());
+                self.ctx.locked_by(&lock.id);
                 Err(XksError::InvalidState(
                     lock.message(&self.target.store.name),
                 ))
@@ -51,13 +51,13 @@ impl<'a, K> KeyCall<'a, K> {
 
     /// Secondary authorization of this call.
     pub fn authorize(&mut self, md: &RequestMetadata<'_>) -> Result<(), XksError> {
-        self.log.stage = stage::AUTHORIZATION;
-        authorize(&self.target, md, self.log)
+        self.ctx.enter(Stage::Authorization);
+        authorize(&self.target, md, self.ctx)
     }
 
     /// Every check passed: what happens now is the key manager's doing.
     pub fn reach_key_manager(&mut self) {
-        self.log.stage = stage::KEY_MANAGER;
+        self.ctx.enter(Stage::KeyManager);
     }
 }
 
@@ -72,7 +72,7 @@ pub struct Target<'a> {
 fn authorize(
     t: &Target<'_>,
     md: &RequestMetadata<'_>,
-    log: &mut AccessLog,
+    ctx: &mut RequestContext,
 ) -> Result<(), XksError> {
     let Some(policies) = &t.store.policies else {
         return Ok(());
@@ -92,8 +92,7 @@ fn authorize(
     if !verdict.errors.is_empty() {
         tracing::warn!(key_store = %t.store.name, errors = ?verdict.errors, "policy evaluation errors");
     }
-    log.authz_decision = Some(verdict.decision);
-    log.authz_policies = Some(verdict.policies.join(","));
+    ctx.authorized(verdict.decision, verdict.policies.join(","));
     if verdict.allowed {
         return Ok(());
     }

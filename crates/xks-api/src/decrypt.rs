@@ -21,7 +21,8 @@ pub(super) async fn answer<K: KeyService>(mut call: KeyCall<'_, K>) -> Result<Re
     call.check_lock()?;
     call.authorize(md)?;
     call.reach_key_manager();
-    call.log.key_version = Some(version_from_metadata(&input.metadata));
+    call.ctx
+        .served_by_version(version_from_metadata(&input.metadata));
     let store = call.target.store;
     input.layouts = decrypt_layouts(&input.metadata, input.aad.is_some(), store.compat.as_ref());
     let out = call

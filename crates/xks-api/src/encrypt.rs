@@ -24,6 +24,7 @@ pub(super) async fn answer<K: KeyService>(mut call: KeyCall<'_, K>) -> Result<Re
         .encrypt(call.target.key_id, input)
         .await
         .map_err(spec_error)?;
-    call.log.key_version = Some(version_from_metadata(&out.metadata));
+    call.ctx
+        .served_by_version(version_from_metadata(&out.metadata));
     to_json(&EncryptResponse::from(out))
 }

@@ -2,8 +2,8 @@
 
 use axum::response::Response;
 
-use super::access_log::{parse_logged, AccessLog};
 use super::app::AppState;
+use super::context::RequestContext;
 use super::key_service::KeyService;
 use super::response::to_json;
 use xks_spec::error::XksError;
@@ -25,9 +25,9 @@ pub(super) fn answer<K: KeyService>(
     app: &AppState<K>,
     live: &Live,
     body: &[u8],
-    log: &mut AccessLog,
+    ctx: &mut RequestContext,
 ) -> Result<Response, XksError> {
-    let req: MetadataOnlyRequest = parse_logged(body, log)?;
+    let req: MetadataOnlyRequest = ctx.parse(body)?;
     require_health_metadata(req.request_metadata.as_ref())?;
     let details = app.keys.health();
     to_json(&HealthResponse {

@@ -25,7 +25,7 @@ pub(super) async fn answer<K: KeyService>(mut call: KeyCall<'_, K>) -> Result<Re
         .await
         .map_err(spec_error)?;
     if let Some(lock) = &locked {
-        call.log.lock_id = Some(lock.id.clone());
+        call.ctx.locked_by(&lock.id);
     }
     to_json(&KeyMetadataResponse {
         key_spec: key.spec.to_string(),

@@ -32,10 +32,10 @@
 
 #![forbid(unsafe_code)]
 
-mod access_log;
 mod app;
 mod body;
 mod call;
+mod context;
 mod decrypt;
 mod encrypt;
 mod health;

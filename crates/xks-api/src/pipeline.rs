@@ -24,10 +24,10 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use http::Method;
 
-use super::access_log::{parse_logged, stage, AccessLog, ConnFields, Outcome, Trace, FIELD_MAX};
 use super::app::AppState;
 use super::body::{self, BodyLimits};
 use super::call::{KeyCall, Target};
+use super::context::{ConnFields, Outcome, RequestContext, Stage, Trace};
 use super::key_service::KeyService;
 use super::response::{close_after, error_response, ErrorName};
 use super::{decrypt, encrypt, health, key_metadata};
@@ -42,32 +42,32 @@ use xks_telemetry::logging::clip;
 
 /// Entry point for every non-`/ping` request on the XKS listener.
 pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Request) -> Response {
-    let mut trace = Trace(AccessLog::start(ConnFields::of(&req)));
-    let log = &mut trace.0;
+    let mut trace = Trace(RequestContext::start(ConnFields::of(&req)));
+    let ctx = &mut trace.0;
     let version = req.version();
-    let mut response = match handle(&app, req, log).await {
+    let mut response = match handle(&app, req, ctx).await {
         Ok(r) => r,
         Err(e) => {
             // The same text the client gets: printable ASCII, < 512 bytes.
-            log.error_message = Some(sanitize_message(e.message()));
+            ctx.failed(sanitize_message(e.message()));
             error_response(e)
         }
     };
-    if log.close_connection {
+    if ctx.closes_connection() {
         close_after(&mut response, version);
     }
     let status = response.status().as_u16();
     let error_name = response.extensions().get::<ErrorName>().map(|e| e.0);
-    let elapsed = log.started.map(|s| s.elapsed()).unwrap_or_default();
+    let elapsed = ctx.elapsed();
     app.metrics.observe_request(
-        log.key_store.as_deref().unwrap_or(""),
-        log.operation.unwrap_or("unknown"),
+        ctx.key_store(),
+        ctx.operation(),
         status,
         error_name.unwrap_or(""),
         elapsed,
     );
     // Requests that never authenticated may not flood the log (see `log_limit`).
-    let suppressed = match (log.access_key_id.is_some(), log.conn.client) {
+    let suppressed = match (ctx.is_authenticated(), ctx.client()) {
         (false, Some(addr)) => match app.log_limiter.admit(addr.ip()) {
             Some(n) => n,
             None => {
@@ -83,9 +83,9 @@ pub async fn xks<K: KeyService>(State(app): State<Arc<AppState<K>>>, req: Reques
         elapsed,
         suppressed,
     };
-    log.emit(&outcome);
+    ctx.emit_access_line(&outcome);
     if let Some(trail) = &app.audit {
-        log.audit(trail, &outcome);
+        ctx.audit(trail, &outcome);
     }
     response
 }
@@ -102,7 +102,7 @@ fn route<'l>(
     live: &'l Live,
     path: &'l str,
     method: &Method,
-    log: &mut AccessLog,
+    ctx: &mut RequestContext,
 ) -> Result<Route<'l>, XksError> {
     let (base, op, key_id) = parse_path(path).ok_or_else(|| {
         XksError::InvalidUriPath(format!(
@@ -117,9 +117,7 @@ fn route<'l>(
             clip(base, 128)
         ))
     })?;
-    log.key_store = Some(store.name.clone());
-    log.operation = Some(op.as_str());
-    log.key_id = key_id.map(|k| clip(k, FIELD_MAX).into_owned());
+    ctx.routed(&store.name, op.as_str(), key_id);
     if method != Method::POST {
         return Err(XksError::MethodNotAllowed(format!(
             "{method} is not allowed; XKS API calls use POST"
@@ -131,7 +129,7 @@ fn route<'l>(
 async fn handle<K: KeyService>(
     app: &AppState<K>,
     req: Request,
-    log: &mut AccessLog,
+    ctx: &mut RequestContext,
 ) -> Result<Response, XksError> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
@@ -144,18 +142,22 @@ async fn handle<K: KeyService>(
     };
     // Every answer, errors included, goes out only after the whole body came
     // in (see `body`): a refused request's body is read and dropped.
-    let Route { store, op, key_id } = match route(&live, path, &parts.method, log) {
+    let Route { store, op, key_id } = match route(&live, path, &parts.method, ctx) {
         Ok(r) => r,
         Err(e) => {
-            log.close_connection = !body::discard(body, limits).await;
+            if !body::discard(body, limits).await {
+                ctx.close_connection();
+            }
             return Err(e);
         }
     };
-    log.stage = stage::BODY;
+    ctx.enter(Stage::Body);
     let body = body::read(body, &parts.headers, limits, &app.body_budget)
         .await
         .map_err(|e| {
-            log.close_connection = e.must_close();
+            if e.must_close() {
+                ctx.close_connection();
+            }
             XksError::from(e)
         })?;
 
@@ -164,7 +166,7 @@ async fn handle<K: KeyService>(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or(path);
-    log.stage = stage::AUTHENTICATION;
+    ctx.enter(Stage::Authentication);
     let who = sigv4::verify(
         &store.credentials,
         store.region.as_deref(),
@@ -184,16 +186,18 @@ async fn handle<K: KeyService>(
             ));
         }
     }
-    log.access_key_id = Some(who.access_key_id);
+    ctx.authenticated(who.access_key_id);
     // The connection belongs to a key store's holder now: never evicted.
     if let Some(c) = parts.extensions.get::<ConnInfo>() {
         c.conn.mark_authenticated();
     }
     if let Some(trail) = &app.audit {
-        log.stage = stage::AUDIT;
-        log.audit_slot = trail.reserve();
-        if log.audit_slot.is_none() && trail.refuses() && op != Operation::GetHealthStatus {
-            log.audit_skipped = true;
+        ctx.enter(Stage::Audit);
+        if let Some(slot) = trail.reserve() {
+            ctx.hold_audit_slot(slot);
+        }
+        if !ctx.has_audit_slot() && trail.refuses() && op != Operation::GetHealthStatus {
+            ctx.without_audit_record();
             app.metrics.audit_refused.inc();
             return Err(XksError::DependencyTimeout(
                 "the audit trail cannot record this request now (audit.on_failure = \"refuse\"); \
@@ -201,20 +205,20 @@ async fn handle<K: KeyService>(
                     .into(),
             ));
         }
-        if log.audit_slot.is_none() && !trail.refuses() {
+        if !ctx.has_audit_slot() && !trail.refuses() {
             // Served without a record: counted, and reported in the trail.
-            log.audit_skipped = true;
+            ctx.without_audit_record();
             trail.lost();
         }
     }
 
     if op == Operation::GetHealthStatus {
-        log.stage = stage::VALIDATION;
+        ctx.enter(Stage::Validation);
         // Never throttled or authorized: KMS's health checks are few, and a
         // refused one would make KMS think the proxy is down.
-        return health::answer(app, &live, &body, log);
+        return health::answer(app, &live, &body, ctx);
     }
-    log.stage = stage::QUOTA;
+    ctx.enter(Stage::Quota);
     if let Some(bucket) = &store.bucket {
         if !bucket.try_acquire() {
             return Err(XksError::Throttling(format!(
@@ -224,26 +228,26 @@ async fn handle<K: KeyService>(
             )));
         }
     }
-    log.stage = stage::KEY_STORE;
+    ctx.enter(Stage::KeyStore);
     let key_id =
         key_id.ok_or_else(|| XksError::InvalidUriPath("missing external key id".into()))?;
     let health_keys = [app.health_key.as_str(), live.health_key.as_str()];
     let is_seal_key = app.seal_key.as_deref() == Some(key_id);
     if !is_valid_key_id(key_id) || !store.allows(key_id, health_keys) || is_seal_key {
         // Parse first so the log still carries kmsRequestId.
-        let _ = parse_logged::<MetadataOnlyRequest>(&body, log);
+        let _ = ctx.parse::<MetadataOnlyRequest>(&body);
         return Err(XksError::KeyNotFound(format!(
             "external key id '{}' is not a key of key store '{}'",
             clip(key_id, 128),
             store.name
         )));
     }
-    log.stage = stage::VALIDATION;
+    ctx.enter(Stage::Validation);
     let call = KeyCall {
         app,
         target: Target { store, op, key_id },
         body: &body,
-        log,
+        ctx,
     };
     match op {
         Operation::GetKeyMetadata => key_metadata::answer(call).await,
