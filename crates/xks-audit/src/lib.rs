@@ -9,6 +9,7 @@
 //! - [`witness`]: the HSM's record of each chain's newest seal, so that a
 //!   trail cut back while the proxy was stopped is caught;
 //! - `writer`: the one thread that writes files, rotates and seals;
+//!   `resume`: where its chain goes on at start;
 //! - [`files`]: the trail's files on disk (names, reading them in bounded
 //!   memory, compressing the rotated ones);
 //! - [`verify`]: checking a trail's links and seals (`audit verify`);
@@ -37,6 +38,7 @@ mod queue;
 pub mod reconcile;
 pub mod record;
 pub mod report;
+mod resume;
 pub mod retire;
 mod sealer;
 pub mod trail;

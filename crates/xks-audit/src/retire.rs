@@ -17,7 +17,8 @@ use std::time::SystemTime;
 use super::error::AuditError;
 use super::files::chain_files;
 use super::record::{hash_line, hex, render, seal_input, RetireBody, SealBody};
-use super::writer::{lock_chain, resume_from};
+use super::resume::resume_from;
+use super::writer::lock_chain;
 use xks_spec::time::format_timestamp_micros;
 
 /// Computes a seal's HMAC in the HSM: (the key manager, the MAC).

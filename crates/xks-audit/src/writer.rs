@@ -19,7 +19,7 @@
 //! skipped), and continues the chain from it: the same `seq` count, `prev`
 //! linking to that line. The `start` record says how many records of the
 //! previous run came after its last seal (a clean stop leaves none), and the
-//! first seal of the new run follows at once.
+//! first seal of the new run follows at once (see `super::resume`).
 //!
 //! **The witness.** After each seal is on disk, the writer stores which seal
 //! is the newest in the HSM (see `super::witness`). At start it reads it
@@ -37,7 +37,7 @@
 //! lost according to `on_failure`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,60 +45,34 @@ use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
-use super::config::{AuditConfig, OnFailure};
+use super::config::AuditConfig;
 use super::error::AuditError;
 
-use super::files::{chain_files, tidy, Compression, Compressor};
+use super::files::{tidy, Compression, Compressor};
 use super::queue::{Entry, Shared};
 use super::record::{
-    hash_line, hex, render, seal_input, FileBody, Hash, Header, LockEvent, LossBody, RequestRecord,
-    SealBody, StartBody, StopBody, GENESIS,
+    hash_line, hex, render, seal_input, FileBody, Hash, LockEvent, LossBody, RequestRecord,
+    SealBody, StartBody, StopBody,
 };
+use super::resume::{plan, Start};
 use super::sealer::Sealer;
 use super::witness::Witness;
 use xks_spec::time::{format_amz_date, format_timestamp_micros};
 
 /// Records taken from the queue per batch at most.
 const MAX_BATCH: usize = 1024;
-/// How far back from the end of the newest file a restart looks for the
-/// last seal.
-const RESUME_WINDOW: u64 = 16 * 1024 * 1024;
 /// At shutdown, how long a disk that cannot be written is waited for.
 const STOP_WRITE_PATIENCE: Duration = Duration::from_secs(5);
 /// After a failed seal, the wait before the next attempt.
 const SEAL_RETRY: Duration = Duration::from_secs(1);
 /// Written records reach the disk (`fdatasync`) at least this often.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
-/// How long reading the witness at startup may take.
-const WITNESS_READ_WITHIN: Duration = Duration::from_secs(2);
 /// How long a seal may take in the HSM. The writer waits for it while
 /// records queue: short, so that a hung key manager stalls the trail for a
 /// fraction of a second (the queue holds that); a failed seal is retried a
 /// second later. The last seal, at shutdown, may take longer.
 const SEAL_WITHIN: Duration = Duration::from_millis(250);
 const LAST_SEAL_WITHIN: Duration = Duration::from_secs(5);
-
-/// The newest file of a chain and where it left off.
-pub(super) struct Resume {
-    pub file: String,
-    /// The next record's `seq`.
-    pub seq: u64,
-    pub head: Hash,
-    /// Records after the last seal seen.
-    unsealed: u64,
-    /// The last seal seen, if any.
-    seal: Option<LastSeal>,
-}
-
-/// The newest seal of the previous run's files.
-#[derive(Clone, Copy)]
-struct LastSeal {
-    seq: u64,
-    hash: Hash,
-    /// It closes a clean stop, and records that are not a new run follow
-    /// it: they can only have been added while the proxy was stopped.
-    final_then_more: bool,
-}
 
 pub(crate) struct Writer {
     dir: PathBuf,
@@ -155,120 +129,6 @@ pub(super) fn lock_chain(dir: &Path, instance: &str) -> Result<File, AuditError>
     }
 }
 
-/// The tail of a file: its last `window` bytes (all of it when smaller),
-/// and whether that is all of it. A compressed file (an older one, when the
-/// newest are empty) is read through, keeping the last `window` bytes.
-fn read_tail(path: &Path, window: u64) -> std::io::Result<(Vec<u8>, bool)> {
-    if path.to_string_lossy().ends_with(".gz") {
-        let mut whole = true;
-        let mut buf = Vec::new();
-        let file = super::files::TrailFile::at(path);
-        let mut lines = file.lines()?;
-        while let Some(line) = lines.next()? {
-            buf.extend_from_slice(line.bytes);
-            if line.complete {
-                buf.push(b'\n');
-            }
-            if buf.len() as u64 > 2 * window {
-                buf.drain(..buf.len() - window as usize);
-                whole = false;
-            }
-        }
-        return Ok((buf, whole));
-    }
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    let start = len.saturating_sub(window);
-    f.seek(SeekFrom::Start(start))?;
-    let mut buf = Vec::with_capacity((len - start) as usize);
-    f.read_to_end(&mut buf)?;
-    Ok((buf, start == 0))
-}
-
-/// Where the chain in `file` left off: its last complete line (a cut-off
-/// last line is skipped) and the records after the last seal. A line that
-/// is not a record still counts and is linked to: `verify` will say what
-/// is wrong with it; the proxy does not refuse to start over it.
-pub(super) fn resume_from(dir: &Path, file: &str) -> Result<Option<Resume>, AuditError> {
-    let path = dir.join(file);
-    let (tail, whole) = read_tail(&path, RESUME_WINDOW).map_err(|e| AuditError::Resume {
-        file: path.clone(),
-        why: e.to_string(),
-    })?;
-    let mut lines: Vec<&[u8]> = tail.split(|b| *b == b'\n').collect();
-    // The piece after the last line break is empty or cut off.
-    lines.pop();
-    if !whole && !lines.is_empty() {
-        // The window may start mid-line.
-        lines.remove(0);
-    }
-    let Some(last) = lines.last() else {
-        return Ok(None);
-    };
-    let head = hash_line(last);
-    let mut unsealed = 0u64;
-    let mut after_parsed = 0u64;
-    let mut seq = None;
-    let mut seal = None;
-    for (n, line) in lines.iter().enumerate().rev() {
-        match serde_json::from_slice::<Header>(line) {
-            Ok(h) => {
-                if seq.is_none() {
-                    // A number from disk: it must not overflow (a crafted
-                    // file would otherwise wrap the chain back to 0).
-                    seq = Some(h.seq.checked_add(1 + after_parsed).ok_or_else(|| {
-                        AuditError::Resume {
-                            file: path.clone(),
-                            why: "a record's seq is too large to continue the chain".into(),
-                        }
-                    })?);
-                }
-                if h.kind == "seal" {
-                    let kind = |i: usize| {
-                        lines
-                            .get(i)
-                            .and_then(|l| serde_json::from_slice::<Header>(l).ok())
-                            .map(|h| h.kind)
-                    };
-                    seal = Some(LastSeal {
-                        seq: h.seq,
-                        hash: hash_line(line),
-                        final_then_more: n > 0
-                            && kind(n - 1).as_deref() == Some("stop")
-                            && n + 1 < lines.len()
-                            && kind(n + 1).as_deref() != Some("file"),
-                    });
-                    break;
-                }
-                unsealed += 1;
-            }
-            Err(_) => {
-                if seq.is_none() {
-                    after_parsed += 1;
-                }
-                unsealed += 1;
-            }
-        }
-    }
-    let seq = seq.ok_or_else(|| AuditError::Resume {
-        file: path.clone(),
-        why: format!(
-            "no audit record in its last {} bytes; move the file away if it is not a trail file",
-            RESUME_WINDOW
-        ),
-    })?;
-    if after_parsed > 0 {
-        tracing::warn!(file = %path.display(), lines = after_parsed, "the newest audit file ends with lines that are not audit records; continuing the chain after them (`xks-proxy audit verify` will report them)");
-    }
-    Ok(Some(Resume {
-        file: file.to_string(),
-        seq,
-        head,
-        unsealed,
-        seal,
-    }))
-}
-
 /// Creates a new file for the chain starting at `seq`.
 fn create_file(dir: &Path, instance: &str, seq: u64) -> Result<(File, String), AuditError> {
     let stamp = format_amz_date(SystemTime::now());
@@ -323,62 +183,15 @@ impl Writer {
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(&dir).map_err(dir_err)?;
         let lock = lock_chain(&dir, instance)?;
-        let mut resume = None;
-        for name in chain_files(&dir, instance).map_err(dir_err)?.iter().rev() {
-            if let Some(r) = resume_from(&dir, name)? {
-                resume = Some(r);
-                break;
-            }
-        }
-        let (mut seq, mut head, previous, mut unsealed) = match &resume {
-            Some(r) => (r.seq, r.head, Some(r.file.clone()), r.unsealed),
-            None => (0, GENESIS, None, 0),
-        };
-        let mut witness_unchecked = None;
-        let witness = match &sealer {
-            Some(s) => match s.witness(instance, WITNESS_READ_WITHIN) {
-                Ok(w) => w,
-                // Files that cannot be checked against the witness may have
-                // been cut; a chain started on them would hide it.
-                Err(e) if cfg.on_failure == OnFailure::Refuse => {
-                    return Err(AuditError::Witness(e))
-                }
-                Err(e) => {
-                    tracing::error!(instance = %instance, error = %e, "cannot read the audit chain's witness from the HSM; audit.on_failure = \"continue\": continuing from the files as they are, unchecked (the start record says so; the witness is never lowered by this run's seals)");
-                    witness_unchecked = Some(true);
-                    None
-                }
-            },
-            None => None,
-        };
-        let mut behind = None;
-        if let Some(w) = witness.filter(|w| files_behind(w, seq, &head)) {
-            tracing::error!(
-                instance = %instance,
-                witnessed_seq = w.seq,
-                witnessed_time = %w.time,
-                files_next_seq = seq,
-                "the audit files end before the newest seal the HSM witnessed: records were removed while the proxy was stopped; the chain goes on from the witnessed seal, and `xks-proxy audit verify` reports the gap"
-            );
-            behind = Some((w.seq, seq));
-            (seq, head, unsealed) = (w.seq + 1, w.hash, 0);
-        }
-        // Records after the previous run's last seal are never sealed by
-        // this run as if they were proven: the chain goes on from that seal
-        // (seq numbers go on after them), and the start record names them.
-        let mut tail = None;
-        if let (None, Some(_), Some(r)) = (behind, &sealer, &resume) {
-            if let (Some(last), true) = (r.seal, r.unsealed > 0) {
-                let (from, to) = (last.seq + 1, seq - 1);
-                if last.final_then_more {
-                    tracing::error!(instance = %instance, from, to, "records follow the final seal of the previous run's clean stop: they were added while the proxy was stopped; they are left out of the chain, and `xks-proxy audit verify` reports them as tampering");
-                } else {
-                    tracing::warn!(instance = %instance, from, to, "the previous run of this audit chain ended without its final seal (a crash or kill): its records after its last seal are left out of the chain and stay unproven (`xks-proxy audit verify` reports them)");
-                }
-                tail = Some((from, to));
-                (head, unsealed) = (last.hash, 0);
-            }
-        }
+        let Start {
+            seq,
+            head,
+            previous,
+            unsealed,
+            behind,
+            tail,
+            witness_unchecked,
+        } = plan(&dir, instance, cfg.on_failure, sealer.as_deref())?;
         let (file, file_name) = create_file(&dir, instance, seq)?;
         // Rotated files: finish what a crash cut short, and queue what is
         // not compressed yet (every file but the new one).
@@ -801,36 +614,5 @@ impl Writer {
             self.sync();
         }
         tracing::info!(instance = %self.instance, next_seq = self.seq, "audit trail closed");
-    }
-}
-
-/// Whether files that would go on at `next_seq` from `head` end before the
-/// witnessed seal: it is not among them (`next_seq` not past it), or the
-/// record in its place is another one.
-fn files_behind(w: &Witness, next_seq: u64, head: &Hash) -> bool {
-    next_seq <= w.seq || (next_seq == w.seq + 1 && *head != w.hash)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn files_are_behind_the_witness_when_they_end_before_its_seal() {
-        let w = Witness {
-            instance: "a".into(),
-            seq: 10,
-            hash: [1; 32],
-            time: "t".into(),
-        };
-        // Files that end at the witnessed seal, or went on after it (a crash
-        // between the seal and storing its witness; the newer seals prove
-        // what follows).
-        assert!(!files_behind(&w, 11, &[1; 32]));
-        assert!(!files_behind(&w, 15, &[9; 32]));
-        // Cut back, gone, or another record where the seal was.
-        assert!(files_behind(&w, 7, &[9; 32]));
-        assert!(files_behind(&w, 0, &GENESIS));
-        assert!(files_behind(&w, 11, &[9; 32]));
     }
 }

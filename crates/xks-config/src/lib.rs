@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod key_stores;
 mod paths;
 mod raw;
 mod secrets;
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 use error::invalid;
 pub use error::ConfigError;
+use key_stores::validate_key_stores;
 use raw::RawConfig;
 use validate::*;
 use xks_audit::AuditConfig;

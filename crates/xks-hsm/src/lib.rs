@@ -47,10 +47,13 @@ pub mod markers;
 pub mod mechanisms;
 mod module;
 pub mod objects;
+mod operation;
 mod pool;
 pub mod probe;
 mod queue;
 mod state;
+#[cfg(test)]
+mod test_token;
 pub mod token;
 pub mod token_info;
 mod worker;

@@ -37,9 +37,10 @@ use super::keys::KeyCache;
 use super::markers::Marker;
 use super::module::ModuleSlot;
 use super::objects::KeyInfo;
+use super::operation::{check_key, OpKind};
 use super::queue::{JobQueue, PushError};
 use super::token::{EkmInfo, HsmError, Token};
-use super::worker::{check_key, Busy, Job, OpKind, SessionOpener, Shared, Worker};
+use super::worker::{Busy, Job, SessionOpener, Shared, Worker};
 use xks_spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use xks_telemetry::metrics::Metrics;
 

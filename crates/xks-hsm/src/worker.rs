@@ -13,24 +13,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as P11Error, RvError};
-use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::config::{IvSource, SessionKind};
 use super::fault::Fault;
-use super::gcm::{self, GcmError, IvInput, Sealed};
+use super::gcm::IvInput;
 use super::hmac;
 use super::keys::KeyCache;
 use super::markers::{self, Marker};
 use super::module::{module_lost, ModuleSlot};
 use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
+use super::operation::{check_key, decrypt_once, encrypt_once, rv, IvPool, OpError, OpKind};
 use super::queue::JobQueue;
 use super::token::login_raw;
-use xks_spec::aead::{
-    cdiv_sha256, hsm_aad, metadata_for_version, version_from_metadata, version_label, IV_LEN,
-};
+use xks_spec::aead::{metadata_for_version, version_from_metadata, version_label, IV_LEN};
 use xks_spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
 use xks_telemetry::metrics::Metrics;
 
@@ -175,82 +172,6 @@ pub(crate) struct Worker {
     writes: bool,
 }
 
-/// GCM IVs from the HSM's random generator, fetched in batches: one
-/// `C_GenerateRandom` per [`IV_BATCH`] encryptions instead of one each. An IV
-/// must be unique and unpredictable, not secret, and each one in the buffer is
-/// handed out exactly once, so batching changes nothing but the cost.
-struct IvPool {
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-/// IVs fetched per `C_GenerateRandom`.
-const IV_BATCH: usize = 256;
-
-impl IvPool {
-    fn new() -> Self {
-        IvPool {
-            buf: vec![0; IV_LEN * IV_BATCH],
-            // Empty: the first use fills it.
-            pos: IV_LEN * IV_BATCH,
-        }
-    }
-
-    fn next(&mut self, s: &Session) -> Result<[u8; IV_LEN], P11Error> {
-        if self.pos + IV_LEN > self.buf.len() {
-            s.generate_random_slice(&mut self.buf)?;
-            self.pos = 0;
-        }
-        let mut iv = [0u8; IV_LEN];
-        iv.copy_from_slice(&self.buf[self.pos..self.pos + IV_LEN]);
-        self.pos += IV_LEN;
-        Ok(iv)
-    }
-}
-
-/// Failure inside an operation: either already a fault, or a raw PKCS#11
-/// error whose meaning depends on the operation.
-enum OpError {
-    Fault(Fault),
-    P11(P11Error),
-    /// The key manager answered, but not as the configuration says it would.
-    Misconfigured(String),
-}
-
-impl From<Fault> for OpError {
-    fn from(e: Fault) -> Self {
-        OpError::Fault(e)
-    }
-}
-impl From<P11Error> for OpError {
-    fn from(e: P11Error) -> Self {
-        OpError::P11(e)
-    }
-}
-impl From<GcmError> for OpError {
-    fn from(e: GcmError) -> Self {
-        match e {
-            GcmError::P11(e) => OpError::P11(e),
-            GcmError::Misconfigured(why) => OpError::Misconfigured(why),
-        }
-    }
-}
-
-/// Which operation a PKCS#11 error came from; decides how it maps to XKS.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OpKind {
-    Lookup,
-    Encrypt,
-    Decrypt,
-}
-
-fn rv(e: &P11Error) -> Option<RvError> {
-    match e {
-        P11Error::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
 /// An error that a key handle from the cache may have caused because the
 /// key behind it is gone (deleted or replaced behind the proxy's back):
 /// worth one fresh lookup. SoftHSM says so (`CKR_KEY_HANDLE_INVALID`,
@@ -267,23 +188,6 @@ fn stale_handle(e: &P11Error) -> bool {
                 RvError::GeneralError | RvError::FunctionFailed,
                 Function::EncryptInit | Function::DecryptInit,
             )
-    )
-}
-
-/// A `C_Decrypt` failure that a tag mismatch can cause: the spec's codes,
-/// and the generic ones SoftHSM and others use for it.
-fn may_be_auth_failure(e: &P11Error) -> bool {
-    matches!(
-        rv(e),
-        Some(
-            RvError::EncryptedDataInvalid
-                | RvError::EncryptedDataLenRange
-                | RvError::DataInvalid
-                | RvError::DataLenRange
-                | RvError::SignatureInvalid
-                | RvError::GeneralError
-                | RvError::FunctionFailed
-        )
     )
 }
 
@@ -612,26 +516,7 @@ impl Worker {
         self.check_family(id, version, OpKind::Decrypt)?;
         let label = version_label(id, version);
         let result = self.with_key(&label, OpKind::Decrypt, |s, key, _| {
-            let mut layouts = input.layouts.iter().peekable();
-            while let Some(&layout) = layouts.next() {
-                let aad = layout.hsm_aad(input.aad.as_deref(), &input.metadata);
-                match gcm::open(
-                    s,
-                    key.handle,
-                    &input.iv,
-                    &aad,
-                    &input.ciphertext,
-                    &input.tag,
-                ) {
-                    Ok(plaintext) => return Ok(DecryptOutput { plaintext, layout }),
-                    Err(e) if layouts.peek().is_some() && may_be_auth_failure(&e) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(OpError::P11(P11Error::Pkcs11(
-                RvError::ArgumentsBad,
-                Function::Decrypt,
-            )))
+            decrypt_once(s, key.handle, input)
         });
         match result {
             // The base key exists (checked above); a missing version means the
@@ -751,66 +636,4 @@ impl Worker {
             other => other.map(|_| ()),
         }
     }
-}
-
-/// Refuses a key that cannot serve the operation, before touching the HSM.
-/// A lookup (GetKeyMetadata) describes any key; only an AES-256 secret key
-/// is ever used for cryptography.
-pub(crate) fn check_key(key: &KeyInfo, kind: OpKind) -> Result<(), Fault> {
-    match kind {
-        OpKind::Lookup => Ok(()),
-        _ if !key.spec.is_aes256() => Err(Fault::WrongUsage(format!(
-            "key '{}' is {}, not an AES-256 secret key; only AES-256 keys back KMS keys",
-            key.label, key.spec
-        ))),
-        _ if !key.enabled => Err(Fault::KeyDisabled {
-            key: key.label.clone(),
-        }),
-        OpKind::Encrypt if !key.usages.encrypt => Err(Fault::WrongUsage(format!(
-            "key '{}' does not allow ENCRYPT (CKA_ENCRYPT is false)",
-            key.label
-        ))),
-        OpKind::Decrypt if !key.usages.decrypt => Err(Fault::WrongUsage(format!(
-            "key '{}' does not allow DECRYPT (CKA_DECRYPT is false)",
-            key.label
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// Encrypt, then (when a CDIV is requested) compute the CDIV *first* and only
-/// then prove the output decrypts in the HSM, as Appendix C prescribes: a bit
-/// flip after the CDIV was computed is then caught by the verification decrypt.
-fn encrypt_once(
-    s: &Session,
-    key: ObjectHandle,
-    iv_input: IvInput,
-    metadata: &[u8],
-    input: &EncryptInput,
-) -> Result<EncryptOutput, OpError> {
-    let aad = hsm_aad(&input.aad, metadata);
-    let Sealed {
-        ciphertext,
-        tag,
-        iv,
-    } = gcm::seal(s, key, iv_input, &aad, &input.plaintext)?;
-    let cdiv = input
-        .cdiv
-        .then(|| cdiv_sha256(&input.aad, metadata, &iv, &ciphertext, &tag));
-    if input.cdiv {
-        let check = gcm::open(s, key, &iv, &aad, &ciphertext, &tag)?;
-        if !bool::from(check.as_slice().ct_eq(input.plaintext.as_slice())) {
-            return Err(OpError::Misconfigured(
-                "the verification decrypt of the fresh ciphertext did not return the plaintext"
-                    .into(),
-            ));
-        }
-    }
-    Ok(EncryptOutput {
-        ciphertext,
-        iv,
-        tag,
-        metadata: metadata.to_vec(),
-        cdiv,
-    })
 }

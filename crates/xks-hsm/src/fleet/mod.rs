@@ -17,6 +17,9 @@
 //! a key manager that could not be opened at startup (a network HSM that
 //! was down, a token not yet created) joins by itself when it answers,
 //! without a restart. The proxy starts when at least one key manager opens.
+//!
+//! Here: routing and failover; `agreement`: which key manager may serve a
+//! label several hold; `supervisor`: the per-key-manager health tasks.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +29,9 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::agreement::{Agreement, Known, Verdict};
+
+mod agreement;
+mod supervisor;
 use super::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use super::fault::Fault;
 use super::health::{classify, EkmStatus, HealthState, RETRY_INTERVAL};
@@ -315,174 +321,6 @@ impl KeyManagers {
         }
     }
 
-    /// Whether key manager `index` may serve `label`: unless another open
-    /// key manager is known to hold the label too, yes; else by the
-    /// verdict of a comparison (see [`super::agreement`]). With no verdict
-    /// yet, the comparison runs now, within `deadline`; an old verdict
-    /// stands while a new comparison runs in the background. A comparison
-    /// that cannot tell (the reference is down) leaves what was known: a key
-    /// manager never compared serves.
-    async fn may_serve(&self, label: &str, index: usize, deadline: Instant) -> bool {
-        if self
-            .backends()
-            .iter()
-            .filter(|b| b.pool().is_some())
-            .count()
-            < 2
-        {
-            return true;
-        }
-        match self.inner.agreement.known(label, index) {
-            Known::Fresh(v) => v == Verdict::Same,
-            Known::Stale(v) => {
-                let fleet = self.clone();
-                let label = label.to_owned();
-                tokio::spawn(async move {
-                    let deadline = Instant::now() + AGREEMENT_BUDGET;
-                    fleet.compare(&label, index, deadline).await;
-                });
-                v == Verdict::Same
-            }
-            Known::Unknown => self
-                .compare(label, index, deadline)
-                .await
-                .is_none_or(|v| v == Verdict::Same),
-        }
-    }
-
-    /// Compares the key labelled `label` in key manager `candidate` with the
-    /// reference's: the first key manager in the configuration that holds
-    /// it and answers encrypts a random probe, the candidate decrypts it.
-    /// Records and returns the verdict; `None` when it cannot tell.
-    async fn compare(&self, label: &str, candidate: usize, deadline: Instant) -> Option<Verdict> {
-        let cand = self.backends().get(candidate)?.pool()?;
-        let mut plaintext = zeroize::Zeroizing::new(vec![0u8; 32]);
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut plaintext).ok()?;
-        let aad = super::gcm::PROBE_AAD.to_vec();
-        let probe = Arc::new(EncryptInput {
-            plaintext: plaintext.clone(),
-            aad: aad.clone(),
-            cdiv: false,
-        });
-        // Only when every key manager before the candidate said it lacks
-        // the key is the candidate the reference: one that is down may be
-        // the reference the candidate differs from.
-        let mut all_lack_it = true;
-        for b in self.backends() {
-            if b.index == candidate {
-                return all_lack_it.then(|| self.settle(label, candidate, Verdict::Same));
-            }
-            // One known to be down is not asked: a hung reference would
-            // cost the request its whole budget.
-            let reference = b.pool().filter(|p| {
-                b.health.current(Some(p), &self.inner.health).0 != EkmStatus::Unavailable
-            });
-            let Some(reference) = reference else {
-                all_lack_it = false;
-                continue;
-            };
-            let sealed = match reference.encrypt(label, probe.clone(), deadline).await {
-                Ok(sealed) => sealed,
-                Err(Fault::KeyNotFound { .. }) => continue,
-                Err(e) if e.is_key_manager_fault() => {
-                    all_lack_it = false;
-                    continue;
-                }
-                // Disabled, or no ENCRYPT usage: nothing to compare with.
-                Err(_) => return None,
-            };
-            let input = Arc::new(DecryptInput {
-                ciphertext: sealed.ciphertext,
-                iv: sealed.iv,
-                tag: sealed.tag,
-                aad: Some(aad),
-                metadata: sealed.metadata,
-                layouts: &[xks_spec::aead::AadLayout::Spec],
-            });
-            let verdict = match cand.decrypt(label, input, deadline).await {
-                Ok(out) if *out.plaintext == *plaintext => Verdict::Same,
-                Ok(_) | Err(Fault::BadCiphertext) => Verdict::Differs {
-                    reference: reference.ekm_info().id.clone(),
-                },
-                // Missing here, or a fault: the request path answers that.
-                Err(_) => return None,
-            };
-            return Some(self.settle(label, candidate, verdict));
-        }
-        None
-    }
-
-    /// Records a verdict, and says so when it changes.
-    fn settle(&self, label: &str, candidate: usize, verdict: Verdict) -> Verdict {
-        let b = &self.backends()[candidate];
-        let before = self
-            .inner
-            .agreement
-            .record(label, candidate, verdict.clone());
-        if before.as_ref() != Some(&verdict) {
-            match &verdict {
-                Verdict::Differs { reference } => tracing::error!(
-                    key = %label,
-                    ekm = %b.info().id,
-                    reference = %reference,
-                    "this key manager holds different key material for the key than the reference \
-                     key manager: it is not used for the key (what one encrypts, the other cannot \
-                     decrypt); make the key managers hold the same key (replication, or restore \
-                     the key from the reference)"
-                ),
-                Verdict::Same if before.is_some() => tracing::warn!(
-                    key = %label,
-                    ekm = %b.info().id,
-                    "this key manager holds the same key as the reference again; it serves the key"
-                ),
-                Verdict::Same => {}
-            }
-        }
-        self.inner
-            .metrics
-            .hsm_keys_diverging
-            .with_label_values(&[b.info().id.as_str()])
-            .set(self.inner.agreement.diverging(candidate).len() as i64);
-        verdict
-    }
-
-    /// Compares every key that two or more open key managers hold (at
-    /// startup; `only` when one key manager joins). Logs what differs.
-    pub async fn check_agreement(&self, only: Option<usize>) {
-        let holders = |label: &String| {
-            self.backends()
-                .iter()
-                .filter(|b| b.pool().is_some())
-                .filter(|b| {
-                    b.labels
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(label)
-                })
-                .map(|b| b.index)
-                .collect::<Vec<_>>()
-        };
-        let mut labels: Vec<String> = self
-            .backends()
-            .iter()
-            .flat_map(|b| b.labels.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect();
-        labels.sort();
-        labels.dedup();
-        for label in labels {
-            let held = holders(&label);
-            if held.len() < 2 {
-                continue;
-            }
-            for index in held {
-                if only.is_none_or(|o| o == index) {
-                    self.compare(&label, index, Instant::now() + AGREEMENT_BUDGET)
-                        .await;
-                }
-            }
-        }
-    }
-
     /// Jobs waiting for a session, over all key managers.
     pub fn queue_len(&self) -> usize {
         self.backends()
@@ -735,121 +573,6 @@ impl KeyManagers {
             .collect::<Vec<_>>()
             .into_iter()
             .map(|sent| sent.and_then(|p| p.wait(deadline)))
-            .collect()
-    }
-
-    /// One round of health work for key manager `b`: open it if it is not
-    /// open; else, when `deep`, probe it with the health-check key, or else
-    /// check that it answers at all (a heartbeat). Returns when the next deep
-    /// probe is due.
-    async fn supervise_once(&self, b: &Backend, deep: bool, open_retry: &mut Duration) -> Duration {
-        let cfg = &self.inner.health;
-        let Some(pool) = b.pool() else {
-            let fleet = self.clone();
-            let index = b.index;
-            let opened =
-                tokio::task::spawn_blocking(move || fleet.open_backend(&fleet.backends()[index]))
-                    .await;
-            return match opened {
-                Ok(Ok(())) => {
-                    tracing::warn!(ekm = %b.info().id, "key manager opened; it joins the fleet");
-                    // Its token may hold other keys than before: compare anew.
-                    self.inner.agreement.forget(b.index);
-                    let (fleet, index) = (self.clone(), b.index);
-                    tokio::spawn(async move { fleet.check_agreement(Some(index)).await });
-                    *open_retry = RETRY_INTERVAL;
-                    Duration::ZERO
-                }
-                Ok(Err(e)) => {
-                    b.health.record(
-                        &b.info().id,
-                        EkmStatus::Unavailable,
-                        Some(format!("not open: {e}")),
-                    );
-                    let wait = *open_retry;
-                    *open_retry = (*open_retry * 2).min(OPEN_RETRY_MAX);
-                    wait
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "opening a key manager panicked");
-                    OPEN_RETRY_MAX
-                }
-            };
-        };
-        let started = Instant::now();
-        let deadline = started + cfg.unresponsive_after;
-        let result = if deep {
-            pool.probe(deadline).await
-        } else {
-            match pool.heartbeat(deadline).await {
-                // Alive: the last deep result stands until the next probe.
-                Ok(()) => return cfg.interval,
-                // Not answering: find out properly, now.
-                Err(e) => Err(e),
-            }
-        };
-        let (status, detail) = classify(
-            &result,
-            started.elapsed(),
-            cfg,
-            pool.stalled(cfg.unresponsive_after),
-        );
-        b.health.record(&pool.ekm_info().id, status, detail);
-        pool.set_usable(status != EkmStatus::Unavailable);
-        if status == EkmStatus::Active {
-            cfg.interval
-        } else {
-            RETRY_INTERVAL
-        }
-    }
-
-    /// Probes every open key manager once (at startup, before serving).
-    pub async fn probe_all(&self) {
-        let mut retry = RETRY_INTERVAL;
-        for b in self.backends() {
-            if b.pool().is_some() {
-                self.supervise_once(b, true, &mut retry).await;
-            }
-        }
-    }
-
-    /// Starts one supervisor per key manager. Every second it checks that
-    /// the key manager answers (a heartbeat, or an attempt to open it when
-    /// it is not open); when the deep probe is due (`interval_secs` while
-    /// ACTIVE, every second otherwise, and at once when a heartbeat fails)
-    /// it probes with the health-check key. So a key manager that hangs is
-    /// found out within about `unresponsive_after` plus a second, even with
-    /// no traffic. They run until aborted.
-    pub fn spawn_supervisors(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.backends().len())
-            .map(|index| {
-                let fleet = self.clone();
-                tokio::spawn(async move {
-                    let b = &fleet.backends()[index];
-                    let mut open_retry = RETRY_INTERVAL;
-                    let mut next_deep = Instant::now()
-                        + if b.health.last() == EkmStatus::Active {
-                            fleet.inner.health.interval
-                        } else {
-                            RETRY_INTERVAL
-                        };
-                    let mut pause = RETRY_INTERVAL;
-                    loop {
-                        tokio::time::sleep(pause).await;
-                        let deep = Instant::now() >= next_deep;
-                        let wait = fleet.supervise_once(b, deep, &mut open_retry).await;
-                        if b.pool().is_none() {
-                            // Not open: the next attempt backs off.
-                            pause = wait;
-                            continue;
-                        }
-                        if deep || wait < fleet.inner.health.interval {
-                            next_deep = Instant::now() + wait;
-                        }
-                        pause = RETRY_INTERVAL;
-                    }
-                })
-            })
             .collect()
     }
 }
