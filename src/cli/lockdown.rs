@@ -2,7 +2,7 @@
 //!
 //! A lock is a marker object in every configured key manager's token (see
 //! the `lockdown` layer); every proxy instance sharing the token reads the
-//! markers every second. The command exits 1 if any key manager could not
+//! markers every `lockdown::poller::POLL_INTERVAL`. The command exits 1 if any key manager could not
 //! be written, since an instance reading that one would not see the change.
 
 use std::process::ExitCode;

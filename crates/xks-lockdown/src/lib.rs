@@ -1,12 +1,14 @@
 //! The fleet-wide kill switch: `xks-proxy lockdown` makes every proxy
 //! instance sharing the HSM refuse Encrypt and Decrypt for a key store (or
-//! all of them) within about two seconds, without a restart or a
+//! all of them) within one poll ([`poller::POLL_INTERVAL`], plus the read
+//! that follows it), without a restart or a
 //! configuration change; `xks-proxy unlock` lifts it, and a lock set
 //! `--for` a while lifts itself.
 //!
 //! - [`lock`]: a lock and its marker object in the token;
 //! - [`board`]: the locks in force, read by every request;
-//! - [`poller`]: each instance reading the markers twice a second.
+//! - [`poller`]: each instance reading the markers every
+//!   [`poller::POLL_INTERVAL`].
 //!
 //! Why the token: it is the one thing every instance of a fleet shares,
 //! and whoever may lock a key store must be able to log in to it anyway.
