@@ -48,7 +48,7 @@ impl IvInput {
 
     /// An IV from the session's `C_GenerateRandom` (not batched: for the
     /// CLI and the probe).
-    pub fn random_iv(s: &Session) -> Result<[u8; IV_LEN], P11Error> {
+    pub(crate) fn random_iv(s: &Session) -> Result<[u8; IV_LEN], P11Error> {
         let mut iv = [0u8; IV_LEN];
         s.generate_random_slice(&mut iv)?;
         Ok(iv)
@@ -91,7 +91,7 @@ pub struct Sealed {
 
 /// `C_Encrypt` with `CKM_AES_GCM` (128-bit tag) of `plaintext` under `aad`
 /// (already the HSM AAD), the IV as `iv_input` says.
-pub fn seal(
+pub(crate) fn seal(
     s: &Session,
     key: ObjectHandle,
     iv_input: IvInput,
@@ -180,7 +180,7 @@ fn split(
 }
 
 /// `C_Decrypt` with `CKM_AES_GCM` of `ciphertext || tag`.
-pub fn open(
+pub(crate) fn open(
     s: &Session,
     key: ObjectHandle,
     iv: &[u8],

@@ -19,7 +19,7 @@ use super::objects::{protected_key_template, Protection};
 /// An HMAC key found in the token, with what makes its seals trustworthy.
 #[derive(Debug, Clone, Copy)]
 pub struct HmacKey {
-    pub handle: ObjectHandle,
+    pub(crate) handle: ObjectHandle,
     pub protection: Protection,
 }
 

@@ -24,7 +24,8 @@
 //!   token (disabled keys, lockdowns);
 //! - [`hmac`]: HMAC keys that never leave the token (the audit seal key);
 //! - [`fault`]: what can go wrong, in this layer's terms;
-//! - [`config`]: what `[hsm]`, `[[hsm.backends]]` and `[health]` become.
+//! - [`config`]: what `[hsm]`, `[[hsm.backends]]` and `[health]` become;
+//! - [`raw`]: the bare PKCS#11 work of a request, for the benchmark.
 //!
 //! Nothing here runs PKCS#11 on the async runtime, and nothing here knows HTTP.
 //!
@@ -51,6 +52,7 @@ mod operation;
 mod pool;
 pub mod probe;
 mod queue;
+pub mod raw;
 mod state;
 #[cfg(test)]
 mod test_token;

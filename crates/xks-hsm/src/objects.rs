@@ -51,7 +51,7 @@ pub struct KeyAttributes {
 /// What the proxy needs to know about one key.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
-    pub handle: ObjectHandle,
+    pub(crate) handle: ObjectHandle,
     pub label: String,
     /// What kind of key this is. Only an AES-256 secret key is ever used for
     /// cryptography; GetKeyMetadata reports the others as they are.

@@ -215,10 +215,6 @@ impl Token {
         &self.info
     }
 
-    pub fn session(&self) -> &Session {
-        &self.session
-    }
-
     /// Creates an AES-256 key that is a token object, private, sensitive and
     /// non-extractable, with the given usages. Refuses a label that exists.
     pub fn create_aes_key(&self, label: &str, usages: Usages) -> Result<KeyInfo, HsmError> {
@@ -251,14 +247,14 @@ impl Token {
     /// (a PKCS#11 login holds for the whole application): one per thread
     /// for tools that drive the token from several threads (the benchmark's
     /// raw-HSM mode).
-    pub fn open_session(&self) -> Result<Session, HsmError> {
+    pub(crate) fn open_session(&self) -> Result<Session, HsmError> {
         self.ctx
             .open_ro_session(self.slot)
             .map_err(p11("C_OpenSession"))
     }
 
     /// The handle of the one secret key labelled `label`.
-    pub fn key_handle(&self, label: &str) -> Result<ObjectHandle, HsmError> {
+    pub(crate) fn key_handle(&self, label: &str) -> Result<ObjectHandle, HsmError> {
         self.find_one(label)
     }
 

@@ -4,11 +4,9 @@
 //! own.
 //!
 //! One thread per session (as the proxy's pool has), each looping on its own
-//! session with the key handle looked up once: `C_EncryptInit` +
-//! `C_Encrypt` with AES-GCM (a 12-byte IV from `C_GenerateRandom`, fetched
-//! 256 at a time as the proxy does, the spec's AAD with its length prefix),
-//! then for `encrypt-cdiv` the verification decrypt the proxy does, and for
-//! `decrypt` a decrypt of one fixed ciphertext. The CPU time is this
+//! lane (`xks_proxy::hsm::raw`: its own session, the key handle looked up
+//! once, IVs fetched in batches as the proxy does, the spec's AAD with its
+//! length prefix). The CPU time is this
 //! process's (utime + stime from /proc), which with an in-process module
 //! like SoftHSM is the HSM's cost; a network HSM's own CPU is elsewhere and
 //! this measures only the client side of it.
@@ -19,12 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
-use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::ObjectHandle;
-use cryptoki::session::Session;
 use xks_proxy::config::Config;
-use xks_proxy::hsm::Token;
+use xks_proxy::hsm::raw::RawLane;
+use xks_proxy::hsm::{HsmError, Token};
 use xks_proxy::spec::aead::hsm_aad;
 
 /// Which HSM work one request costs.
@@ -78,66 +73,17 @@ pub enum RawError {
     #[error("the configuration has no [[hsm.backends]]")]
     NoBackend,
     #[error(transparent)]
-    Hsm(#[from] xks_proxy::hsm::HsmError),
-    #[error("PKCS#11: {0}")]
-    Pkcs11(#[from] cryptoki::error::Error),
+    Hsm(#[from] HsmError),
     #[error("cannot read this process's CPU time from /proc")]
     Proc,
 }
 
-const TAG_BITS: u64 = 128;
-const IV_LEN: usize = 12;
-const IV_BATCH: usize = 256;
-
-/// One thread's session and what it encrypts.
-struct Lane {
-    session: Session,
-    key: ObjectHandle,
-    plaintext: Vec<u8>,
-    aad: Vec<u8>,
-    ivs: Vec<u8>,
-    iv_pos: usize,
-    /// For `decrypt`: one ciphertext+tag and its IV.
-    sealed: Vec<u8>,
-    sealed_iv: Vec<u8>,
-}
-
-impl Lane {
-    fn next_iv(&mut self) -> Result<Vec<u8>, cryptoki::error::Error> {
-        if self.iv_pos + IV_LEN > self.ivs.len() {
-            self.session.generate_random_slice(&mut self.ivs)?;
-            self.iv_pos = 0;
-        }
-        let iv = self.ivs[self.iv_pos..self.iv_pos + IV_LEN].to_vec();
-        self.iv_pos += IV_LEN;
-        Ok(iv)
-    }
-
-    fn encrypt(&mut self) -> Result<(Vec<u8>, Vec<u8>), cryptoki::error::Error> {
-        let mut iv = self.next_iv()?;
-        let params = GcmParams::new(&mut iv, &self.aad, TAG_BITS.into())?;
-        let sealed = self
-            .session
-            .encrypt(&Mechanism::AesGcm(params), self.key, &self.plaintext)?;
-        Ok((iv, sealed))
-    }
-
-    fn decrypt(&self, iv: &[u8], sealed: &[u8]) -> Result<Vec<u8>, cryptoki::error::Error> {
-        let mut iv = iv.to_vec();
-        let params = GcmParams::new(&mut iv, &self.aad, TAG_BITS.into())?;
-        self.session
-            .decrypt(&Mechanism::AesGcm(params), self.key, sealed)
-    }
-
-    fn one(&mut self, op: RawOp) -> Result<(), cryptoki::error::Error> {
-        match op {
-            RawOp::Encrypt => self.encrypt().map(drop),
-            RawOp::EncryptCdiv => {
-                let (iv, sealed) = self.encrypt()?;
-                self.decrypt(&iv, &sealed).map(drop)
-            }
-            RawOp::Decrypt => self.decrypt(&self.sealed_iv, &self.sealed).map(drop),
-        }
+/// One operation on a lane.
+fn one(lane: &mut RawLane, op: RawOp) -> Result<(), HsmError> {
+    match op {
+        RawOp::Encrypt => lane.encrypt(),
+        RawOp::EncryptCdiv => lane.encrypt_and_verify(),
+        RawOp::Decrypt => lane.decrypt(),
     }
 }
 
@@ -152,7 +98,6 @@ pub fn run(load: &RawLoad<'_>) -> Result<RawResult, RawError> {
     let cfg = Config::load(load.config)?;
     let backend = cfg.hsm.backends.first().ok_or(RawError::NoBackend)?;
     let token = Token::open(&cfg.hsm, backend)?;
-    let key = token.key_handle(load.key)?;
     let sessions = load
         .sessions
         .unwrap_or_else(|| backend.sessions.unwrap_or(cfg.hsm.sessions))
@@ -160,23 +105,16 @@ pub fn run(load: &RawLoad<'_>) -> Result<RawResult, RawError> {
     // The AAD the proxy hands the HSM for a version-0 key: the spec's
     // length-prefixed encryption context, no ciphertext metadata.
     let aad = hsm_aad(&vec![0x33; load.aad_bytes], &[]);
-    let mut lanes = Vec::with_capacity(sessions);
-    for _ in 0..sessions {
-        let mut lane = Lane {
-            session: token.open_session()?,
-            key,
-            plaintext: vec![0x5a; load.plaintext_bytes],
-            aad: aad.clone(),
-            ivs: vec![0; IV_LEN * IV_BATCH],
-            iv_pos: IV_LEN * IV_BATCH,
-            sealed: Vec::new(),
-            sealed_iv: Vec::new(),
-        };
-        let (iv, sealed) = lane.encrypt()?;
-        lane.sealed_iv = iv;
-        lane.sealed = sealed;
-        lanes.push(lane);
-    }
+    let lanes = (0..sessions)
+        .map(|_| {
+            RawLane::open(
+                &token,
+                load.key,
+                vec![0x5a; load.plaintext_bytes],
+                aad.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -186,9 +124,9 @@ pub fn run(load: &RawLoad<'_>) -> Result<RawResult, RawError> {
         .map(|mut lane| {
             let (measuring, stop, ops, op) =
                 (measuring.clone(), stop.clone(), ops.clone(), load.op);
-            std::thread::spawn(move || -> Result<(), cryptoki::error::Error> {
+            std::thread::spawn(move || -> Result<(), HsmError> {
                 while !stop.load(Ordering::Relaxed) {
-                    lane.one(op)?;
+                    one(&mut lane, op)?;
                     if measuring.load(Ordering::Relaxed) {
                         ops.fetch_add(1, Ordering::Relaxed);
                     }
