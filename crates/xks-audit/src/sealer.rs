@@ -90,25 +90,12 @@ impl Sealer for HsmSealer {
     /// The newest copy among the key managers that answered; an error only
     /// when none did.
     fn witness(&self, instance: &str, within: Duration) -> Result<Option<Witness>, SealError> {
-        let mut copies = Vec::new();
-        let mut error = None;
-        let mut answered = false;
-        for r in self.keys.markers_blocking(APPLICATION, within) {
-            match r {
-                Ok(markers) => {
-                    answered = true;
-                    copies.extend(
-                        markers
-                            .iter()
-                            .filter_map(|m| Witness::parse(&m.label, &m.value)),
-                    );
-                }
-                Err(e) => error = Some(e),
-            }
-        }
-        if !answered {
-            return Err(error.map_or(SealError::NoKeyManager, SealError::from));
-        }
-        Ok(Witness::newest_per_instance(copies).remove(instance))
+        Witness::newest_among(self.keys.markers_blocking(APPLICATION, within))
+            .map(|mut newest| newest.remove(instance))
+            .map_err(|mut errors| {
+                errors
+                    .pop()
+                    .map_or(SealError::NoKeyManager, SealError::from)
+            })
     }
 }

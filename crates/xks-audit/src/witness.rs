@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 
 use super::record::{hex, unhex, Hash};
+use xks_hsm::markers::Marker;
 
 /// `CKA_APPLICATION` of witness markers.
 pub const APPLICATION: &[u8] = b"xks-proxy-audit-head";
@@ -96,6 +97,36 @@ impl Witness {
             }
         }
         out
+    }
+
+    /// Each instance's newest witness among what the key managers answered
+    /// (their markers, or why they could not be read); every error when
+    /// none answered. The one reading of witnesses, for the writer at start
+    /// and for `verify`.
+    pub fn newest_among<E>(
+        answers: impl IntoIterator<Item = Result<Vec<Marker>, E>>,
+    ) -> Result<BTreeMap<String, Witness>, Vec<E>> {
+        let mut copies = Vec::new();
+        let mut errors = Vec::new();
+        let mut answered = false;
+        for a in answers {
+            match a {
+                Ok(markers) => {
+                    answered = true;
+                    copies.extend(
+                        markers
+                            .iter()
+                            .filter_map(|m| Witness::parse(&m.label, &m.value)),
+                    );
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if answered {
+            Ok(Witness::newest_per_instance(copies))
+        } else {
+            Err(errors)
+        }
     }
 }
 

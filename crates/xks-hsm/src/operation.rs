@@ -103,21 +103,27 @@ pub(crate) fn rv(e: &P11Error) -> Option<RvError> {
     }
 }
 
-/// A `C_Decrypt` failure that a tag mismatch can cause: the spec's codes,
+/// The codes the spec and tokens use for a ciphertext that does not
+/// authenticate (a tag mismatch, a wrong length). The one list: the worker
+/// maps these to a bad ciphertext, and a decrypt tries the next AAD layout
+/// on them.
+pub(crate) fn is_bad_ciphertext(r: RvError) -> bool {
+    matches!(
+        r,
+        RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::DataInvalid
+            | RvError::DataLenRange
+            | RvError::SignatureInvalid
+    )
+}
+
+/// A `C_Decrypt` failure that a tag mismatch can cause: the codes above,
 /// and the generic ones SoftHSM and others use for it.
 pub(crate) fn may_be_auth_failure(e: &P11Error) -> bool {
-    matches!(
-        rv(e),
-        Some(
-            RvError::EncryptedDataInvalid
-                | RvError::EncryptedDataLenRange
-                | RvError::DataInvalid
-                | RvError::DataLenRange
-                | RvError::SignatureInvalid
-                | RvError::GeneralError
-                | RvError::FunctionFailed
-        )
-    )
+    rv(e).is_some_and(|r| {
+        is_bad_ciphertext(r) || matches!(r, RvError::GeneralError | RvError::FunctionFailed)
+    })
 }
 
 /// Refuses a key that cannot serve the operation, before touching the HSM.

@@ -24,7 +24,9 @@ use super::keys::KeyCache;
 use super::markers::{self, Marker};
 use super::module::{module_lost, ModuleSlot};
 use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
-use super::operation::{check_key, decrypt_once, encrypt_once, rv, IvPool, OpError, OpKind};
+use super::operation::{
+    check_key, decrypt_once, encrypt_once, is_bad_ciphertext, rv, IvPool, OpError, OpKind,
+};
 use super::queue::JobQueue;
 use super::token::login_raw;
 use xks_spec::aead::{metadata_for_version, version_from_metadata, version_label, IV_LEN};
@@ -337,16 +339,7 @@ impl Worker {
             (Some(KeyFunctionNotPermitted), _) => {
                 Fault::WrongUsage("the key does not permit this operation".into())
             }
-            (
-                Some(
-                    EncryptedDataInvalid
-                    | EncryptedDataLenRange
-                    | DataInvalid
-                    | DataLenRange
-                    | SignatureInvalid,
-                ),
-                _,
-            ) if kind == OpKind::Decrypt => Fault::BadCiphertext,
+            (Some(r), _) if kind == OpKind::Decrypt && is_bad_ciphertext(r) => Fault::BadCiphertext,
             // Some modules (SoftHSM among them) report a GCM tag mismatch as a
             // generic failure of C_Decrypt. Rather than guess, ask the HSM: if a
             // known-good operation on the same session succeeds, the HSM is fine

@@ -29,30 +29,13 @@ impl TokenVerifier {
     /// The newest witness of each instance among the configured key
     /// managers (see [`super::witness`]). An error when none could be read.
     pub fn witnesses(&mut self) -> Result<BTreeMap<String, Witness>, SealCheckError> {
-        let mut errors = Vec::new();
-        let mut read = false;
-        let mut copies = Vec::new();
-        for i in 0..self.hsm.backends.len() {
-            let markers = match open_token(&mut self.tokens, &self.hsm, i) {
+        let answers: Vec<Result<_, String>> = (0..self.hsm.backends.len())
+            .map(|i| match open_token(&mut self.tokens, &self.hsm, i) {
                 Ok(t) => t.markers(APPLICATION).map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
-            };
-            match markers {
-                Ok(markers) => {
-                    read = true;
-                    copies.extend(
-                        markers
-                            .iter()
-                            .filter_map(|m| Witness::parse(&m.label, &m.value)),
-                    );
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        if !read {
-            return Err(SealCheckError::NoWitness(errors.join("; ")));
-        }
-        Ok(Witness::newest_per_instance(copies))
+            })
+            .collect();
+        Witness::newest_among(answers).map_err(|e| SealCheckError::NoWitness(e.join("; ")))
     }
 }
 
