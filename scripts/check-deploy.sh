@@ -8,7 +8,7 @@
 #   deploy/kubernetes   kubernetes-validate --strict (the Kubernetes schemas)
 #   deploy/grafana      JSON, every panel has a PromQL target (the queries
 #                       themselves run against a real Prometheus in
-#                       tests/prometheus.rs)
+#                       tests/prometheus_dashboard.rs)
 #   docs/operating.md   every `aws` command in its ```sh blocks parses with
 #                       the AWS CLI's own argument model and validates against
 #                       the service models (scripts/awscli-parse.py, offline)

@@ -29,8 +29,8 @@ cargo test --workspace --locked --all-targets
 # token directory away, which does nothing to Kryoptic (its sqlite database
 # stays open), so there is no such fault to recover from.
 XKS_TEST_PKCS11=kryoptic cargo test --locked \
-  --test api --test hsm --test rotation --test audit --test lockdown \
-  --test operating --test availability --test fleet --test key_managers \
-  --test check --test auth --test security -- \
+  --test api --test hsm --test rotation --test audit --test audit_runs \
+  --test lockdown --test operating --test operating_keys --test availability \
+  --test fleet --test key_managers --test check --test auth --test security -- \
   --skip a_token_that_loses_its_objects_recovers_without_restart \
   --skip a_failed_token_does_not_disturb_its_neighbour_on_the_same_module
