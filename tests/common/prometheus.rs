@@ -1,6 +1,8 @@
 //! A real Prometheus server (the Debian `prometheus` package) scraping one
 //! proxy, with a copy of the shipped rules (deploy/prometheus/alerts.yaml)
-//! in which every `for:` is shortened to [`TEST_FOR`]; its HTTP API (queries,
+//! in which every `for:` is shortened to [`TEST_FOR`] and every range of the
+//! expressions to [`TEST_RANGE`] (so an alert clears seconds after its cause
+//! stops, not minutes: the suite's time); its HTTP API (queries,
 //! alerts, rules) and waits against a deadline. Used by
 //! `tests/prometheus.rs` and `tests/prometheus_dashboard.rs`.
 
@@ -17,6 +19,10 @@ use super::*;
 /// The `for:` of every alert in the copy of the rules the test Prometheus
 /// loads (the shipped file says minutes or an hour).
 pub const TEST_FOR: &str = "2s";
+
+/// The range of every `[1m]` and `[5m]` of the expressions in that copy
+/// (scrapes are every second, so fifteen of them).
+pub const TEST_RANGE: &str = "15s";
 
 /// The repository root.
 pub fn repo() -> &'static Path {
@@ -42,7 +48,8 @@ pub fn prometheus_bin() -> PathBuf {
         })
 }
 
-/// The shipped rules with every `for:` set to [`TEST_FOR`].
+/// The shipped rules with every `for:` set to [`TEST_FOR`] and every
+/// range to [`TEST_RANGE`]; otherwise the expressions are the shipped ones.
 pub fn rules_for_test() -> String {
     let text = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yaml")).unwrap();
     let mut out = String::with_capacity(text.len());
@@ -59,7 +66,10 @@ pub fn rules_for_test() -> String {
         }
     }
     assert!(replaced > 0, "no `for:` found in alerts.yaml");
-    out
+    let ranges = out.matches("[1m]").count() + out.matches("[5m]").count();
+    assert!(ranges > 0, "no [1m] or [5m] range found in alerts.yaml");
+    out.replace("[1m]", &format!("[{TEST_RANGE}]"))
+        .replace("[5m]", &format!("[{TEST_RANGE}]"))
 }
 
 /// Percent-encodes a query-string value.
