@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
+# Each phase's start, in seconds since this script started (stderr).
+phase() { echo "== test.sh ${SECONDS}s: $*" >&2; }
+phase packages
 ensure_packages
+phase "fmt, clippy (default features, then without Cedar)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The build without Cedar (what scripts/dev-up.sh runs) must compile, lint
@@ -18,12 +22,18 @@ cargo clippy --workspace --all-targets --locked --no-default-features -- -D warn
 cargo test --locked --no-default-features -p xks-guard --lib authz
 # Deployment artefacts, each with its own linter (promtool, cfn-lint,
 # kubernetes-validate, the AWS CLI's argument model).
+phase "deployment artefacts"
 scripts/check-deploy.sh
-scripts/p11-kit-rpc.sh >/dev/null
-# Kryoptic, pinned and checked, built once into a cache outside the clone.
+# p11-kit and Kryoptic: pinned third-party builds, each built once into a
+# cache outside the clone, keyed by version and checksum.
+phase "p11-kit, Kryoptic"
+XKS_P11_KIT_PREFIX="$(scripts/p11-kit-rpc.sh)"
+export XKS_P11_KIT_PREFIX
 XKS_TEST_KRYOPTIC="$(scripts/kryoptic.sh)"
 export XKS_TEST_KRYOPTIC
+phase "tests on SoftHSM"
 cargo test --workspace --locked --all-targets
+phase "key-manager suites on Kryoptic"
 # The suites that exercise the key manager, on Kryoptic. Two tests are
 # SoftHSM's alone: they make a token lose its objects by moving SoftHSM's
 # token directory away, which does nothing to Kryoptic (its sqlite database
@@ -34,3 +44,4 @@ XKS_TEST_PKCS11=kryoptic cargo test --locked \
   --test fleet --test key_managers --test check --test auth --test security -- \
   --skip a_token_that_loses_its_objects_recovers_without_restart \
   --skip a_failed_token_does_not_disturb_its_neighbour_on_the_same_module
+phase "all passed"

@@ -54,11 +54,21 @@ pub fn two_tokens_with(setup: Arc<SetupFn>) -> Options {
 }
 
 /// Where `scripts/p11-kit-rpc.sh` built a p11-kit whose RPC protocol carries
-/// AES-GCM parameters (Debian 12's 0.24.1 does not; see the script).
+/// AES-GCM parameters (Debian 12's 0.24.1 does not; see the script):
+/// `XKS_P11_KIT_PREFIX` (scripts/test.sh sets it), else what the script
+/// prints (it builds p11-kit once, into a cache outside the clone).
 pub fn p11_kit_prefix() -> PathBuf {
     let prefix = std::env::var_os("XKS_P11_KIT_PREFIX")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/p11-kit"));
+        .unwrap_or_else(|| {
+            let out =
+                Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/p11-kit-rpc.sh"))
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .expect("scripts/p11-kit-rpc.sh");
+            assert!(out.status.success(), "scripts/p11-kit-rpc.sh failed");
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        });
     assert!(
         prefix.join("libexec/p11-kit/p11-kit-server").exists(),
         "no p11-kit >= 0.25 at {}: run scripts/p11-kit-rpc.sh (scripts/test.sh does)",

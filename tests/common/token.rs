@@ -205,7 +205,10 @@ pub fn vendor_module(dir: &Path) -> PathBuf {
         .arg(&out)
         .arg(format!("{root}/tests/fixtures/vendor-module.c"))
         // pkcs11.h from p11-kit: the one scripts/p11-kit-rpc.sh built, or Debian's.
-        .arg(format!("-I{root}/target/p11-kit/include/p11-kit-1"))
+        .args(
+            std::env::var_os("XKS_P11_KIT_PREFIX")
+                .map(|p| format!("-I{}/include/p11-kit-1", Path::new(&p).display())),
+        )
         .arg("-I/usr/include/p11-kit-1")
         .args(["-ldl", "-lpthread"])
         .status()
