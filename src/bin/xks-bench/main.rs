@@ -337,6 +337,34 @@ fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
     Some((ticks, kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
+/// Context switches (voluntary + involuntary) of each of the server's
+/// threads, summed per thread name (`/proc/PID/task/*/status`): where the
+/// hand-offs between threads go. A thread that ends between two samples
+/// takes its count with it.
+fn ctxt_switches(pid: u32) -> Option<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let mut name = String::new();
+        let mut n = 0u64;
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("Name:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                n += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        *out.entry(name).or_default() += n;
+    }
+    Some(out)
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -469,9 +497,9 @@ async fn run(args: Args) -> std::process::ExitCode {
     let sampler = tokio::spawn(async move {
         let pid = pid?;
         tokio::time::sleep_until(measure_from.into()).await;
-        let before = proc_stats(pid)?;
+        let before = (proc_stats(pid)?, ctxt_switches(pid)?);
         tokio::time::sleep_until(end.into()).await;
-        let after = proc_stats(pid)?;
+        let after = (proc_stats(pid)?, ctxt_switches(pid)?);
         Some((before, after))
     });
 
@@ -496,9 +524,22 @@ async fn run(args: Args) -> std::process::ExitCode {
     let errors: u64 = all.errors.values().sum();
     let secs = duration.as_secs_f64();
     let l = &all.latencies_us;
-    let cpu_us_per_req = stats.map(|((t0, _, _), (t1, _, _))| {
-        (t1.saturating_sub(t0)) as f64 * 10_000.0 / (ok + errors).max(1) as f64
+    let requests = (ok + errors).max(1) as f64;
+    let cpu_us_per_req = stats.as_ref().map(|(((t0, _, _), _), ((t1, _, _), _))| {
+        (t1.saturating_sub(*t0)) as f64 * 10_000.0 / requests
     });
+    // Context switches per request, per thread name and in all.
+    let ctxt: Option<BTreeMap<String, f64>> = stats.as_ref().map(|((_, c0), (_, c1))| {
+        c1.iter()
+            .map(|(name, n)| {
+                let before = c0.get(name).copied().unwrap_or(0);
+                (name.clone(), n.saturating_sub(before) as f64 / requests)
+            })
+            .filter(|(_, v)| *v > 0.0)
+            .collect()
+    });
+    let ctxt_total = ctxt.as_ref().map(|c| c.values().sum::<f64>());
+    let stats = stats.map(|((a, _), (b, _))| (a, b));
     let a = &shared.args;
     let mode = match (a.rate, a.new_connection) {
         (_, Some(NewConnection::Full)) => "new-connection-full-handshake",
@@ -524,6 +565,8 @@ async fn run(args: Args) -> std::process::ExitCode {
         "server_cpu_us_per_request": cpu_us_per_req,
         "server_rss_kib": stats.map(|(_, (_, rss, _))| rss),
         "server_peak_rss_kib": stats.map(|(_, (_, _, hwm))| hwm),
+        "server_ctxt_switches_per_request": ctxt_total,
+        "server_ctxt_switches_per_request_by_thread": ctxt,
     });
     if a.json {
         println!("{result}");
@@ -548,6 +591,13 @@ async fn run(args: Args) -> std::process::ExitCode {
             println!(
                 "  server: {:.1} us CPU/request, RSS {} KiB (peak {} KiB)",
                 cpu, result["server_rss_kib"], result["server_peak_rss_kib"]
+            );
+        }
+        if let (Some(total), Some(by)) = (ctxt_total, &ctxt) {
+            let by: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+            println!(
+                "  server: {total:.2} context switches/request ({})",
+                by.join(", ")
             );
         }
     }
