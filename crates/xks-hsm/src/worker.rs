@@ -422,14 +422,22 @@ impl Worker {
                 self.shared.keys.insert(info.clone());
                 Ok(info)
             }
-            Err(OpError::Fault(e)) => {
-                if matches!(e, Fault::KeyNotFound { .. }) {
+            Err(e) => {
+                let fault = self.fault_of(e, OpKind::Lookup);
+                if matches!(fault, Fault::KeyNotFound { .. }) {
                     self.shared.keys.remove(label);
                 }
-                Err(e)
+                Err(fault)
             }
-            Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
-            Err(OpError::Misconfigured(why)) => Err(self.failed(why)),
+        }
+    }
+
+    /// A failed operation as a fault: the one mapping of [`OpError`].
+    fn fault_of(&mut self, e: OpError, kind: OpKind) -> Fault {
+        match e {
+            OpError::Fault(f) => f,
+            OpError::P11(e) => self.map_p11(e, kind),
+            OpError::Misconfigured(why) => self.failed(why),
         }
     }
 
@@ -448,13 +456,11 @@ impl Worker {
             let session = self.session()?;
             match op(session, &key, &shared) {
                 Ok(v) => return Ok(v),
-                Err(OpError::Fault(e)) => return Err(e),
                 Err(OpError::P11(e)) if attempt == 0 && stale_handle(&e) => {
                     self.shared.keys.remove(label);
                     key = self.resolve(label, true)?;
                 }
-                Err(OpError::P11(e)) => return Err(self.map_p11(e, kind)),
-                Err(OpError::Misconfigured(why)) => return Err(self.failed(why)),
+                Err(e) => return Err(self.fault_of(e, kind)),
             }
         }
         Err(self.failed("key handle stayed invalid after a fresh lookup"))
@@ -573,12 +579,7 @@ impl Worker {
                 ))),
             }
         })();
-        match result {
-            Ok(mac) => Ok(mac),
-            Err(OpError::Fault(f)) => Err(f),
-            Err(OpError::P11(e)) => Err(self.map_p11(e, OpKind::Lookup)),
-            Err(OpError::Misconfigured(why)) => Err(self.failed(why)),
-        }
+        result.map_err(|e| self.fault_of(e, OpKind::Lookup))
     }
 
     /// A cheap sign of life between deep probes: one `C_GetSessionInfo`. It
