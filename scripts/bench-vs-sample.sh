@@ -26,74 +26,10 @@ command -v wrk >/dev/null || { echo "needs wrk (Debian package wrk)" >&2; exit 2
 . scripts/lib.sh
 bench_setup
 out=$(mktemp -d)
-server=
-trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true; rm -rf "$out"' EXIT
+trap 'stop_server; rm -rf "$out"' EXIT
 
 secret=$(cat .dev/secrets/dev-a.secret)
-cat >"$out/sample.toml" <<EOF
-[server]
-ip = "127.0.0.1"
-port = 8443
-port_http_ping = 8080
-region = "us-east-1"
-service = "kms-xks-proxy"
-[server.tcp_keepalive]
-tcp_keepalive_secs = 60
-tcp_keepalive_retries = 3
-tcp_keepalive_interval_secs = 1
-[tracing]
-is_stdout_writer_enabled = false
-is_file_writer_enabled = true
-level = "INFO"
-directory = "$out/sample-logs"
-file_prefix = "xks-proxy.log"
-rotation_kind = "NEVER"
-[security]
-is_sigv4_auth_enabled = true
-is_tls_enabled = true
-is_mtls_enabled = false
-[tls]
-tls_cert_pem = "$PWD/certs/server.crt"
-tls_key_pem = "$PWD/certs/server.key"
-[[external_key_stores]]
-uri_path_prefix = "/example"
-sigv4_access_key_id = "XKSPROXYDEVEXAMPLEKEYA"
-sigv4_secret_access_key = "$secret"
-xks_key_id_set = ["demo-key"]
-[pkcs11]
-session_pool_max_size = 30
-session_pool_timeout_milli = 0
-session_eager_close = false
-user_pin = "$(cat .dev/hsm-pin)"
-PKCS11_HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-context_read_timeout_milli = 10
-[limits]
-max_plaintext_in_base64 = 8192
-max_aad_in_base64 = 16384
-[hsm_capabilities]
-can_generate_iv = false
-is_zero_iv_required = false
-EOF
-
-start() {
-  case $1 in
-    proxy) "$proxy_bin" serve --config config/dev.toml 2>"$out/proxy.log" & ;;
-    sample) XKS_PROXY_SETTINGS_TOML=$out/sample.toml "$sample" >"$out/sample.out" 2>&1 & ;;
-  esac
-  server=$!
-  for _ in $(seq 100); do
-    curl -sf --cacert certs/ca.crt -o /dev/null https://localhost:8443/ping 2>/dev/null && return
-    curl -sf -o /dev/null http://127.0.0.1:8080/ping 2>/dev/null && return
-    sleep 0.1
-  done
-  echo "$1 did not start" >&2
-  exit 1
-}
-stop() {
-  kill "$server"
-  wait "$server" 2>/dev/null || true
-  server=
-}
+bench_servers "$out" "$sample" "$proxy_bin"
 
 # One signed Encrypt for wrk to replay (signed anew each round: SigV4
 # allows 5 minutes of clock skew).
@@ -126,7 +62,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 for n in $(seq "$rounds"); do
   for who in proxy sample; do
-    start "$who"
+    start_server "$who"
     wrk_script
     t0=$(cpu_ticks "$server")
     wrk -t1 -c64 -d15s -s "$out/replay.lua" https://localhost:8443 >"$out/wrk.txt" 2>&1
@@ -138,7 +74,7 @@ for n in $(seq "$rounds"); do
     "$bench" --op encrypt --cdiv false --aad-bytes 33 --connections 64 --duration 15 --server-pid "$server" --json \
       | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"round":int(sys.argv[1]),"server":sys.argv[2],"load":"xks-bench","rps":r["requests_ok"]/r["duration_s"],"errors":r["errors"],"p99_ms":r["latency_ms"]["p99"],"server_cpu_us_per_request":r.get("server_cpu_us_per_request")}))' "$n" "$who" \
       | tee -a "$out/results.jsonl"
-    stop
+    stop_server
   done
 done
 

@@ -63,3 +63,83 @@ wait_dev_ping() {
   done
   return 1
 }
+
+# For the comparisons with the AWS sample (scripts/bench-vs-sample.sh,
+# scripts/bench-rate.sh): `bench_servers OUT SAMPLE_BIN PROXY_BIN` writes the
+# sample's settings into OUT (its own defaults: a pool of 30 sessions, INFO
+# logging to a file, like this proxy's access log; the dev token, key and
+# certificate) and defines `start_server proxy|sample` (waits for /ping;
+# the pid in $server) and `stop_server`. SAMPLE_BIN may be empty.
+bench_servers() {
+  local out=$1 secret
+  sample=$2
+  proxy_bin=$3
+  server=
+  secret=$(cat .dev/secrets/dev-a.secret)
+  cat >"$out/sample.toml" <<EOF
+[server]
+ip = "127.0.0.1"
+port = 8443
+port_http_ping = 8080
+region = "us-east-1"
+service = "kms-xks-proxy"
+[server.tcp_keepalive]
+tcp_keepalive_secs = 60
+tcp_keepalive_retries = 3
+tcp_keepalive_interval_secs = 1
+[tracing]
+is_stdout_writer_enabled = false
+is_file_writer_enabled = true
+level = "INFO"
+directory = "$out/sample-logs"
+file_prefix = "xks-proxy.log"
+rotation_kind = "NEVER"
+[security]
+is_sigv4_auth_enabled = true
+is_tls_enabled = true
+is_mtls_enabled = false
+[tls]
+tls_cert_pem = "$PWD/certs/server.crt"
+tls_key_pem = "$PWD/certs/server.key"
+[[external_key_stores]]
+uri_path_prefix = "/example"
+sigv4_access_key_id = "XKSPROXYDEVEXAMPLEKEYA"
+sigv4_secret_access_key = "$secret"
+xks_key_id_set = ["demo-key"]
+[pkcs11]
+session_pool_max_size = 30
+session_pool_timeout_milli = 0
+session_eager_close = false
+user_pin = "$(cat .dev/hsm-pin)"
+PKCS11_HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+context_read_timeout_milli = 10
+[limits]
+max_plaintext_in_base64 = 8192
+max_aad_in_base64 = 16384
+[hsm_capabilities]
+can_generate_iv = false
+is_zero_iv_required = false
+EOF
+}
+
+start_server() {
+  case $1 in
+    proxy) "$proxy_bin" serve --config config/dev.toml 2>"$out/proxy.log" & ;;
+    sample) XKS_PROXY_SETTINGS_TOML=$out/sample.toml "$sample" >"$out/sample.out" 2>&1 & ;;
+  esac
+  server=$!
+  for _ in $(seq 100); do
+    curl -sf --cacert certs/ca.crt -o /dev/null https://localhost:8443/ping 2>/dev/null && return
+    curl -sf -o /dev/null http://127.0.0.1:8080/ping 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "$1 did not start" >&2
+  exit 1
+}
+
+stop_server() {
+  [ -n "${server:-}" ] || return 0
+  kill "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  server=
+}
