@@ -253,3 +253,33 @@ fn no_witness_for_a_seal_that_failed() {
     let v = verdict(dir.path(), &hsm);
     assert!(matches!(v.status, Status::UnsealedTail { .. }), "{v:?}");
 }
+
+/// `audit retire` on a chain whose newest file is compressed (the plain
+/// files after it were empty, or gone): the retirement and its seal go in
+/// as a gzip member of their own, and the chain verifies as retired.
+#[test]
+fn a_chain_whose_newest_file_is_compressed_is_retired_in_a_gzip_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm = Arc::new(Mutex::new(Hsm::default()));
+    run(dir.path(), &hsm, OnFailure::Refuse, 3);
+    let newest = newest_file(dir.path());
+    let name = newest.file_name().unwrap().to_str().unwrap().to_string();
+    super::files::compress(dir.path(), &name).unwrap();
+    assert!(newest_file(dir.path())
+        .to_string_lossy()
+        .ends_with(".jsonl.gz"));
+
+    let mut seal = |input: &[u8]| Ok(("fake".to_string(), mac("seal", input)));
+    let seq = super::retire::retire(dir.path(), "unit", "seal", "test", &mut seal).unwrap();
+    let v = verdict(dir.path(), &hsm);
+    assert_eq!(v.status, Status::Intact, "{v:?}");
+    assert!(v.retired && v.clean_stop, "{v:?}");
+    assert_eq!(v.last_seal.as_ref().map(|(s, _)| *s), Some(seq));
+    // Still one well-formed gzip stream of members, as zcat reads it.
+    let out = std::process::Command::new("gzip")
+        .arg("-t")
+        .arg(newest_file(dir.path()))
+        .status()
+        .unwrap();
+    assert!(out.success());
+}
