@@ -443,7 +443,7 @@ fn a_full_disk_refuses_key_operations_but_not_health() {
     assert!(eventually(10, || ping_status(&p).0 == 503));
     assert!(metric(&p, "xks_audit_requests_refused_total") >= 1.0);
     assert!(
-        p.log().contains("cannot write the audit trail"),
+        p.wait_for_log("cannot write the audit trail"),
         "{}",
         p.log()
     );

@@ -147,13 +147,13 @@ fn a_key_manager_absent_at_startup_joins_when_it_answers() {
     let (p, net) = start(true, false);
     let c = p.h1();
     assert_statuses(&p, &c, "ACTIVE", "UNAVAILABLE");
-    assert!(p.log().contains("key manager not available at startup"));
+    assert!(p.wait_for_log("key manager not available at startup"));
     let started = Instant::now();
     net.restart(&p);
     let joined = time_until(20, || status_of(&c, "hsm-network") == "ACTIVE")
         .unwrap_or_else(|| panic!("it never joined\n{}", p.log()));
     eprintln!("absent at startup: ACTIVE {joined:?} after its server started");
-    assert!(p.log().contains("key manager opened; it joins the fleet"));
+    assert!(p.wait_for_log("key manager opened; it joins the fleet"));
     assert!(started.elapsed() < Duration::from_secs(20));
     // It serves: with the local one out (its health key deleted), a data key
     // encrypted before still decrypts, through the network one.

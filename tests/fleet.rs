@@ -59,7 +59,7 @@ fn a_lost_network_hsm_fails_over_and_recovers_without_restart() {
     );
     assert!(slowest < DEADLINE_BOUND, "slowest request {slowest:?}");
     assert!(
-        p.log().contains("the key manager's token is back"),
+        p.wait_for_log("the key manager's token is back"),
         "{}",
         p.log()
     );
@@ -187,5 +187,5 @@ fn a_key_manager_down_at_startup_leaves_the_others_serving() {
         .unwrap()
     });
     assert_eq!(dec.status, 200, "{:?}", dec.body);
-    assert!(p.log().contains("key manager not available at startup"));
+    assert!(p.wait_for_log("key manager not available at startup"));
 }

@@ -464,7 +464,7 @@ fn the_health_check_key_is_never_served_whatever_the_reload() {
         "{}",
         p.log()
     );
-    assert!(p.log().contains("the running health-check key"));
+    assert!(p.wait_for_log("the running health-check key"));
     assert_eq!(health_encrypt(&p, HEALTH_KEY).status, 404);
     // The new label with every key allowed: accepted, and neither label serves.
     let edited = original.replace(

@@ -206,7 +206,7 @@ fn a_token_that_refuses_read_only_sessions_is_served_with_read_write_ones() {
     let c = p.h1();
     assert!(eventually(10, || status_of(&c, &ekm_statuses(&c)[0].0)
         == "UNAVAILABLE"));
-    assert!(p.log().contains("cannot open a session"), "{}", p.log());
+    assert!(p.wait_for_log("cannot open a session"), "{}", p.log());
 }
 
 /// Runs `xks-proxy hsm probe ARGS` with `env`; (exit code, stdout).

@@ -121,7 +121,7 @@ fn behind_a_load_balancer_that_ends_tls_the_proxy_serves_plain_http() {
     }
     // The client address came from the PROXY v2 header.
     assert!(
-        p.log().contains("\"client_addr\":\"127.0.0.1:"),
+        p.wait_for_log("\"client_addr\":\"127.0.0.1:"),
         "{}",
         p.log()
     );
