@@ -77,13 +77,15 @@ pub(crate) fn chain_files(dir: &Path, instance: &str) -> std::io::Result<Vec<Str
         }
     }
     files.sort();
-    let both = |n: &str| n.ends_with(PLAIN) && files.iter().any(|(_, g)| *g == format!("{n}.gz"));
-    let keep: Vec<String> = files
+    let compressed: std::collections::HashSet<String> = files
         .iter()
-        .filter(|(_, n)| !both(n))
-        .map(|(_, n)| n.clone())
+        .filter_map(|(_, n)| n.strip_suffix(".gz").map(str::to_string))
         .collect();
-    Ok(keep)
+    Ok(files
+        .into_iter()
+        .map(|(_, n)| n)
+        .filter(|n| !compressed.contains(n))
+        .collect())
 }
 
 /// The trail files under `paths`: files as given; of a directory, its
@@ -305,13 +307,11 @@ pub(crate) fn tidy(dir: &Path, instance: &str) -> std::io::Result<Vec<String>> {
             }
         }
     }
-    let mut plain: Vec<String> = chain_files(dir, instance)?
-        .into_iter()
-        .filter(|n| n.ends_with(PLAIN))
-        .collect();
-    let newest = chain_files(dir, instance)?.pop();
-    plain.retain(|n| Some(n) != newest.as_ref());
-    Ok(plain)
+    let mut files = chain_files(dir, instance)?;
+    // The newest is being written (or about to be): never compressed.
+    files.pop();
+    files.retain(|n| n.ends_with(PLAIN));
+    Ok(files)
 }
 
 /// The thread that compresses rotated files, one at a time, away from the

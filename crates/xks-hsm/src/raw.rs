@@ -6,17 +6,15 @@
 //! looked up once: `C_EncryptInit` + `C_Encrypt` with AES-GCM (a 12-byte IV
 //! from `C_GenerateRandom`, fetched in batches as the proxy does), then for
 //! the CDIV case the verification decrypt the proxy does, and for decrypt a
-//! decryption of one fixed ciphertext. The PKCS#11 types stay in this crate.
+//! decryption of one fixed ciphertext, through the same `gcm::seal` and
+//! `gcm::open` the proxy uses. The PKCS#11 types stay in this crate.
 
-use cryptoki::error::Error as P11Error;
-use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
+use super::gcm::{self, GcmError, IvInput, Sealed};
 use super::operation::IvPool;
-use super::token::{HsmError, Token};
-use xks_spec::aead::TAG_LEN;
+use super::token::{p11, HsmError, Token};
 
 /// One thread's session, key and data.
 pub struct RawLane {
@@ -25,13 +23,8 @@ pub struct RawLane {
     plaintext: Vec<u8>,
     aad: Vec<u8>,
     ivs: IvPool,
-    /// For decrypt: one ciphertext (with its tag) and its IV.
-    sealed: Vec<u8>,
-    sealed_iv: Vec<u8>,
-}
-
-fn p11(context: &'static str) -> impl FnOnce(P11Error) -> HsmError {
-    move |source| HsmError::Pkcs11 { context, source }
+    /// For decrypt: one ciphertext, its tag and its IV.
+    sealed: Sealed,
 }
 
 impl RawLane {
@@ -44,43 +37,41 @@ impl RawLane {
         plaintext: Vec<u8>,
         aad: Vec<u8>,
     ) -> Result<RawLane, HsmError> {
-        let mut lane = RawLane {
-            session: token.open_session()?,
-            key: token.key_handle(key)?,
+        let session = token.open_session()?;
+        let key = token.key_handle(key)?;
+        let mut ivs = IvPool::new();
+        let sealed = seal(&session, key, &mut ivs, &aad, &plaintext)?;
+        Ok(RawLane {
+            session,
+            key,
             plaintext,
             aad,
-            ivs: IvPool::new(),
-            sealed: Vec::new(),
-            sealed_iv: Vec::new(),
-        };
-        let (iv, sealed) = lane.seal()?;
-        (lane.sealed_iv, lane.sealed) = (iv, sealed);
-        Ok(lane)
+            ivs,
+            sealed,
+        })
     }
 
-    fn seal(&mut self) -> Result<(Vec<u8>, Vec<u8>), HsmError> {
-        let mut iv = self
-            .ivs
-            .next(&self.session)
-            .map_err(p11("C_GenerateRandom"))?
-            .to_vec();
-        let params = GcmParams::new(&mut iv, &self.aad, ((TAG_LEN * 8) as u64).into())
-            .map_err(p11("GCM parameters"))?;
-        let sealed = self
-            .session
-            .encrypt(&Mechanism::AesGcm(params), self.key, &self.plaintext)
-            .map_err(p11("C_Encrypt"))?;
-        Ok((iv, sealed))
+    fn seal(&mut self) -> Result<Sealed, HsmError> {
+        seal(
+            &self.session,
+            self.key,
+            &mut self.ivs,
+            &self.aad,
+            &self.plaintext,
+        )
     }
 
-    fn open_sealed(&self, iv: &[u8], sealed: &[u8]) -> Result<(), HsmError> {
-        let mut iv = iv.to_vec();
-        let params = GcmParams::new(&mut iv, &self.aad, ((TAG_LEN * 8) as u64).into())
-            .map_err(p11("GCM parameters"))?;
-        self.session
-            .decrypt(&Mechanism::AesGcm(params), self.key, sealed)
-            .map(drop)
-            .map_err(p11("C_Decrypt"))
+    fn open_sealed(&self, sealed: &Sealed) -> Result<(), HsmError> {
+        gcm::open(
+            &self.session,
+            self.key,
+            &sealed.iv,
+            &self.aad,
+            &sealed.ciphertext,
+            &sealed.tag,
+        )
+        .map(drop)
+        .map_err(p11("C_Decrypt"))
     }
 
     /// One encryption.
@@ -90,12 +81,33 @@ impl RawLane {
 
     /// One encryption and its verification decrypt (a request with a CDIV).
     pub fn encrypt_and_verify(&mut self) -> Result<(), HsmError> {
-        let (iv, sealed) = self.seal()?;
-        self.open_sealed(&iv, &sealed)
+        let sealed = self.seal()?;
+        self.open_sealed(&sealed)
     }
 
     /// One decryption.
     pub fn decrypt(&mut self) -> Result<(), HsmError> {
-        self.open_sealed(&self.sealed_iv, &self.sealed)
+        self.open_sealed(&self.sealed)
     }
+}
+
+/// One encryption as the proxy makes it (`gcm::seal`, an IV from the pool).
+fn seal(
+    s: &Session,
+    key: ObjectHandle,
+    ivs: &mut IvPool,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Sealed, HsmError> {
+    let iv = ivs.next(s).map_err(p11("C_GenerateRandom"))?;
+    gcm::seal(s, key, IvInput::Given(iv), aad, plaintext).map_err(|e| match e {
+        GcmError::P11(source) => HsmError::Pkcs11 {
+            context: "C_Encrypt",
+            source,
+        },
+        GcmError::Misconfigured(why) => HsmError::Info {
+            context: "C_Encrypt",
+            why,
+        },
+    })
 }

@@ -137,7 +137,7 @@ impl std::fmt::Display for SlotsSeen {
     }
 }
 
-fn p11(context: &'static str) -> impl FnOnce(P11Error) -> HsmError {
+pub(crate) fn p11(context: &'static str) -> impl FnOnce(P11Error) -> HsmError {
     move |source| HsmError::Pkcs11 { context, source }
 }
 
