@@ -60,35 +60,75 @@ PY
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-for n in $(seq "$rounds"); do
-  for who in proxy sample; do
-    start_server "$who"
-    wrk_script
-    t0=$(cpu_ticks "$server")
-    wrk -t1 -c64 -d15s -s "$out/replay.lua" https://localhost:8443 >"$out/wrk.txt" 2>&1
-    t1=$(cpu_ticks "$server")
-    rps=$(awk '/Requests\/sec/ {print $2}' "$out/wrk.txt")
-    reqs=$(awk '/requests in/ {print $1}' "$out/wrk.txt")
-    non200=$(awk '/^non200/ {print $2}' "$out/wrk.txt")
-    echo "{\"round\":$n,\"server\":\"$who\",\"load\":\"wrk\",\"rps\":$rps,\"non200\":${non200:-0},\"server_cpu_us_per_request\":$(python3 -c "print(($t1-$t0)*10000/max($reqs,1))")}" | tee -a "$out/results.jsonl"
-    "$bench" --op encrypt --cdiv false --aad-bytes 33 --connections 64 --duration 15 --server-pid "$server" --json \
-      | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"round":int(sys.argv[1]),"server":sys.argv[2],"load":"xks-bench","rps":r["requests_ok"]/r["duration_s"],"errors":r["errors"],"p99_ms":r["latency_ms"]["p99"],"server_cpu_us_per_request":r.get("server_cpu_us_per_request")}))' "$n" "$who" \
-      | tee -a "$out/results.jsonl"
-    stop_server
+# One wrk run against the server just started; OBJECTS (the token's object
+# count, or "dev") labels it.
+run_wrk() {
+  wrk_script
+  local t0 t1 rps reqs non200
+  t0=$(cpu_ticks "$server")
+  wrk -t1 -c64 -d15s -s "$out/replay.lua" https://localhost:8443 >"$out/wrk.txt" 2>&1
+  t1=$(cpu_ticks "$server")
+  rps=$(awk '/Requests\/sec/ {print $2}' "$out/wrk.txt")
+  reqs=$(awk '/requests in/ {print $1}' "$out/wrk.txt")
+  non200=$(awk '/^non200/ {print $2}' "$out/wrk.txt")
+  echo "{\"round\":$n,\"server\":\"$who\",\"load\":\"wrk\",\"objects\":\"$1\",\"rps\":$rps,\"non200\":${non200:-0},\"server_cpu_us_per_request\":$(python3 -c "print(($t1-$t0)*10000/max($reqs,1))")}" | tee -a "$out/results.jsonl"
+}
+
+# A fresh token in $out/token-N with N objects: the benchmark's key, the
+# proxy's health-check key, and unused AES keys. Same label and PIN as the
+# dev token, so both servers' settings work unchanged with SOFTHSM2_CONF.
+make_token() {
+  local count=$1 dir=$out/token-$1 i
+  mkdir -p "$dir/tokens"
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
+    "$dir/tokens" >"$dir/softhsm2.conf"
+  export SOFTHSM2_CONF=$dir/softhsm2.conf
+  softhsm2-util --init-token --free --label xks-dev --so-pin bench-so-pin --pin "$(cat .dev/hsm-pin)" >/dev/null
+  "$proxy_bin" keys create -c config/dev.toml --label demo-key >/dev/null
+  "$proxy_bin" keys create -c config/dev.toml --label xks-proxy-health-check >/dev/null
+  for i in $(seq 3 "$count"); do
+    "$proxy_bin" keys create -c config/dev.toml --label "unused-$i" >/dev/null
   done
-done
+}
+
+if [ -n "${OBJECTS:-}" ]; then
+  for count in $OBJECTS; do
+    make_token "$count"
+    for n in $(seq "$rounds"); do
+      for who in proxy sample; do
+        start_server "$who"
+        run_wrk "$count"
+        stop_server
+      done
+    done
+  done
+else
+  for n in $(seq "$rounds"); do
+    for who in proxy sample; do
+      start_server "$who"
+      run_wrk dev
+      "$bench" --op encrypt --cdiv false --aad-bytes 33 --connections 64 --duration 15 --server-pid "$server" --json \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"round":int(sys.argv[1]),"server":sys.argv[2],"load":"xks-bench","objects":"dev","rps":r["requests_ok"]/r["duration_s"],"errors":r["errors"],"p99_ms":r["latency_ms"]["p99"],"server_cpu_us_per_request":r.get("server_cpu_us_per_request")}))' "$n" "$who" \
+        | tee -a "$out/results.jsonl"
+      stop_server
+    done
+  done
+fi
 
 python3 - "$out/results.jsonl" <<'PY'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 print()
-print("| load | this proxy req/s | AWS sample req/s | ratio | this proxy CPU µs/req | sample CPU µs/req |")
-print("|---|---|---|---|---|---|")
-for load in ("wrk", "xks-bench"):
-    m = {}
-    for who in ("proxy", "sample"):
-        rs = [r for r in runs if r["load"] == load and r["server"] == who]
-        m[who] = (statistics.median(r["rps"] for r in rs),
-                  statistics.median(r["server_cpu_us_per_request"] or 0 for r in rs))
-    print(f"| {load} | {m['proxy'][0]:,.0f} | {m['sample'][0]:,.0f} | **{m['proxy'][0] / m['sample'][0]:.2f}** | {m['proxy'][1]:.1f} | {m['sample'][1]:.1f} |")
+print("| token objects | load | this proxy req/s | AWS sample req/s | ratio | this proxy CPU µs/req | sample CPU µs/req |")
+print("|---|---|---|---|---|---|---|")
+for objects in dict.fromkeys(r["objects"] for r in runs):
+    for load in ("wrk", "xks-bench"):
+        m = {}
+        for who in ("proxy", "sample"):
+            rs = [r for r in runs if r["load"] == load and r["server"] == who and r["objects"] == objects]
+            if rs:
+                m[who] = (statistics.median(r["rps"] for r in rs),
+                          statistics.median(r["server_cpu_us_per_request"] or 0 for r in rs))
+        if len(m) == 2:
+            print(f"| {objects} | {load} | {m['proxy'][0]:,.0f} | {m['sample'][0]:,.0f} | **{m['proxy'][0] / m['sample'][0]:.2f}** | {m['proxy'][1]:.1f} | {m['sample'][1]:.1f} |")
 PY

@@ -21,6 +21,7 @@ use crate::api::{self, AppState};
 use crate::audit::config::default_instance_id;
 use crate::audit::{AuditError, AuditTrail, HsmSealer};
 use crate::config::Config;
+use crate::hsm::lanes::Placement;
 use crate::hsm::{HsmError, KeyManagers};
 use crate::lockdown::{LockBoard, Poller};
 use crate::net::client_auth::ClientVerifier;
@@ -67,6 +68,7 @@ const ADMIN_MAX_CONNECTIONS: usize = 32;
 /// from that file.
 pub async fn run(
     cfg: Config,
+    placement: Placement,
     config_path: Option<PathBuf>,
     log_drops: LogDrops,
     shutdown: impl Future<Output = ()>,
@@ -100,8 +102,10 @@ pub async fn run(
     // Opening a token (C_Initialize, C_Login, sessions) blocks.
     let hsm = {
         let (cfg, metrics) = (cfg.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || KeyManagers::open(&cfg.hsm, &cfg.health, &metrics))
-            .await??
+        tokio::task::spawn_blocking(move || {
+            KeyManagers::open(&cfg.hsm, &placement, &cfg.health, &metrics)
+        })
+        .await??
     };
     hsm.probe_all().await;
     for (ekm, status) in hsm.details() {

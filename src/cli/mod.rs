@@ -25,6 +25,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::ListenOverrides;
+use crate::hsm::lanes::Placement;
 use exit::load;
 pub use keys::parse_usages;
 
@@ -221,21 +222,47 @@ fn check_key_managers(cfg: &crate::config::Config) -> Result<(), ExitCode> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The async runtime for `serve`: `workers` threads (0: one per CPU), each
+/// pinned to a CPU lane when `placement` pins (see `xks_hsm::lanes`).
+fn serve_runtime(
+    placement: &Placement,
+    workers: usize,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .enable_all()
         .thread_name("xks-rt")
-        .build()
-        .map_err(|e| {
-            eprintln!("xks-proxy: cannot start the async runtime: {e}");
-            ExitCode::from(1)
-        })
+        .worker_threads(placement.runtime_workers(workers));
+    if placement.pinned() {
+        let (start, park) = (placement.clone(), placement.clone());
+        builder
+            .on_thread_start(move || start.place_runtime_thread())
+            .on_thread_park(move || park.place_worker());
+    }
+    build_runtime(builder)
+}
+
+/// The async runtime for the other commands (tokio's defaults).
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("xks-rt");
+    build_runtime(builder)
+}
+
+fn build_runtime(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.build().map_err(|e| {
+        eprintln!("xks-proxy: cannot start the async runtime: {e}");
+        ExitCode::from(1)
+    })
 }
 
 fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     let cfg = load(path)?.with_overrides(overrides);
     let log = crate::telemetry::logging::init(&cfg.logging);
-    let rt = runtime()?;
+    let placement = Placement::detect(cfg.threads.pin, cfg.threads.runtime);
+    let rt = serve_runtime(&placement, cfg.threads.runtime)?;
     // The handlers are installed now, before startup: a SIGTERM that comes
     // while the key managers open, or right after "listening", is a clean
     // stop, not the default action (death by signal).
@@ -245,6 +272,7 @@ fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     };
     let result = rt.block_on(crate::serve::run(
         cfg,
+        placement,
         Some(path.to_path_buf()),
         log.drops(),
         shutdown,

@@ -63,6 +63,8 @@ pub struct Config {
     /// How often the config, secret, policy and certificate files are checked
     /// for changes; `None` when file watching is off (SIGHUP still reloads).
     pub reload_poll: Option<Duration>,
+    /// The async runtime's workers and where threads run; read at start.
+    pub threads: Threads,
     /// SHA-256 of the file text this configuration was parsed from, so hot
     /// reload can tell whether the file changed since (even before the
     /// reloader started).
@@ -70,6 +72,16 @@ pub struct Config {
     /// Listener addresses from the command line, already applied above;
     /// kept so that a reload applies them again.
     pub overrides: ListenOverrides,
+}
+
+/// The async runtime's worker threads, and whether the proxy's threads are
+/// pinned to CPU lanes (`[server] runtime_threads`, `pin_threads`; see
+/// `xks_hsm::lanes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    /// Runtime workers; 0: one per CPU lane.
+    pub runtime: usize,
+    pub pin: bool,
 }
 
 /// Listener addresses (and the audit instance id) given on the command line
@@ -173,6 +185,10 @@ impl Config {
                 } != *b
                     || self.reload_poll != other.reload_poll,
             ),
+            (
+                "server.runtime_threads / server.pin_threads",
+                self.threads != other.threads,
+            ),
             ("hsm", self.hsm != other.hsm),
             ("health", self.health != other.health),
             ("audit", self.audit != other.audit),
@@ -254,7 +270,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     } else {
         None
     };
-    let (net, service, reload_poll) = validate_server(raw.server, admin_listen)?;
+    let (net, service, reload_poll, threads) = validate_server(raw.server, admin_listen)?;
     distinct_listeners(&[
         ("server.listen", Some(net.listen)),
         ("server.ping_listen", net.ping_listen),
@@ -300,6 +316,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         key_stores,
         audit,
         reload_poll,
+        threads,
         source_digest: None,
         overrides: ListenOverrides::default(),
     };

@@ -10,6 +10,7 @@ use super::error::{invalid, ConfigError};
 use super::paths::resolve;
 use super::raw::*;
 use super::secrets::{check_private_file, read_secret};
+use super::Threads;
 use xks_audit::config::{is_valid_instance_id, AuditConfig};
 use xks_hsm::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use xks_net::client_auth::ClientAuthConfig;
@@ -29,10 +30,13 @@ pub(super) fn parse_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigE
 
 /// `[server]` (and the admin listener): the listeners' settings, what
 /// GetHealthStatus says about the proxy, and the reload poll interval.
+/// More runtime workers than this is a typo, not a tuning.
+const MAX_RUNTIME_THREADS: usize = 256;
+
 pub(super) fn validate_server(
     raw: RawServer,
     admin_listen: Option<SocketAddr>,
-) -> Result<(NetConfig, ServiceConfig, Option<Duration>), ConfigError> {
+) -> Result<(NetConfig, ServiceConfig, Option<Duration>, Threads), ConfigError> {
     let listen = parse_addr("server.listen", &raw.listen)?;
     let ping_listen = raw
         .ping_listen
@@ -108,7 +112,17 @@ pub(super) fn validate_server(
     };
     let reload_poll =
         (raw.reload_poll_ms > 0).then(|| Duration::from_millis(raw.reload_poll_ms.max(100)));
-    Ok((net, service, reload_poll))
+    if raw.runtime_threads > MAX_RUNTIME_THREADS {
+        return Err(invalid(
+            "server.runtime_threads",
+            format!("must be at most {MAX_RUNTIME_THREADS} (0: one per CPU)"),
+        ));
+    }
+    let threads = Threads {
+        runtime: raw.runtime_threads,
+        pin: raw.pin_threads,
+    };
+    Ok((net, service, reload_poll, threads))
 }
 
 /// `[tls]`: `None` when TLS ends at the load balancer (said by name).

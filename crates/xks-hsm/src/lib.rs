@@ -11,6 +11,9 @@
 //! - [`gcm`]: the AES-GCM core (IV shapes, seal, open), shared with `hsm probe`;
 //! - `pool`: one key manager's session pool (bounded queue, deadlines, hang
 //!   detection) over its `worker` threads, which do the PKCS#11 calls;
+//! - [`lanes`]: which CPU those threads (and the runtime's workers) run on,
+//!   so that a request's hand-off stays on one CPU (the second `unsafe`
+//!   island: the scheduler's affinity calls);
 //! - `module`: a loaded PKCS#11 library shared by key managers, and recovery
 //!   (re-initialization) when its device is lost;
 //! - [`token`]: opening a token, and the administrative operations;
@@ -44,6 +47,7 @@ pub mod health;
 pub mod hmac;
 pub mod key_spec;
 mod keys;
+pub mod lanes;
 pub mod markers;
 pub mod mechanisms;
 mod module;

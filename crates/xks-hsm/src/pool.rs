@@ -1,8 +1,11 @@
 //! One key manager's session pool: the async face of its worker threads.
 //!
 //! A fixed pool of OS threads each owns one logged-in session and takes jobs
-//! from a bounded queue (see [`super::worker`]). The async side only enqueues
-//! and awaits a reply, with two deadlines:
+//! from a bounded queue (see [`super::worker`]). With CPU lanes (see
+//! [`super::lanes`]) the threads are split over one queue per CPU, each
+//! thread pinned to its lane's CPU, so that a request's hand-off stays on
+//! the CPU it came from. The async side only enqueues and awaits a reply,
+//! with two deadlines:
 //!
 //! - `queue_timeout`: a job not started by then is dropped unrun, and the
 //!   caller learns that no session became free ([`Fault::NoSession`]);
@@ -24,7 +27,7 @@
 //! network HSM whose packets vanish), not merely slow, and health reports it
 //! so within that time (see [`Pool::stalled`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +37,7 @@ use tokio::sync::oneshot;
 use super::config::HsmConfig;
 use super::fault::Fault;
 use super::keys::KeyCache;
+use super::lanes::Placement;
 use super::markers::Marker;
 use super::module::ModuleSlot;
 use super::objects::KeyInfo;
@@ -51,8 +55,33 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Jobs the control thread may have queued (a few polls and seals).
 const CONTROL_QUEUE: usize = 16;
 
+/// Request jobs that come at least this far apart go to a thread on the
+/// sender's own CPU (see [`Pool::enqueue`]). A request and its HSM work cost
+/// one CPU some 115–140 µs at rates up to a few thousand per second
+/// (docs/performance.md, round three), so one CPU keeps up with jobs this
+/// far apart (≈ 6,700 per second); closer together, the HSM work must go to
+/// the other CPUs.
+const LOCAL_GAP: Duration = Duration::from_micros(150);
+
+/// The longest gap the moving average of [`Pool::enqueue`] counts.
+const GAP_CAP: Duration = Duration::from_millis(1);
+
 struct Inner {
-    queue: Arc<JobQueue<Job>>,
+    /// The request threads' queues: one per lane (see [`super::lanes`]),
+    /// thread `i` on lane `i % lanes.len()`; a thread whose lane is empty
+    /// takes what waits in another's (`super::queue::pop_lanes`).
+    lanes: Vec<Arc<JobQueue<Job>>>,
+    placement: Placement,
+    /// When the last request job was sent, in nanoseconds since `started`,
+    /// and the moving average of the gaps between them (see
+    /// [`Pool::enqueue`]).
+    last_sent: AtomicU64,
+    mean_gap: AtomicU64,
+    started: Instant,
+    /// The pool is busy: request jobs come on average closer together than
+    /// [`LOCAL_GAP`], and its threads leave their lanes (see
+    /// [`Pool::enqueue`]).
+    spread: Arc<AtomicBool>,
     /// Taken (and joined) by the first [`Inner::close`].
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The control thread's queue and thread (see the module docs).
@@ -78,7 +107,9 @@ impl Inner {
     /// network HSM) is not waited for. Only the first call does anything.
     /// Returns whether every thread stopped (none is stuck in the HSM).
     fn close(&self) -> bool {
-        self.queue.close();
+        for lane in &self.lanes {
+            lane.close();
+        }
         self.control_queue.close();
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         let control = self
@@ -142,6 +173,15 @@ impl Inner {
     }
 }
 
+/// Where [`Pool::enqueue`] put a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    /// To a free thread pinned to the caller's own CPU.
+    ThisCpu,
+    /// Anywhere else (another CPU, a queue, no pinning).
+    Elsewhere,
+}
+
 /// A job sent to a control thread, its answer still to come.
 pub(crate) struct Pending<T> {
     rx: std::sync::mpsc::Receiver<Result<T, Fault>>,
@@ -177,9 +217,12 @@ pub struct Pool {
 impl Pool {
     /// Starts the session pool of one key manager on its opened token.
     /// Blocking: call it from `spawn_blocking` or before the runtime serves.
-    /// `index` names the pool's threads (`hsm-<index>-<n>`).
+    /// `index` names the pool's threads (`hsm-<index>-<n>`); `placement`
+    /// says where they run.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         cfg: &HsmConfig,
+        placement: &Placement,
         sessions: usize,
         module: ModuleSlot,
         token: &Token,
@@ -200,30 +243,63 @@ impl Pool {
             metrics: metrics.clone(),
         });
         let busy = Arc::new(Busy::new(sessions));
-        let queue = Arc::new(JobQueue::new(cfg.queue_depth));
+        let spread = Arc::new(AtomicBool::new(false));
+        // No more lanes than threads; the queue depth is shared out.
+        let n = placement.lanes().min(sessions).max(1);
+        let lanes: Vec<_> = (0..n)
+            .map(|l| {
+                let threads = (l..sessions).step_by(n).count();
+                Arc::new(JobQueue::new(cfg.queue_depth.div_ceil(n), threads))
+            })
+            .collect();
         let mut workers = Vec::with_capacity(sessions);
         for i in 0..sessions {
-            let queue = queue.clone();
+            let lane = i % n;
+            let all = lanes.clone();
             let worker = Worker::new(shared.clone(), busy.clone(), i);
+            let placement = placement.clone();
+            let spread = spread.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-{index}-{i}"))
-                .spawn(move || worker.run(&queue))
+                .spawn(move || {
+                    // Pinned to its lane's CPU while the pool is quiet, free
+                    // to go where the kernel finds room while it is busy (see
+                    // `Pool::enqueue`); checked before each job, changed
+                    // only when the pool's mode changed.
+                    let mut pinned = false;
+                    worker.run(&all, lane, || {
+                        let want = placement.pinned() && !spread.load(Ordering::Relaxed);
+                        if want != pinned {
+                            if want {
+                                placement.pin_pool_thread(lane);
+                            } else {
+                                placement.unpin_current();
+                            }
+                            pinned = want;
+                        }
+                    })
+                })
                 .map_err(HsmError::Thread)?;
             workers.push(handle);
         }
         let control_busy = Arc::new(Busy::new(1));
-        let control_queue = Arc::new(JobQueue::new(CONTROL_QUEUE));
+        let control_queue = Arc::new(JobQueue::new(CONTROL_QUEUE, 1));
         let worker = Worker::new(shared.clone(), control_busy.clone(), 0).writable();
         let control = {
             let queue = control_queue.clone();
             std::thread::Builder::new()
                 .name(format!("hsm-{index}-ctl"))
-                .spawn(move || worker.run(&queue))
+                .spawn(move || worker.run(&[queue], 0, || {}))
         }
         .map_err(HsmError::Thread)?;
         Ok(Pool {
             inner: Arc::new(Inner {
-                queue,
+                lanes,
+                placement: placement.clone(),
+                last_sent: AtomicU64::new(0),
+                mean_gap: AtomicU64::new(GAP_CAP.as_nanos() as u64),
+                started: Instant::now(),
+                spread,
                 workers: std::sync::Mutex::new(workers),
                 control_queue,
                 control: std::sync::Mutex::new(Some(control)),
@@ -249,7 +325,7 @@ impl Pool {
 
     /// Jobs waiting for a free session right now.
     pub fn queue_len(&self) -> usize {
-        self.inner.queue.len()
+        self.inner.lanes.iter().map(|l| l.len()).sum()
     }
 
     /// How many of the pool's threads have been inside one job for longer
@@ -317,7 +393,20 @@ impl Pool {
                 let _ = reply.send(f(w));
             }),
         };
-        self.enqueue(control, job)?;
+        if self.enqueue(control, job)? == Placed::ThisCpu {
+            // The thread just woken for the job is runnable on this CPU, and
+            // this worker, between requests that come on average no faster
+            // than every LOCAL_GAP, most likely has nothing to do but wait
+            // for it.
+            // Yielding the CPU now lets it run the job at once; the answer is
+            // then usually there when this task polls for it, so the thread
+            // never has to wake this worker back, and the worker never parks
+            // and wakes in between: three context switches per request
+            // instead of four or five (docs/performance.md, round three). A
+            // job that blocks (a network HSM) gives the CPU back at its first
+            // wait. One `sched_yield`, never a wait.
+            std::thread::yield_now();
+        }
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
             // Dropped unrun: it waited past its start deadline.
@@ -368,14 +457,85 @@ impl Pool {
 
     /// Queues a job for the request threads or the control thread; a full
     /// queue is [`Fault::Busy`] at once.
-    fn enqueue(&self, control: bool, job: Job) -> Result<(), Fault> {
-        let queue = if control {
-            &self.inner.control_queue
+    ///
+    /// A request job goes to a free thread if there is one, else into the
+    /// shortest queue. Which free thread: while request jobs come on average
+    /// at most every [`LOCAL_GAP`], one on the caller's own CPU, so that the
+    /// hand-off stays there (see [`super::lanes`]); when they come faster,
+    /// one on another CPU first, so that a busy proxy's HSM work spreads
+    /// over the CPUs instead of taking the runtime worker's (measured at
+    /// saturation: 14,600 requests/s with the HSM work beside the worker,
+    /// 19,100 spread), and the threads stop being pinned at all (17,500
+    /// with them pinned).
+    fn enqueue(&self, control: bool, job: Job) -> Result<Placed, Fault> {
+        let lanes = &self.inner.lanes;
+        let placement = &self.inner.placement;
+        if control {
+            return self.pushed(self.inner.control_queue.push(job));
+        }
+        let quiet = self.quiet();
+        let here = placement.pool_lane_here(lanes.len());
+        // The own lane first when quiet, last otherwise.
+        let first = if quiet { 0 } else { 1 };
+        let mut job = job;
+        for k in first..first + lanes.len() {
+            let l = (here + k) % lanes.len();
+            match lanes[l].push_to_idle(job) {
+                Ok(()) if quiet && placement.on_cpu_of_pool_lane(l) => return Ok(Placed::ThisCpu),
+                Ok(()) => return Ok(Placed::Elsewhere),
+                Err(j) => job = j,
+            }
+        }
+        let shortest = (0..lanes.len())
+            .map(|k| (here + k) % lanes.len())
+            .min_by_key(|&l| lanes[l].len())
+            .unwrap_or(0);
+        self.pushed(lanes[shortest].push(job))
+    }
+
+    /// Records a request job sent now, and says whether the pool is quiet:
+    /// request jobs on average at least [`LOCAL_GAP`] apart. It turns busy
+    /// below two thirds of that, so that a rate near the line does not
+    /// flip it at every request; the threads follow at their next job.
+    fn quiet(&self) -> bool {
+        let mean = self.mean_gap();
+        let spread = &self.inner.spread;
+        let was_busy = spread.load(Ordering::Relaxed);
+        let line = LOCAL_GAP.as_nanos() as u64;
+        let busy = if was_busy {
+            mean < line
         } else {
-            &self.inner.queue
+            mean < line * 2 / 3
         };
-        match queue.push(job) {
-            Ok(()) => Ok(()),
+        if busy != was_busy {
+            spread.store(busy, Ordering::Relaxed);
+        }
+        !busy
+    }
+
+    /// Records a request job sent now and returns the moving average of the
+    /// gaps between request jobs, in nanoseconds: over the last sixteen or
+    /// so, so that a pair arriving together does not count as a busy proxy
+    /// nor one pause as a quiet one; a gap counts as at most [`GAP_CAP`], so
+    /// that after an idle spell a burst is recognised within a few dozen
+    /// requests. Relaxed and racy by design: an estimate.
+    fn mean_gap(&self) -> u64 {
+        let inner = &self.inner;
+        let now = u64::try_from(inner.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let cap = GAP_CAP.as_nanos() as u64;
+        let gap = now
+            .saturating_sub(inner.last_sent.swap(now, Ordering::Relaxed))
+            .min(cap);
+        let mean = inner.mean_gap.load(Ordering::Relaxed);
+        let mean = (mean * 15 + gap) / 16;
+        inner.mean_gap.store(mean, Ordering::Relaxed);
+        mean
+    }
+
+    /// A queue's answer to a push, in this layer's terms.
+    fn pushed(&self, pushed: Result<(), PushError<Job>>) -> Result<Placed, Fault> {
+        match pushed {
+            Ok(()) => Ok(Placed::Elsewhere),
             Err(PushError::Full(_)) => Err(Fault::Busy {
                 ekm: self.inner.ekm.id.clone(),
             }),

@@ -23,6 +23,10 @@ pub enum PushError<T> {
 struct State<T> {
     jobs: VecDeque<T>,
     capacity: usize,
+    /// Worker threads that take from this queue.
+    consumers: usize,
+    /// Jobs taken by `pop` whose worker has not called `done` yet.
+    running: usize,
     /// Workers inside `pop`, asleep or about to be.
     sleeping: usize,
     closed: bool,
@@ -35,11 +39,14 @@ pub struct JobQueue<T> {
 }
 
 impl<T> JobQueue<T> {
-    pub fn new(capacity: usize) -> Self {
+    /// A queue of `capacity` jobs for `consumers` worker threads.
+    pub fn new(capacity: usize, consumers: usize) -> Self {
         JobQueue {
             state: Mutex::new(State {
                 jobs: VecDeque::with_capacity(capacity),
                 capacity: capacity.max(1),
+                consumers,
+                running: 0,
                 sleeping: 0,
                 closed: false,
             }),
@@ -71,12 +78,31 @@ impl<T> JobQueue<T> {
         Ok(())
     }
 
+    /// Queues `job` only if a worker is free to take it at once (asleep in
+    /// `pop`, or done with its last job and on its way back), waking it if
+    /// it sleeps; gives the job back otherwise. For the lanes of a pool (see
+    /// `super::lanes`): a job goes where it will not wait.
+    pub fn push_to_idle(&self, job: T) -> Result<(), T> {
+        let mut s = self.lock();
+        if s.closed || s.consumers.saturating_sub(s.running) <= s.jobs.len() {
+            return Err(job);
+        }
+        s.jobs.push_back(job);
+        let wake = s.sleeping > s.jobs.len() - 1;
+        drop(s);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
     /// The next job, waiting for one; `None` once the queue is closed and
     /// empty.
     pub fn pop(&self) -> Option<T> {
         let mut s = self.lock();
         loop {
             if let Some(job) = s.jobs.pop_front() {
+                s.running += 1;
                 return Some(job);
             }
             if s.closed {
@@ -86,6 +112,26 @@ impl<T> JobQueue<T> {
             s = self.ready.wait(s).unwrap_or_else(|e| e.into_inner());
             s.sleeping -= 1;
         }
+    }
+
+    /// A job if one waits, without waiting (counted as running, as `pop`'s).
+    fn try_pop(&self) -> Option<T> {
+        let mut s = self.lock();
+        let job = s.jobs.pop_front()?;
+        s.running += 1;
+        Some(job)
+    }
+
+    /// A job if one waits, without waiting, for a worker of another queue
+    /// (which counts it as its own: see [`pop_lanes`]).
+    fn steal(&self) -> Option<T> {
+        self.lock().jobs.pop_front()
+    }
+
+    /// A worker finished the job `pop` (or [`pop_lanes`]) gave it.
+    pub fn done(&self) {
+        let mut s = self.lock();
+        s.running = s.running.saturating_sub(1);
     }
 
     /// Jobs waiting for a worker.
@@ -100,6 +146,26 @@ impl<T> JobQueue<T> {
     }
 }
 
+/// The next job for a worker of lane `own` among a pool's `lanes` (see
+/// `super::lanes`): one waiting in its own lane; else one waiting in
+/// another lane; else it waits on its own lane. A job waits in a lane only
+/// when no thread anywhere was free to take it, and then the first thread
+/// to finish a job takes it, whichever its lane: a thread stuck in a hung
+/// call never strands the jobs queued behind it. The job counts as running
+/// in the worker's own lane (its `done` goes there). `None` once its own
+/// lane is closed and empty.
+pub fn pop_lanes<T>(lanes: &[std::sync::Arc<JobQueue<T>>], own: usize) -> Option<T> {
+    if let Some(job) = lanes[own].try_pop() {
+        return Some(job);
+    }
+    let n = lanes.len();
+    if let Some(job) = (1..n).find_map(|k| lanes[(own + k) % n].steal()) {
+        lanes[own].lock().running += 1;
+        return Some(job);
+    }
+    lanes[own].pop()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,7 +173,7 @@ mod tests {
 
     #[test]
     fn bounded_fifo_that_drains_after_close() {
-        let q = JobQueue::new(2);
+        let q = JobQueue::new(2, 1);
         q.push(1).unwrap();
         q.push(2).unwrap();
         assert!(matches!(q.push(3), Err(PushError::Full(3))));
@@ -120,8 +186,67 @@ mod tests {
     }
 
     #[test]
+    fn push_to_idle_takes_a_job_only_while_a_worker_is_free() {
+        let q = Arc::new(JobQueue::new(8, 1));
+        // One worker, free: the first job is taken, a second would wait.
+        assert_eq!(q.push_to_idle(1), Ok(()));
+        assert_eq!(q.push_to_idle(2), Err(2));
+        let (took, took_rx) = std::sync::mpsc::channel();
+        let (finish, finish_rx) = std::sync::mpsc::channel::<()>();
+        let worker = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                while let Some(j) = q.pop() {
+                    took.send(j).unwrap();
+                    finish_rx.recv().unwrap();
+                    q.done();
+                }
+            })
+        };
+        assert_eq!(took_rx.recv().unwrap(), 1);
+        // Inside its job, the worker is not free.
+        assert_eq!(q.push_to_idle(2), Err(2));
+        finish.send(()).unwrap();
+        // Done (asleep in pop, or on its way there): free again.
+        let mut job = 2;
+        while let Err(j) = q.push_to_idle(job) {
+            job = j;
+            std::thread::yield_now();
+        }
+        assert_eq!(took_rx.recv().unwrap(), 2);
+        finish.send(()).unwrap();
+        q.close();
+        worker.join().unwrap();
+        assert_eq!(q.push_to_idle(3), Err(3));
+    }
+
+    #[test]
+    fn a_job_queued_behind_a_stuck_thread_is_taken_by_another_lane() {
+        let lanes = vec![Arc::new(JobQueue::new(4, 1)), Arc::new(JobQueue::new(4, 1))];
+        // Lane 0's only thread takes a job and hangs in it.
+        lanes[0].push(1).unwrap();
+        assert_eq!(pop_lanes(&lanes, 0), Some(1));
+        // Lane 1's thread is busy too; a job arrives and, no thread being
+        // free, waits in lane 0.
+        lanes[1].push(2).unwrap();
+        assert_eq!(pop_lanes(&lanes, 1), Some(2));
+        lanes[0].push(3).unwrap();
+        assert_eq!(
+            lanes[0].push_to_idle(4),
+            Err(4),
+            "lane 0's thread is not free"
+        );
+        // Lane 1's thread finishes and takes the job from lane 0; it counts
+        // as lane 1's, whose thread is busy again.
+        lanes[1].done();
+        assert_eq!(pop_lanes(&lanes, 1), Some(3));
+        assert_eq!(lanes[0].len(), 0);
+        assert_eq!(lanes[1].push_to_idle(5), Err(5), "lane 1's thread is busy");
+    }
+
+    #[test]
     fn sleeping_workers_are_woken_and_released_at_close() {
-        let q = Arc::new(JobQueue::new(64));
+        let q = Arc::new(JobQueue::new(64, 3));
         let workers: Vec<_> = (0..3)
             .map(|_| {
                 let q = q.clone();

@@ -27,7 +27,7 @@ use super::objects::{find_keys, latest_version, read_key_info, KeyInfo};
 use super::operation::{
     check_key, decrypt_once, encrypt_once, is_bad_ciphertext, rv, IvPool, OpError, OpKind,
 };
-use super::queue::JobQueue;
+use super::queue::{pop_lanes, JobQueue};
 use super::token::login_raw;
 use xks_spec::aead::{metadata_for_version, version_from_metadata, version_label, IV_LEN};
 use xks_spec::wire::{DecryptInput, DecryptOutput, EncryptInput, EncryptOutput};
@@ -223,15 +223,20 @@ impl Worker {
         }
     }
 
-    /// Thread body: run jobs until the queue is closed; then close the session.
-    pub fn run(mut self, queue: &JobQueue<Job>) {
+    /// Thread body: run jobs from its lane `own` of `lanes` (and from the
+    /// others', see [`pop_lanes`]) until its lane is closed; then close the
+    /// session. `before_job` runs before each job (the pool's placement).
+    pub fn run(mut self, lanes: &[Arc<JobQueue<Job>>], own: usize, mut before_job: impl FnMut()) {
         let m = self.shared.metrics.clone();
-        while let Some(job) = queue.pop() {
+        let queue = &lanes[own];
+        while let Some(job) = pop_lanes(lanes, own) {
+            before_job();
             let picked = Instant::now();
             m.hsm_queue_wait_seconds
                 .observe((picked - job.enqueued).as_secs_f64());
             if picked > job.start_by {
                 // Dropping the job drops its reply channel: the caller sees 503.
+                queue.done();
                 continue;
             }
             job.started
@@ -245,6 +250,7 @@ impl Worker {
                 (job.work)(&mut self);
             }
             self.busy.leave(self.index);
+            queue.done();
             m.hsm_sessions_busy.dec();
             m.hsm_seconds
                 .with_label_values(&[self.shared.ekm_id.as_str(), job.kind])

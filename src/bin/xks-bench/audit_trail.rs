@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use xks_proxy::audit::config::default_instance_id;
 use xks_proxy::audit::{AuditTrail, Decision, HsmSealer, RequestRecord};
 use xks_proxy::config::Config;
+use xks_proxy::hsm::lanes::Placement;
 use xks_proxy::hsm::KeyManagers;
 use xks_proxy::telemetry::metrics::Metrics;
 
@@ -49,7 +50,8 @@ pub fn write(config: &Path, n: u64) -> Result<(), String> {
         .as_ref()
         .ok_or("the configuration has no [audit] section")?;
     let metrics = Metrics::new();
-    let keys = KeyManagers::open(&cfg.hsm, &cfg.health, &metrics).map_err(|e| e.to_string())?;
+    let keys = KeyManagers::open(&cfg.hsm, &Placement::unpinned(), &cfg.health, &metrics)
+        .map_err(|e| e.to_string())?;
     let instance = audit
         .instance_id
         .clone()

@@ -35,6 +35,7 @@ mod supervisor;
 use super::config::{BackendConfig, HealthConfig, HsmConfig, TokenSelector};
 use super::fault::Fault;
 use super::health::{classify, EkmStatus, HealthState, RETRY_INTERVAL};
+use super::lanes::Placement;
 use super::markers::Marker;
 use super::module::{Module, ModuleSlot};
 use super::objects::{KeyInfo, Usages};
@@ -91,6 +92,8 @@ struct Inner {
     /// Which key managers hold the same key under a label.
     agreement: Agreement,
     hsm: HsmConfig,
+    /// Where the pools' threads run (see `crate::lanes`).
+    placement: Placement,
     health: HealthConfig,
     metrics: Metrics,
 }
@@ -123,9 +126,11 @@ fn configured_id(b: &BackendConfig) -> String {
 impl KeyManagers {
     /// Opens every configured key manager that can be opened now, creating
     /// the health-check key in its token when missing, and starts its session
-    /// pool. Fails only when none opens. Blocking: call it off the runtime.
+    /// pool, its threads placed by `placement`. Fails only when none opens.
+    /// Blocking: call it off the runtime.
     pub fn open(
         hsm: &HsmConfig,
+        placement: &Placement,
         health: &HealthConfig,
         metrics: &Metrics,
     ) -> Result<KeyManagers, HsmError> {
@@ -153,6 +158,7 @@ impl KeyManagers {
                 next: AtomicUsize::new(0),
                 agreement: Agreement::new(hsm.key_cache_ttl),
                 hsm: hsm.clone(),
+                placement: placement.clone(),
                 health: health.clone(),
                 metrics: metrics.clone(),
             }),
@@ -256,6 +262,7 @@ impl KeyManagers {
         let sessions = b.cfg.sessions.unwrap_or(inner.hsm.sessions);
         let pool = Pool::start(
             &inner.hsm,
+            &inner.placement,
             sessions,
             slot,
             &token,
