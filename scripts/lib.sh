@@ -143,3 +143,88 @@ stop_server() {
   wait "$server" 2>/dev/null || true
   server=
 }
+
+# The cache outside the clone that scripts/kryoptic.sh, scripts/p11-kit-rpc.sh
+# and the packaging scripts share.
+xks_cache_dir() {
+  echo "${XKS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy}"
+}
+
+# For the packaging scripts (scripts/packages.sh and the scripts it runs):
+# the release binary that the images and the .deb carry. $XKS_PACKAGE_BIN
+# when set (a binary built elsewhere; no cargo run), else this tree's
+# `cargo build --release --locked --bin xks-proxy` (default features, Cedar
+# included, as release artefacts have them). Prints its absolute path.
+package_bin() {
+  if [ -n "${XKS_PACKAGE_BIN:-}" ]; then
+    [ -x "$XKS_PACKAGE_BIN" ] || { echo "XKS_PACKAGE_BIN=$XKS_PACKAGE_BIN is not an executable" >&2; return 1; }
+    realpath "$XKS_PACKAGE_BIN"
+    return 0
+  fi
+  cargo build --release --locked --bin xks-proxy >&2
+  realpath "${CARGO_TARGET_DIR:-target}/release/xks-proxy"
+}
+
+# The version the binary reports (`xks-proxy --version`: "xks-proxy 0.1.0"),
+# which names the images and the package.
+package_version() {
+  "$1" --version | awk '{print $2}'
+}
+
+# Where the packaging scripts put what they build (images as OCI archives,
+# the .deb): $XKS_PACKAGE_OUT, else target/package in the clone (ignored by
+# git; .ci/run moves cargo's target dir elsewhere, this stays per clone).
+package_out() {
+  local out=${XKS_PACKAGE_OUT:-$PWD/target/package}
+  mkdir -p "$out"
+  realpath "$out"
+}
+
+# Podman for scripts/image.sh and scripts/test-image.sh: installs podman,
+# runc and mmdebstrap when missing, and points CONTAINERS_CONF at a
+# containers.conf in the cache with only the settings this machine needs
+# (/etc is left alone; without any, CONTAINERS_CONF stays unset):
+#   runtime = "runc"          on cgroup v1 or hybrid hierarchies, where crun
+#                             (which podman prefers when both are installed)
+#                             fails to create containers;
+#   cgroup_manager = cgroupfs when systemd is not PID 1 (no systemd to ask);
+#   default_ulimits = []      when the hard open-files limit is below the
+#                             1048576 podman sets in every container by
+#                             default: runc cannot raise it ("error setting
+#                             rlimit type 7"), so containers inherit ours.
+podman_setup() {
+  ensure_build_packages podman runc mmdebstrap
+  local conf settings engine="" containers=""
+  if [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ]; then
+    engine+='runtime = "runc"'$'\n'
+  fi
+  if [ ! -d /run/systemd/system ]; then
+    engine+='cgroup_manager = "cgroupfs"'$'\n'
+  fi
+  if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt 1048576 ]; then
+    containers+='default_ulimits = []'$'\n'
+  fi
+  [ -n "$engine$containers" ] || return 0
+  settings="# Written by scripts/lib.sh (podman_setup) for this machine; see there."$'\n'
+  [ -z "$containers" ] || settings+="[containers]"$'\n'"$containers"
+  [ -z "$engine" ] || settings+="[engine]"$'\n'"$engine"
+  conf="$(xks_cache_dir)/containers.conf"
+  mkdir -p "$(dirname "$conf")"
+  if [ "$(cat "$conf" 2>/dev/null)" != "${settings%$'\n'}" ]; then
+    printf '%s' "$settings" >"$conf.tmp"
+    mv "$conf.tmp" "$conf"
+  fi
+  export CONTAINERS_CONF=$conf
+}
+
+# For the packaging tests: one signed XKS request with curl's own SigV4
+# signer (as tests/auth.rs uses it). `xks_request URL CACERT ACCESS_KEY_ID
+# SECRET BODY OUT [CURL OPTION...]` writes the answer's body to OUT and
+# prints the HTTP status.
+xks_request() {
+  local url=$1 ca=$2 id=$3 secret=$4 body=$5 out=$6
+  shift 6
+  curl -sS --max-time 10 --cacert "$ca" --aws-sigv4 "aws:amz:us-east-1:kms-xks-proxy" \
+    --user "$id:$secret" -H "Content-Type: application/json" --data-binary "$body" \
+    -o "$out" -w '%{http_code}' "$@" "$url"
+}

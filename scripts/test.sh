@@ -3,8 +3,10 @@
 # real proxy processes over TLS against fresh tokens in temp dirs: every
 # suite on SoftHSM, the key-manager suites again on Kryoptic (a second,
 # independent PKCS#11 implementation), and the refusal of a token without
-# AES-GCM on openCryptoki. Installs the Debian packages the tests need when
-# they are missing (openCryptoki's daemon needs root, as in CI).
+# AES-GCM on openCryptoki. Then the release build's container images and
+# Debian package, built and run as an operator would (scripts/packages.sh).
+# Installs the Debian packages the tests need when they are missing
+# (openCryptoki's daemon and dpkg -i need root, as in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -44,4 +46,8 @@ XKS_TEST_PKCS11=kryoptic cargo test --locked \
   --test fleet --test key_managers --test check --test auth --test security -- \
   --skip a_token_that_loses_its_objects_recovers_without_restart \
   --skip a_failed_token_does_not_disturb_its_neighbour_on_the_same_module
+# The images and the .deb of docs/deploy.md, built from a release build and
+# tested as an operator runs them (podman; dpkg -i/-r/--purge as root).
+phase "packages: images and .deb"
+scripts/packages.sh
 phase "all passed"
