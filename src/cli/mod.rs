@@ -263,6 +263,11 @@ fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     let log = crate::telemetry::logging::init(&cfg.logging);
     let placement = Placement::detect(cfg.threads.pin, cfg.threads.runtime);
     let rt = serve_runtime(&placement, cfg.threads.runtime)?;
+    tracing::info!(
+        runtime_workers = placement.runtime_workers(cfg.threads.runtime),
+        cpu_lanes = ?placement.cpus(),
+        "threads placed (server.runtime_threads, server.pin_threads)"
+    );
     // The handlers are installed now, before startup: a SIGTERM that comes
     // while the key managers open, or right after "listening", is a clean
     // stop, not the default action (death by signal).

@@ -128,6 +128,11 @@ impl Placement {
         self.cpus.len().max(1)
     }
 
+    /// The CPU of each lane; empty when nothing is pinned.
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
     /// Whether threads are pinned at all.
     pub fn pinned(&self) -> bool {
         !self.cpus.is_empty()

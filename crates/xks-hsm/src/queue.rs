@@ -62,20 +62,26 @@ impl<T> JobQueue<T> {
 
     /// Queues `job` without waiting; wakes one sleeping worker, if any.
     pub fn push(&self, job: T) -> Result<(), PushError<T>> {
-        let mut s = self.lock();
+        let s = self.lock();
         if s.closed {
             return Err(PushError::Closed(job));
         }
         if s.jobs.len() >= s.capacity {
             return Err(PushError::Full(job));
         }
+        self.append(s, job);
+        Ok(())
+    }
+
+    /// Appends `job` under the lock `s`, then wakes a sleeping worker if one
+    /// is not already woken for an earlier job.
+    fn append(&self, mut s: MutexGuard<'_, State<T>>, job: T) {
         s.jobs.push_back(job);
         let wake = s.sleeping > s.jobs.len() - 1;
         drop(s);
         if wake {
             self.ready.notify_one();
         }
-        Ok(())
     }
 
     /// Queues `job` only if a worker is free to take it at once (asleep in
@@ -83,16 +89,11 @@ impl<T> JobQueue<T> {
     /// it sleeps; gives the job back otherwise. For the lanes of a pool (see
     /// `super::lanes`): a job goes where it will not wait.
     pub fn push_to_idle(&self, job: T) -> Result<(), T> {
-        let mut s = self.lock();
+        let s = self.lock();
         if s.closed || s.consumers.saturating_sub(s.running) <= s.jobs.len() {
             return Err(job);
         }
-        s.jobs.push_back(job);
-        let wake = s.sleeping > s.jobs.len() - 1;
-        drop(s);
-        if wake {
-            self.ready.notify_one();
-        }
+        self.append(s, job);
         Ok(())
     }
 
