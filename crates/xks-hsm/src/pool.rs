@@ -459,14 +459,15 @@ impl Pool {
     /// queue is [`Fault::Busy`] at once.
     ///
     /// A request job goes to a free thread if there is one, else into the
-    /// shortest queue. Which free thread: while request jobs come on average
-    /// at most every [`LOCAL_GAP`], one on the caller's own CPU, so that the
-    /// hand-off stays there (see [`super::lanes`]); when they come faster,
-    /// one on another CPU first, so that a busy proxy's HSM work spreads
-    /// over the CPUs instead of taking the runtime worker's (measured at
-    /// saturation: 14,600 requests/s with the HSM work beside the worker,
-    /// 19,100 spread), and the threads stop being pinned at all (17,500
-    /// with them pinned).
+    /// shortest queue. Which free thread: while the pool is quiet (request
+    /// jobs on average [`LOCAL_GAP`] or more apart; see [`Pool::quiet`]),
+    /// one on the caller's own CPU, so that the hand-off stays there (see
+    /// [`super::lanes`]); while it is busy, one on another CPU first, so
+    /// that the HSM work spreads over the CPUs instead of taking the runtime
+    /// worker's, and the threads unpin themselves. Measured at saturation
+    /// (docs/performance.md, round three): 14,600 requests/s with the HSM
+    /// work beside the worker, 17,500 spread but pinned, 18,100 spread and
+    /// unpinned.
     fn enqueue(&self, control: bool, job: Job) -> Result<Placed, Fault> {
         let lanes = &self.inner.lanes;
         let placement = &self.inner.placement;
