@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 version=1.5.4
 sha256=21b64b7679ce821f19a7a48b7e40146f26fbb9daa64ee2acb6376788a26d7ae8
 features="kryoptic-lib/dynamic kryoptic-lib/sqlitedb kryoptic-lib/hash_all kryoptic-lib/rsa kryoptic-lib/ecdsa"
-cache="${XKS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy}"
+cache="$(xks_cache_dir)"
 # The features are part of the key: another set is another library.
 fkey="$(printf '%s' "$features" | sha256sum | cut -c1-8)"
 dir="$(realpath -m "${1:-$cache/kryoptic-$version-${sha256:0:12}-$fkey}")"

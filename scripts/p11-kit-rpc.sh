@@ -10,7 +10,7 @@
 # system-wide.
 #
 # Usage: scripts/p11-kit-rpc.sh [PREFIX]
-#   (default: ~/.cache/xks-proxy/p11-kit-<version>-<sha256 prefix>, outside
+#   (default: ${XKS_CACHE_DIR:-~/.cache/xks-proxy}/p11-kit-<version>-<sha256 prefix>, outside
 #   the clone, so every clone and CI run shares one build keyed by version and
 #   checksum, as scripts/kryoptic.sh does)
 # Prints the prefix. Idempotent: does nothing when PREFIX is already built.
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 version=0.25.5
 sha256=04d0a86450cdb1be018f26af6699857171a188ac6d5b8c90786a60854e1198e5
 url="http://deb.debian.org/debian/pool/main/p/p11-kit/p11-kit_${version}.orig.tar.xz"
-prefix="$(realpath -m "${1:-${XDG_CACHE_HOME:-$HOME/.cache}/xks-proxy/p11-kit-$version-${sha256:0:12}}")"
+prefix="$(realpath -m "${1:-$(xks_cache_dir)/p11-kit-$version-${sha256:0:12}}")"
 
 if [ -x "$prefix/libexec/p11-kit/p11-kit-server" ] && [ -f "$prefix/.version-$version" ]; then
   echo "$prefix"

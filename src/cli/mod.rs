@@ -222,17 +222,14 @@ fn check_key_managers(cfg: &crate::config::Config) -> Result<(), ExitCode> {
     }
 }
 
-/// The async runtime for `serve`: `workers` threads (0: one per CPU), each
-/// pinned to a CPU lane when `placement` pins (see `xks_hsm::lanes`).
-fn serve_runtime(
-    placement: &Placement,
-    workers: usize,
-) -> Result<tokio::runtime::Runtime, ExitCode> {
+/// The async runtime for `serve`: as many workers as `placement` says, each
+/// pinned to a CPU lane when it pins (see `xks_hsm::lanes`).
+fn serve_runtime(placement: &Placement) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder
         .enable_all()
         .thread_name("xks-rt")
-        .worker_threads(placement.runtime_workers(workers));
+        .worker_threads(placement.runtime_workers());
     if placement.pinned() {
         let (start, park) = (placement.clone(), placement.clone());
         builder
@@ -262,9 +259,9 @@ fn serve(path: &Path, overrides: ListenOverrides) -> Result<(), ExitCode> {
     let cfg = load(path)?.with_overrides(overrides);
     let log = crate::telemetry::logging::init(&cfg.logging);
     let placement = Placement::detect(cfg.threads.pin, cfg.threads.runtime);
-    let rt = serve_runtime(&placement, cfg.threads.runtime)?;
+    let rt = serve_runtime(&placement)?;
     tracing::info!(
-        runtime_workers = placement.runtime_workers(cfg.threads.runtime),
+        runtime_workers = placement.runtime_workers(),
         cpu_lanes = ?placement.cpus(),
         "threads placed (server.runtime_threads, server.pin_threads)"
     );

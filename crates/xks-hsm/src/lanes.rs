@@ -48,7 +48,7 @@ pub struct Placement {
     cpus: Arc<Vec<usize>>,
     /// Runtime workers placed so far (see [`Placement::place_worker`]).
     workers: Arc<AtomicUsize>,
-    /// How many of the runtime's threads are its workers.
+    /// How many workers the async runtime starts (the first ones pinned).
     runtime_workers: usize,
     /// The lane of the first runtime worker: the one the process started
     /// on, so that several proxies on one host do not all put their worker
@@ -69,7 +69,7 @@ impl Placement {
         Placement {
             cpus: Arc::new(Vec::new()),
             workers: Arc::new(AtomicUsize::new(0)),
-            runtime_workers: 0,
+            runtime_workers: 1,
             first_lane: 0,
         }
     }
@@ -85,42 +85,36 @@ impl Placement {
     /// others and gets a slice of each, and a thread pinned to one of them
     /// could not move away from a busy neighbour.
     pub fn detect(pin: bool, runtime_workers: usize) -> Placement {
-        let cpus = if pin { allowed_cpus() } else { Vec::new() };
-        if cpus.len() < 2 {
-            return Placement::unpinned();
-        }
-        let quota = std::thread::available_parallelism().map_or(0, |n| n.get());
-        if quota < cpus.len() {
+        let quota = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut cpus = if pin { allowed_cpus() } else { Vec::new() };
+        if cpus.len() >= 2 && quota < cpus.len() {
             tracing::info!(
                 cpus = cpus.len(),
                 quota,
                 "a CPU quota below the CPUs this process may use: threads are not pinned"
             );
-            return Placement::unpinned();
+            cpus.clear();
+        }
+        if cpus.len() < 2 {
+            cpus.clear();
         }
         let mut p = Placement {
+            runtime_workers: match runtime_workers {
+                0 if !cpus.is_empty() => cpus.len(),
+                0 => quota,
+                n => n,
+            },
             cpus: Arc::new(cpus),
-            workers: Arc::new(AtomicUsize::new(0)),
-            runtime_workers: 0,
-            first_lane: 0,
-        };
-        p.runtime_workers = if runtime_workers == 0 {
-            p.lanes()
-        } else {
-            runtime_workers
+            ..Placement::unpinned()
         };
         p.first_lane = p.lane_here();
         p
     }
 
-    /// How many workers the async runtime should start: the configured
-    /// number, or one per lane.
-    pub fn runtime_workers(&self, configured: usize) -> usize {
-        match (self.pinned(), configured) {
-            (true, _) => self.runtime_workers,
-            (false, 0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            (false, n) => n,
-        }
+    /// How many workers the async runtime starts: the configured number, or
+    /// one per lane (one per CPU when nothing is pinned).
+    pub fn runtime_workers(&self) -> usize {
+        self.runtime_workers
     }
 
     /// How many lanes (at least one).
@@ -141,18 +135,18 @@ impl Placement {
     /// For a session pool with `n` lanes of its own (fewer than
     /// [`Self::lanes`] when it has fewer threads): its lane `l` sits on the
     /// CPU of lane `first_lane + l`, so that a small pool shares the CPU of
-    /// the first runtime worker. This maps the calling thread's CPU to the
-    /// pool's lane.
-    pub(crate) fn pool_lane_here(&self, n: usize) -> usize {
+    /// the first runtime worker. This maps `lane` (a [`Self::lane_here`]) to
+    /// the pool's lane.
+    pub(crate) fn pool_lane(&self, lane: usize, n: usize) -> usize {
         let lanes = self.lanes();
-        (self.lane_here() + lanes - self.first_lane % lanes) % lanes % n.max(1)
+        (lane + lanes - self.first_lane) % lanes % n.max(1)
     }
 
-    /// Whether the calling thread runs on the CPU of pool lane `l` (and
-    /// threads are pinned at all): a job handed to that lane's free thread
-    /// then runs on this very CPU.
-    pub(crate) fn on_cpu_of_pool_lane(&self, l: usize) -> bool {
-        self.pinned() && self.lane_here() == (self.first_lane + l) % self.lanes()
+    /// Whether `lane` (a [`Self::lane_here`]) is the CPU of pool lane `l`,
+    /// threads being pinned at all: a job handed to that pool lane's free
+    /// thread then runs on that very CPU.
+    pub(crate) fn is_cpu_of_pool_lane(&self, lane: usize, l: usize) -> bool {
+        self.pinned() && lane == (self.first_lane + l) % self.lanes()
     }
 
     /// Pins the calling thread, one of a session pool's, to its pool lane
@@ -294,7 +288,7 @@ mod tests {
                 let q = p.clone();
                 let here = std::thread::spawn(move || {
                     q.pin_pool_thread(l);
-                    q.pool_lane_here(n)
+                    q.pool_lane(q.lane_here(), n)
                 })
                 .join()
                 .unwrap();
@@ -309,7 +303,7 @@ mod tests {
         if !p.pinned() {
             return;
         }
-        assert_eq!(p.runtime_workers(1), p.lanes());
+        assert_eq!(p.runtime_workers(), p.lanes());
         // A real runtime: its workers park, its blocking threads do not.
         let rt = {
             let (start, park) = (p.clone(), p.clone());

@@ -474,15 +474,19 @@ impl Pool {
         if control {
             return self.pushed(self.inner.control_queue.push(job));
         }
-        let quiet = self.quiet();
-        let here = placement.pool_lane_here(lanes.len());
+        // Unpinned, there is one lane and nothing to weigh.
+        let quiet = placement.pinned() && self.quiet();
+        let cpu_lane = placement.lane_here();
+        let here = placement.pool_lane(cpu_lane, lanes.len());
         // The own lane first when quiet, last otherwise.
         let first = if quiet { 0 } else { 1 };
         let mut job = job;
         for k in first..first + lanes.len() {
             let l = (here + k) % lanes.len();
             match lanes[l].push_to_idle(job) {
-                Ok(()) if quiet && placement.on_cpu_of_pool_lane(l) => return Ok(Placed::ThisCpu),
+                Ok(()) if quiet && placement.is_cpu_of_pool_lane(cpu_lane, l) => {
+                    return Ok(Placed::ThisCpu)
+                }
                 Ok(()) => return Ok(Placed::Elsewhere),
                 Err(j) => job = j,
             }
